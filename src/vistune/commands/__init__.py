@@ -1,0 +1,1 @@
+"""One module per `vistune` subcommand: argument parsing and printing only."""

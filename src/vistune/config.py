@@ -1,0 +1,79 @@
+"""Configuration dataclasses shared across the package.
+
+Configs are frozen: validated on creation, changed only with `dataclasses.replace`, and
+saved (as JSON) beside every checkpoint and report. Stage-specific configs (training,
+datagen, evaluation) live beside the code that uses them and follow the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+PROJECTORS = ("linear", "mlp2x_gelu")
+FEATURE_SELECTS = ("patch", "cls_patch")
+IMAGE_ASPECTS = ("pad", "resize")
+
+
+def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the three parts of LLaVA (paper §4.1, Fig. 1) are put together."""
+
+    projector: str = "mlp2x_gelu"
+    """`linear` is the paper's W; `mlp2x_gelu` is LLaVA-1.5's, better and what the HF layout holds."""
+    vision_layer: int = -2
+    """Hidden state to take from the tower; the paper uses the one before the last (§5.2, Table 8)."""
+    vision_select: str = "patch"
+    """`patch` drops the CLS token (LLaVA's default); `cls_patch` keeps it."""
+    image_aspect: str = "pad"
+    """`pad` pads to a square with the mean colour (LLaVA's `pad`); `resize` squashes."""
+    image_size: int = 224
+    """Side of the square image fed to the tower (224 with a /14 patch gives 256 tokens)."""
+    template: str = "vicuna_v0"
+    """Conversation template used for training and chat (see vistune.data.conversation)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("projector", self.projector, PROJECTORS)
+        _check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
+        _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings for chat, the API and batched evaluation."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 is greedy; above 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    stop: tuple[str, ...] = ()
+    """Extra stop strings; the template's own stop and the EOS token always stop."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -1,0 +1,37 @@
+"""The symbolic context a text-only teacher sees instead of the image (paper §3, Table 1).
+
+Captions describe the scene; boxes localise objects as `category: [x1, y1, x2, y2]` with
+coordinates normalised to 0-1 by the image width and height.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Box:
+    category: str
+    xyxy: tuple[float, float, float, float]
+    """(x1, y1, x2, y2), each in [0, 1]."""
+
+    def render(self) -> str:
+        return f"{self.category}: [{', '.join(f'{v:.3f}' for v in self.xyxy)}]"
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    image_id: str
+    image: str
+    """Path of the image relative to the dataset's image folder (as in LLaVA JSON)."""
+    captions: tuple[str, ...]
+    boxes: tuple[Box, ...] = field(default_factory=tuple)
+    width: int = 0
+    height: int = 0
+
+    def render(self, with_boxes: bool = True) -> str:
+        """The text block shown to the teacher: captions, a blank line, then boxes."""
+        text = "\n".join(self.captions)
+        if with_boxes and self.boxes:
+            text += "\n\n" + "\n".join(b.render() for b in self.boxes)
+        return text

@@ -1,0 +1,1 @@
+"""vistune.model."""
