@@ -18,7 +18,9 @@ import traceback
 from vistune.errors import VistuneError
 
 # name -> module under vistune.commands
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "eval": "eval",
+}
 
 
 def _load(name: str):
