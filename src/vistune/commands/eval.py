@@ -1,0 +1,241 @@
+"""`vistune eval`: LLaVA-Bench judging and ScienceQA scoring (paper §5.1-5.2).
+
+    vistune eval judge --questions Q.jsonl --context CTX.jsonl --reference REF.jsonl \\
+        --answers A.jsonl --base-url URL --model NAME --out DIR [--repeats K]
+    vistune eval scienceqa --problems problems.json --splits pid_splits.json --split test \\
+        --predictions P.jsonl --out DIR [--ensemble judge --other P2.jsonl ...]
+
+Each run writes DIR/report.json, report.md, report.png and config.json (every flag);
+the judge also keeps every request's reply in DIR/raw_judgements.jsonl and resumes from it.
+File formats: docs/EVAL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vistune.errors import VistuneError
+
+HELP = "evaluate: LLaVA-Bench judge (relative scores), ScienceQA accuracy"
+
+
+def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument(
+        f"--{prefix}base-url",
+        help="OpenAI-compatible endpoint, e.g. "
+        "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
+    )
+    p.add_argument(f"--{prefix}model", help="judge model name at that endpoint")
+    p.add_argument("--temperature", type=float, default=0.2, help="judge sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help="judge reply token limit")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument(
+        "--http-retries",
+        type=int,
+        default=5,
+        help="client-level retries of 5xx/429/timeouts/malformed replies",
+    )
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="new requests for a judgement that failed or could not be parsed",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    j = sub.add_parser("judge", help="LLaVA-Bench relative scores from a judge model")
+    j.add_argument("--questions", type=Path, required=True, help="questions JSONL")
+    j.add_argument("--context", type=Path, required=True, help="context JSONL (captions/boxes)")
+    j.add_argument("--reference", type=Path, required=True, help="reference answers JSONL")
+    j.add_argument("--answers", type=Path, required=True, help="candidate answers JSONL")
+    j.add_argument("--out", type=Path, required=True, help="report folder")
+    j.add_argument("--repeats", type=int, default=1, help="judge runs (mean ± std, Table 5)")
+    j.add_argument(
+        "--local-judge",
+        type=Path,
+        help="a local Hugging Face causal LM folder to judge with instead of an endpoint",
+    )
+    j.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse successful judgements in DIR/raw_judgements.jsonl",
+    )
+    _client_flags(j, "")
+
+    s = sub.add_parser("scienceqa", help="ScienceQA accuracy (Table 7), optionally ensembled")
+    s.add_argument("--problems", type=Path, required=True, help="problems.json")
+    s.add_argument("--splits", type=Path, required=True, help="pid_splits.json")
+    s.add_argument("--split", default="test")
+    s.add_argument("--image-root", type=Path, help="folder holding <pid>/<image> (checked)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", type=Path, help="JSONL of {question_id, text}")
+    src.add_argument("--model", type=Path, help="model folder to generate predictions with")
+    s.add_argument("--out", type=Path, required=True, help="report folder")
+    s.add_argument(
+        "--ensemble",
+        choices=("complement", "judge"),
+        help="combine with --other's predictions (paper §5.2)",
+    )
+    s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
+    _client_flags(s, "judge-")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in sorted(vars(args).items())
+        if k != "func"
+    }
+
+
+def _client(args: argparse.Namespace, base_url: str | None, model: str | None, flag: str):
+    from vistune.chat_client import ChatClient
+
+    if not base_url or not model:
+        raise VistuneError(f"the judge needs --{flag}base-url and --{flag}model")
+    return ChatClient(
+        base_url,
+        model,
+        timeout=args.timeout,
+        max_retries=args.http_retries,
+        backoff=args.backoff,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+    )
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=total == 0)
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    from vistune.eval import judge
+    from vistune.eval.report import markdown_table, write_run
+
+    if args.repeats < 1 or args.retries < 0:
+        raise VistuneError("--repeats must be >= 1 and --retries >= 0")
+    items = judge.load_bench(args.questions, args.context, args.reference, args.answers)
+    if args.local_judge is not None:
+        complete, judge_id = (
+            judge.LocalJudge(args.local_judge, args.max_tokens).complete,
+            str(args.local_judge),
+        )
+    else:
+        complete = _client(args, args.base_url, args.model, "").complete
+        judge_id = f"{args.base_url}|{args.model}|{args.temperature}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw_path = args.out / "raw_judgements.jsonl"
+    done = judge.reusable(raw_path, items, judge_id) if args.resume else {}
+    if not args.resume:
+        raw_path.unlink(missing_ok=True)
+    bar = _progress(len(items) * args.repeats, "judging")
+    with raw_path.open("a", encoding="utf-8") as raw:
+
+        def log(record: dict) -> None:
+            raw.write(json.dumps(record, ensure_ascii=False) + "\n")
+            raw.flush()
+
+        judgements = judge.run_judge(
+            items, complete, args.repeats, args.retries, log, bar.update, done, judge_id
+        )
+    bar.close()
+    report = judge.summarize(items, judgements, args.repeats)
+    report["raw_judgements"] = raw_path.name
+    cols = [*judge.CATEGORIES, "all"]
+    rows = [("relative (%)", [report["relative"][c] for c in cols])]
+    if args.repeats > 1:
+        rows.append(("std (runs)", [report["std"][c] for c in cols]))
+    rows.append(("judged", [report["runs"][0][c]["judged"] for c in cols]))
+    table = markdown_table(cols, rows)
+    table += f"\nFailures (excluded from the means): {report['failures']['count']}"
+    if report["failures"]["question_ids"]:
+        table += f" (question ids: {', '.join(report['failures']['question_ids'])})"
+    write_run(
+        args.out,
+        report,
+        _config(args),
+        table + "\n",
+        report["relative"],
+        "LLaVA-Bench relative score",
+        report["std"] if args.repeats > 1 else None,
+    )
+    print(table)
+    return 0
+
+
+def _generate(args: argparse.Namespace, problems: list) -> dict[str, str]:
+    raise VistuneError(
+        "--model needs the generation engine (vistune.serve.engine), which "
+        "this build lacks; generate answers elsewhere and pass --predictions"
+    )
+
+
+def run_scienceqa(args: argparse.Namespace) -> int:
+    from vistune.data.scienceqa import load_scienceqa
+    from vistune.eval import scienceqa as sqa
+    from vistune.eval.report import markdown_table, write_run
+
+    problems = load_scienceqa(args.problems, args.splits, args.split, args.image_root)
+    if args.ensemble and args.other is None:
+        raise VistuneError(f"--ensemble {args.ensemble} needs --other PREDICTIONS.jsonl")
+    ours_text = (
+        sqa.read_predictions(args.predictions, problems)
+        if args.predictions
+        else _generate(args, problems)
+    )
+    ours = sqa.score(problems, sqa.parse_all(problems, ours_text))
+    report: dict = {"split": args.split, "ours": ours.to_dict()}
+    rows = [("ours", [ours.accuracy[c] for c in sqa.COLUMNS])]
+    final = ours
+    if args.ensemble:
+        other_text = sqa.read_predictions(args.other, problems)
+        other_letters = sqa.parse_all(problems, other_text)
+        other = sqa.score(problems, other_letters)
+        report["other"] = other.to_dict()
+        rows.append(("other", [other.accuracy[c] for c in sqa.COLUMNS]))
+        if args.ensemble == "complement":
+            final = sqa.score(problems, sqa.complement(problems, ours.parsed, other_letters))
+        else:
+            client = _client(args, args.judge_base_url, args.judge_model, "judge-")
+            result = sqa.judge_ensemble(
+                problems, ours_text, other_text, client.complete, args.retries
+            )
+            final = sqa.score(problems, result.letters)
+            report["judge"] = {
+                "asked": result.asked,
+                "failures": {"count": len(result.failures), "question_ids": result.failures},
+            }
+            _write_raw(args.out / "raw_judgements.jsonl", result.raw)
+        report["ensemble"] = {"method": args.ensemble, **final.to_dict()}
+        rows.append((f"ensemble ({args.ensemble})", [final.accuracy[c] for c in sqa.COLUMNS]))
+    report["accuracy"] = final.accuracy
+    report["average"] = final.accuracy["average"]
+    table = markdown_table(sqa.COLUMNS, rows)
+    table += f"\nUnparsed predictions (counted wrong): {len(ours.unparsed)}"
+    if ours.unparsed:
+        table += f" ({', '.join(ours.unparsed)})"
+    write_run(args.out, report, _config(args), table + "\n", final.accuracy, "ScienceQA accuracy")
+    print(table)
+    return 0
+
+
+def _write_raw(path: Path, records: list[dict]) -> None:
+    from vistune.eval.report import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+COMMANDS = {"judge": run_judge, "scienceqa": run_scienceqa}
+
+
+def run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.eval_command](args)

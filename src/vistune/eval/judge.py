@@ -1,0 +1,349 @@
+"""LLaVA-Bench judging: relative scores of a candidate against a reference (paper §5.1,
+Tables 4-5; LLaVA's eval_gpt_review_visual.py and summarize_gpt_review.py).
+
+For each question a text-only judge sees the image context (captions, plus boxes for
+COCO-style data), the question, the reference answer (Assistant 1: the text-only teacher
+answering from the ground-truth context) and the candidate (Assistant 2), followed by the
+rubric of the question's category (rubrics/<category>.txt). Its first line holds the two
+1-10 scores. Relative score = mean(candidate) / mean(reference) x 100 over the judged
+questions of a category; `all` pools every judged question (as LLaVA's summary does).
+
+No silent failures: a judgement whose request fails or whose first line is not two scores
+in 1-10 is asked again (a new request) up to `retries` times, then recorded as a failure
+and left out of the means, never scored. With `repeats` K the judge runs K times and the
+report gives mean and population standard deviation (ddof=0) of the K relative scores.
+
+File formats (LLaVA-Bench's own): questions {question_id, image, text, category}; context
+{image, caption (str) | captions (list), instances?: [{category, bbox: [x1, y1, x2, y2]}]}
+(`boxes` is accepted for `instances`); answers and reference {question_id, text, ...}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from vistune.datagen.context import Box
+from vistune.errors import DataError, VistuneError
+from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
+
+CATEGORIES = ("conversation", "detail", "complex")
+CATEGORY_ALIASES = {
+    "conversation": "conversation",
+    "conv": "conversation",
+    "detail": "detail",
+    "complex": "complex",
+}
+"""Category names in question files -> our names (LLaVA-Bench writes `conv`)."""
+SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_LABEL = re.compile(r"assistant\s*[12]\s*[:=]?|scores?\s*[:=]?", re.IGNORECASE)
+
+Complete = Callable[[list[dict]], str]
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    question_id: str
+    category: str
+    question: str
+    context: str
+    """Rendered context: captions, a blank line, then `category: [x1, y1, x2, y2]` lines."""
+    reference: str
+    candidate: str
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The final outcome of one question in one run (scores None = failure)."""
+
+    repeat: int
+    question_id: str
+    category: str
+    attempts: int
+    scores: tuple[float, float] | None
+    content: str | None
+    reason: str | None = None
+
+
+def load_rubric(category: str) -> str:
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; valid: {', '.join(CATEGORIES)}")
+    path = resources.files("vistune.eval").joinpath(f"rubrics/{category}.txt")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def render_context(row: dict, path: str | Path) -> str:
+    """Captions then boxes, like the teacher's context (vistune.datagen.context)."""
+    captions = row.get("captions", row.get("caption"))
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise DataError(
+            f"context file {path}: image {row.get('image')} needs `caption` "
+            "(a string) or `captions` (a list of strings)"
+        )
+    text = "\n".join(c.strip() for c in captions)
+    boxes = []
+    for inst in row.get("instances", row.get("boxes")) or []:
+        try:
+            boxes.append(Box(str(inst["category"]), tuple(float(v) for v in inst["bbox"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f"context file {path}: image {row.get('image')} has a malformed "
+                f"instance {inst!r} (want {{category, bbox: [x1, y1, x2, y2]}})"
+            ) from err
+    if boxes:
+        text += "\n\n" + "\n".join(b.render() for b in boxes)
+    return text
+
+
+def load_bench(
+    questions: str | Path, context: str | Path, reference: str | Path, answers: str | Path
+) -> list[BenchItem]:
+    """Join LLaVA-Bench's four files into judge items, in question-file order.
+
+    DataError (listing the offending ids) for duplicate ids, unknown categories, questions
+    whose image has no context, and reference/answer files whose ids differ from the questions.
+    """
+    q_rows = read_jsonl(questions, "questions", ("question_id", "image", "text", "category"))
+    q_by_id = index_by(q_rows, "question_id", "questions", questions)
+    bad_cat = [k for k, r in q_by_id.items() if r["category"] not in CATEGORY_ALIASES]
+    if bad_cat:
+        raise DataError(
+            f"questions file {questions}: unknown category for question ids "
+            f"{list_ids(bad_cat)}; valid: {', '.join(CATEGORY_ALIASES)}"
+        )
+    ctx_by_image = index_by(read_jsonl(context, "context", ("image",)), "image", "context", context)
+    no_ctx = [k for k, r in q_by_id.items() if str(r["image"]) not in ctx_by_image]
+    if no_ctx:
+        raise DataError(
+            f"context file {context} has no entry for the images of question ids {list_ids(no_ctx)}"
+        )
+    texts = {}
+    for name, path in (("reference", reference), ("answers", answers)):
+        by_id = index_by(read_jsonl(path, name, ("question_id", "text")), "question_id", name, path)
+        check_same_ids(q_by_id, by_id, name, path)
+        texts[name] = {k: str(v["text"]) for k, v in by_id.items()}
+    rendered = {img: render_context(row, context) for img, row in ctx_by_image.items()}
+    return [
+        BenchItem(
+            qid,
+            CATEGORY_ALIASES[r["category"]],
+            str(r["text"]),
+            rendered[str(r["image"])],
+            texts["reference"][qid],
+            texts["answers"][qid],
+        )
+        for qid, r in q_by_id.items()
+    ]
+
+
+def judge_messages(item: BenchItem, rubric: str) -> list[dict]:
+    """The judge request, laid out as in LLaVA's review scripts."""
+    content = (
+        f"[Context]\n{item.context}\n\n"
+        f"[Question]\n{item.question}\n\n"
+        f"[Assistant 1]\n{item.reference}\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{item.candidate}\n\n[End of Assistant 2]\n\n"
+        f"[System]\n{rubric}\n\n"
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """The two scores on the first non-blank line ("8 7", "8, 7", "8.5 7", "(8, 7)",
+    "Assistant 1: 8, Assistant 2: 7"); None unless exactly two numbers, both in 1-10."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    first = _LABEL.sub(" ", lines[0].replace("*", ""))
+    nums = _NUMBER.findall(first)
+    if len(nums) != 2 or re.search(r"[A-Za-z]", _NUMBER.sub(" ", first)):
+        return None
+    a, b = float(nums[0]), float(nums[1])
+    if not (1 <= a <= 10 and 1 <= b <= 10):
+        return None
+    return a, b
+
+
+def prompt_key(messages: list[dict], judge_id: str = "") -> str:
+    """Identifies a request (the judge and the exact messages) for resuming."""
+    blob = json.dumps([judge_id, messages], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def judge_one(
+    item: BenchItem,
+    repeat: int,
+    complete: Complete,
+    retries: int,
+    log: Callable[[dict], None] | None = None,
+    judge_id: str = "",
+) -> Judgement:
+    """Ask until two valid scores come back, at most `retries + 1` requests; every reply
+    (or error) goes to `log`."""
+    messages = judge_messages(item, load_rubric(item.category))
+    key = prompt_key(messages, judge_id)
+    reason = content = None
+    for attempt in range(retries + 1):
+        record = {
+            "repeat": repeat,
+            "question_id": item.question_id,
+            "category": item.category,
+            "attempt": attempt,
+            "prompt_key": key,
+        }
+        try:
+            content = complete(messages)
+        except VistuneError as err:
+            reason = f"request failed: {err}"
+            record.update(content=None, scores=None, error=reason)
+        else:
+            scores = parse_scores(content)
+            reason = None if scores else "unparsable scores: " + repr(content.strip()[:80])
+            record.update(content=content, scores=list(scores) if scores else None, error=reason)
+        if log is not None:
+            log(record)
+        if reason is None:
+            return Judgement(
+                repeat,
+                item.question_id,
+                item.category,
+                attempt + 1,
+                (record["scores"][0], record["scores"][1]),
+                content,
+            )
+    return Judgement(repeat, item.question_id, item.category, retries + 1, None, content, reason)
+
+
+def relative_scores(judgements: Sequence[Judgement]) -> dict[str, dict[str, float | int | None]]:
+    """Per category and `all`: judged count, mean reference, mean candidate, relative (%)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for cat in (*CATEGORIES, "all"):
+        ok = [j.scores for j in judgements if j.scores and cat in (j.category, "all")]
+        ref = statistics.fmean(s[0] for s in ok) if ok else None
+        cand = statistics.fmean(s[1] for s in ok) if ok else None
+        out[cat] = {
+            "judged": len(ok),
+            "reference": ref,
+            "candidate": cand,
+            "relative": 100.0 * cand / ref if ok else None,
+        }
+    return out
+
+
+def summarize(items: Sequence[BenchItem], judgements: Sequence[Judgement], repeats: int) -> dict:
+    """The report: mean (and std over runs) of relative scores, failures, per-run details."""
+    runs = [relative_scores([j for j in judgements if j.repeat == r]) for r in range(repeats)]
+    relative: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for cat in (*CATEGORIES, "all"):
+        vals = [run[cat]["relative"] for run in runs if run[cat]["relative"] is not None]
+        relative[cat] = statistics.fmean(vals) if vals else None
+        std[cat] = statistics.pstdev(vals) if len(vals) > 1 else None
+    failed = [j for j in judgements if j.scores is None]
+    return {
+        "relative": relative,
+        "std": std,
+        "std_kind": "population standard deviation (ddof=0) of the per-run relative scores",
+        "repeats": repeats,
+        "questions": {cat: sum(i.category == cat for i in items) for cat in CATEGORIES}
+        | {"all": len(items)},
+        "runs": runs,
+        "failures": {
+            "count": len(failed),
+            "question_ids": sorted({j.question_id for j in failed}),
+            "items": [
+                {"repeat": j.repeat, "question_id": j.question_id, "reason": j.reason}
+                for j in failed
+            ],
+        },
+        "judgements": [asdict(j) for j in judgements],
+    }
+
+
+def run_judge(
+    items: Sequence[BenchItem],
+    complete: Complete,
+    repeats: int = 1,
+    retries: int = 2,
+    log: Callable[[dict], None] | None = None,
+    progress: Callable[[], None] | None = None,
+    done: dict[tuple[int, str], Judgement] | None = None,
+    judge_id: str = "",
+) -> list[Judgement]:
+    """Judge every item `repeats` times; `done` holds judgements reused from a previous run."""
+    if repeats < 1 or retries < 0:
+        raise ValueError(f"need repeats >= 1 and retries >= 0, got {repeats}, {retries}")
+    out = []
+    for r in range(repeats):
+        for item in items:
+            prior = (done or {}).get((r, item.question_id))
+            out.append(
+                prior if prior is not None else judge_one(item, r, complete, retries, log, judge_id)
+            )
+            if progress is not None:
+                progress()
+    return out
+
+
+def reusable(
+    raw_path: str | Path, items: Sequence[BenchItem], judge_id: str = ""
+) -> dict[tuple[int, str], Judgement]:
+    """Successful judgements in an earlier raw_judgements.jsonl by the same judge on the
+    same prompt (so an interrupted run resumes without asking again)."""
+    path = Path(raw_path)
+    if not path.is_file():
+        return {}
+    keys = {
+        i.question_id: (
+            i.category,
+            prompt_key(judge_messages(i, load_rubric(i.category)), judge_id),
+        )
+        for i in items
+    }
+    done: dict[tuple[int, str], Judgement] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            qid, scores = str(rec["question_id"]), rec.get("scores")
+            if scores and qid in keys and rec.get("prompt_key") == keys[qid][1]:
+                done[(int(rec["repeat"]), qid)] = Judgement(
+                    int(rec["repeat"]),
+                    qid,
+                    keys[qid][0],
+                    int(rec["attempt"]) + 1,
+                    (float(scores[0]), float(scores[1])),
+                    rec.get("content"),
+                )
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+    return done
+
+
+class LocalJudge:
+    """A judge from a local Hugging Face causal LM directory (its chat template, greedy)."""
+
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 256) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.max_new_tokens = max_new_tokens
+
+    def complete(self, messages: list[dict]) -> str:
+        import torch
+
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
