@@ -20,6 +20,7 @@ from vistune.errors import VistuneError
 # name -> module under vistune.commands
 COMMANDS: dict[str, str] = {
     "eval": "eval",
+    "scenes": "scenes",
 }
 
 

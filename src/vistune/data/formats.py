@@ -1,0 +1,378 @@
+"""Dataset file formats: COCO annotations, image-caption pairs and LLaVA JSON (paper §3).
+
+- `load_coco` turns COCO's `annotations/captions_<split>.json` + `instances_<split>.json`
+  into one `ImageContext` per image: its captions, and its boxes as
+  `category: [x1, y1, x2, y2]` normalised to 0-1 (paper Table 1, top block).
+- `load_pairs` reads CC3M/LAION-style image-caption pairs: JSONL (one object a line), a
+  JSON array (like LLaVA-CC3M-Pretrain-595K's metadata.json) or TSV (`image<TAB>caption`,
+  optional header). Keys: the image under "image" (or "file_name", "file", "url"), the
+  caption under "caption" (or "text"), an optional "id".
+- `read_llava_json` / `write_llava_json` keep LLaVA's released files as they are:
+  `[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]`, "<image>" once
+  in the first human turn; samples without "image" are text-only; unknown keys and the
+  type of "id" (str or int) are kept. The default writer output is byte-identical to the
+  official compact files (`json.dump` defaults); `indent=` gives pretty files.
+
+Bad rows (empty captions, boxes out of range, unknown categories, images missing on disk
+when checked) are skipped and counted by reason in the returned Counter; a file that is
+not valid JSON raises `DataError` naming the file and the position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from vistune.datagen.context import Box, ImageContext
+from vistune.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"  # same as vistune.data.conversation.IMAGE_PLACEHOLDER
+ROLES = ("human", "gpt")
+IMAGE_KEYS = ("image", "file_name", "file", "url")
+CAPTION_KEYS = ("caption", "text")
+BOX_TOLERANCE_PX = 1.0
+"""COCO boxes may poke out of the image by a fraction of a pixel; within this, clamp."""
+
+
+# ---------------------------------------------------------------------------- JSON files
+
+
+def load_json(path: str | Path) -> Any:
+    """Parse a JSON file; malformed JSON raises DataError naming the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: malformed JSON at line {err.lineno} column {err.colno} "
+            f"(char {err.pos}): {err.msg}"
+        ) from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps_llava(
+    samples: list[dict[str, Any]], indent: int | None = None, ensure_ascii: bool = False
+) -> str:
+    """The text `write_llava_json` writes (no trailing newline, as `json.dump` leaves it)."""
+    return json.dumps(samples, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def write_llava_json(
+    samples: list[dict[str, Any]],
+    path: str | Path,
+    indent: int | None = None,
+    ensure_ascii: bool = False,
+) -> None:
+    """Write samples as a LLaVA JSON file, atomically.
+
+    `indent=None` writes one line with `json.dump`'s default separators, as the official
+    llava_instruct_150k.json / blip_laion_cc_sbu_558k.json are; `indent=2` a pretty file.
+    `ensure_ascii=True` escapes non-ASCII as `json.dump` does by default.
+    """
+    atomic_write_text(path, dumps_llava(samples, indent=indent, ensure_ascii=ensure_ascii))
+
+
+def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA JSON file (a list of sample objects) unchanged; `.jsonl` is one a line.
+
+    Samples are not validated here: use `validate_llava_sample` (training does).
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        data = list(_iter_jsonl(path))
+    else:
+        data = load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a LLaVA JSON file holds a list of samples, got {_kind(data)}")
+    for i, sample in enumerate(data):
+        if not isinstance(sample, dict):
+            raise DataError(f"{path}: sample {i} is {_kind(sample)}, not an object")
+    return data
+
+
+def validate_llava_sample(sample: Any) -> str | None:
+    """Why a LLaVA JSON sample cannot be trained on, or None when it is fine.
+
+    Rules: an "id"; "conversations" a non-empty list of turns alternating human, gpt, ...
+    and ending with gpt; every value a non-empty string; with "image" (a non-empty string)
+    exactly one "<image>", in the first human turn; without "image" no "<image>" at all.
+    """
+    if not isinstance(sample, dict):
+        return f"sample is {_kind(sample)}, not an object"
+    if "id" not in sample:
+        return "missing id"
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "missing conversations"
+    for i, turn in enumerate(turns):
+        reason = _check_turn(i, turn)
+        if reason:
+            return reason
+    if turns[-1]["from"] != "gpt":
+        return "last turn is not from gpt (unanswered question)"
+    count = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    has_image = "image" in sample
+    if has_image and (not isinstance(sample["image"], str) or not sample["image"].strip()):
+        return "image must be a non-empty string"
+    if has_image and count == 0:
+        return "image given but no <image> placeholder"
+    if not has_image and count:
+        return "<image> placeholder but no image"
+    if count > 1:
+        return f"<image> appears {count} times, expected once"
+    if count == 1 and IMAGE_PLACEHOLDER not in turns[0]["value"]:
+        return "<image> is not in the first human turn"
+    return None
+
+
+def _check_turn(i: int, turn: Any) -> str | None:
+    if not isinstance(turn, dict):
+        return f"turn {i} is {_kind(turn)}, not an object"
+    role = turn.get("from")
+    if role not in ROLES:
+        return f"turn {i}: bad role {role!r} (expected human or gpt)"
+    if role != ROLES[i % 2]:
+        return f"turn {i}: role {role!r} out of order (turns alternate human, gpt)"
+    value = turn.get("value")
+    if not isinstance(value, str) or not value.strip():
+        return f"turn {i}: empty value"
+    return None
+
+
+# ---------------------------------------------------------------------------- COCO
+
+
+def load_coco(
+    coco_dir: str | Path, split: str, check_images: bool = False
+) -> tuple[list[ImageContext], Counter]:
+    """Per-image contexts from COCO's captions and instances files for `split`.
+
+    Image paths are relative to `coco_dir` (`<split>/<file_name>`, e.g. "train/000001.png"
+    or "train2014/COCO_train2014_....jpg"). The instances file is optional (no boxes without
+    it). Returns the contexts in the captions file's image order and the skip reasons.
+    """
+    coco_dir = Path(coco_dir)
+    skipped: Counter = Counter()
+    captions_path = coco_dir / "annotations" / f"captions_{split}.json"
+    captions = _coco_object(captions_path)
+    images = _coco_images(captions_path, captions, skipped)
+    caps: dict[Any, list[str]] = {image_id: [] for image_id in images}
+    for ann in _coco_list(captions_path, captions, "annotations"):
+        text = ann.get("caption") if isinstance(ann, dict) else None
+        if not isinstance(ann, dict) or ann.get("image_id") not in caps:
+            skipped["caption for unknown image"] += 1
+        elif not isinstance(text, str) or not text.strip():
+            skipped["empty caption"] += 1
+        else:
+            caps[ann["image_id"]].append(text.strip())
+    boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
+    instances_path = coco_dir / "annotations" / f"instances_{split}.json"
+    if instances_path.exists():
+        _read_boxes(instances_path, images, boxes, skipped)
+    contexts = []
+    for image_id, record in images.items():
+        image = f"{split}/{record['file_name']}"
+        if not caps[image_id]:
+            skipped["image without captions"] += 1
+        elif check_images and not (coco_dir / image).is_file():
+            skipped["image missing on disk"] += 1
+        else:
+            contexts.append(
+                ImageContext(
+                    image_id=str(image_id),
+                    image=image,
+                    captions=tuple(caps[image_id]),
+                    boxes=tuple(boxes[image_id]),
+                    width=int(record["width"]),
+                    height=int(record["height"]),
+                )
+            )
+    return contexts, skipped
+
+
+def _coco_object(path: Path) -> dict[str, Any]:
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a COCO annotation file holds an object, got {_kind(data)}")
+    return data
+
+
+def _coco_list(path: Path, data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise DataError(f"{path}: missing the {key!r} list")
+    return value
+
+
+def _coco_images(path: Path, data: dict[str, Any], skipped: Counter) -> dict[Any, dict]:
+    images: dict[Any, dict] = {}
+    for record in _coco_list(path, data, "images"):
+        if not isinstance(record, dict) or "id" not in record:
+            skipped["image record without id"] += 1
+        elif not isinstance(record.get("file_name"), str) or not record["file_name"]:
+            skipped["image record without file_name"] += 1
+        elif not _positive_int(record.get("width")) or not _positive_int(record.get("height")):
+            skipped["image record without width/height"] += 1
+        elif record["id"] in images:
+            skipped["duplicate image id"] += 1
+        else:
+            images[record["id"]] = record
+    return images
+
+
+def _read_boxes(
+    path: Path, images: dict[Any, dict], boxes: dict[Any, list[Box]], skipped: Counter
+) -> None:
+    data = _coco_object(path)
+    names = {}
+    for cat in _coco_list(path, data, "categories"):
+        if isinstance(cat, dict) and "id" in cat and isinstance(cat.get("name"), str):
+            names[cat["id"]] = cat["name"]
+    for ann in _coco_list(path, data, "annotations"):
+        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+            skipped["box for unknown image"] += 1
+        elif ann.get("category_id") not in names:
+            skipped["unknown category"] += 1
+        else:
+            record = images[ann["image_id"]]
+            xyxy = _normalise_box(ann.get("bbox"), record["width"], record["height"])
+            if xyxy is None:
+                skipped["box out of range"] += 1
+            else:
+                boxes[ann["image_id"]].append(Box(names[ann["category_id"]], xyxy))
+
+
+def _normalise_box(bbox: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """COCO [x, y, w, h] in pixels -> (x1, y1, x2, y2) in 0-1; None when out of range."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    tol = BOX_TOLERANCE_PX
+    if w <= 0 or h <= 0 or x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        return None
+    x1, y1 = max(x, 0.0) / width, max(y, 0.0) / height
+    x2, y2 = min(x + w, width) / width, min(y + h, height) / height
+    return (x1, y1, x2, y2)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# ---------------------------------------------------------------------------- pairs
+
+
+def load_pairs(
+    path: str | Path, check_images: bool = False, image_root: str | Path | None = None
+) -> tuple[list[ImageContext], Counter]:
+    """Image-caption pairs (CC3M/LAION style) as contexts with one caption and no boxes.
+
+    `.jsonl`: one object a line; `.json`: a list of objects; `.tsv`/`.txt`: `image<TAB>
+    caption` rows, the first row skipped when it reads `image<TAB>caption`. Image paths are
+    kept as written; with `check_images` they are looked up under `image_root` (default:
+    the file's folder). The id is the row's "id" when given, else the image path.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix == ".jsonl":
+        rows: Iterable[Any] = _iter_jsonl(path)
+    elif path.suffix == ".json":
+        rows = load_json(path)
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a pairs JSON file holds a list, got {_kind(rows)}")
+    elif path.suffix in (".tsv", ".txt"):
+        rows = _iter_tsv(path)
+    else:
+        raise DataError(f"{path}: pairs files are .jsonl, .json or .tsv, got {path.suffix!r}")
+    skipped: Counter = Counter()
+    contexts = []
+    for row in rows:
+        context = _pair_context(row, skipped)
+        if context is None:
+            continue
+        if check_images and not (root / context.image).is_file():
+            skipped["image missing on disk"] += 1
+            continue
+        contexts.append(context)
+    return contexts, skipped
+
+
+def _pair_context(row: Any, skipped: Counter) -> ImageContext | None:
+    if not isinstance(row, dict):
+        skipped["malformed row"] += 1
+        return None
+    image = next((row[k] for k in IMAGE_KEYS if isinstance(row.get(k), str)), "")
+    caption = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), "")
+    if not image.strip():
+        skipped["missing image"] += 1
+        return None
+    if not caption.strip():
+        skipped["empty caption"] += 1
+        return None
+    image_id = row.get("id", image)
+    return ImageContext(image_id=str(image_id), image=image.strip(), captions=(caption.strip(),))
+
+
+def _iter_jsonl(path: Path) -> Iterable[Any]:
+    try:
+        f = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}"
+                ) from None
+
+
+def _iter_tsv(path: Path) -> Iterable[dict[str, str] | None]:
+    try:
+        f = path.open(encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for i, fields in enumerate(reader):
+            if not fields or fields == [""]:
+                continue
+            if i == 0 and [v.strip().lower() for v in fields[:2]] == ["image", "caption"]:
+                continue
+            yield {"image": fields[0], "caption": fields[1]} if len(fields) == 2 else None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
