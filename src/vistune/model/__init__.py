@@ -1,1 +1,49 @@
-"""vistune.model."""
+"""The LLaVA model (paper §4.1): frozen vision tower, projector, causal LM, composed.
+
+    from vistune.model import load_model
+    model = load_model("default")        # packaged DINOv2 ViT-S/14 + SmolLM2-135M, fresh projector
+    model = load_model("runs/finetune")  # a model directory written by LlavaModel.save
+
+Parts: `vision.VisionTower`, `projector.build_projector`, `llava.LlavaModel`;
+`checkpoint` reads and writes model directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from vistune.model.llava import LlavaModel
+
+DEFAULT_SPEC = "default"
+DEFAULT_TEMPLATE = "chat_template"
+"""The packaged LLM is an instruct model: its own chat template suits it before any tuning."""
+
+
+def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
+    """A model from a directory, or "default": the packaged weights with a fresh projector.
+
+    The default model's projector is untrained (`model.projector_trained` is False): its
+    image tokens carry no meaning to the LLM until stage 1 has run.
+    """
+    import torch
+
+    from vistune.config import ModelConfig
+    from vistune.model.llava import LlavaModel
+
+    dtype = torch.float32 if dtype is None else dtype
+    if str(spec) == DEFAULT_SPEC:
+        from vistune.weights import ensure_default_weights
+
+        weights = ensure_default_weights()
+        config = ModelConfig(template=DEFAULT_TEMPLATE)
+        return LlavaModel.from_parts(
+            weights.vision_dir, weights.llm_dir, config, seed=0, dtype=dtype
+        ).eval()
+    return LlavaModel.load(spec, dtype=dtype)
+
+
+__all__ = ["DEFAULT_SPEC", "load_model"]

@@ -1,0 +1,306 @@
+"""Model directories: save atomically, check and load without running code from them.
+
+A vistune model directory (the issue's item 8):
+
+    config.json              format, vistune version, the ModelConfig, what each part is,
+                             whether the projector was trained (JSON only, no pickles)
+    projector.safetensors    the projector W (paper §4.1, eq. 1)
+    vision/                  HF vision model: config.json, model.safetensors,
+                             preprocessor_config.json
+    llm/                     HF causal LM: config.json, model.safetensors,
+                             generation_config.json, tokenizer files
+
+The layout is fixed (config.json names no paths). Loading is `trust_remote_code=False`,
+`use_safetensors=True`, local files only, and refuses any config that declares custom
+code (`auto_map`). Anything missing or mismatched raises ModelDirError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+import vistune
+from vistune.config import ModelConfig
+from vistune.errors import ModelDirError
+
+if TYPE_CHECKING:
+    from vistune.model.llava import LlavaModel
+
+FORMAT = "vistune-llava"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PROJECTOR_FILE = "projector.safetensors"
+VISION_DIR = "vision"
+LLM_DIR = "llm"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Files whose `auto_map` would make transformers import Python code from the directory.
+_CODE_DECLARING_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What a model directory's config.json says, after checking the files are there."""
+
+    path: Path
+    config: ModelConfig
+    projector_trained: bool
+    vision_dir: Path
+    llm_dir: Path
+    projector_path: Path
+    raw: dict[str, Any]
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object; a missing file or bad JSON is a ModelDirError naming the file."""
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing ({what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{path}: not valid JSON ({what}): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+def check_hf_dir(path: Path, what: str, tokenizer: bool = False) -> dict[str, Any]:
+    """Check a HF model dir (config, safetensors weights, no custom code); return config.json."""
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: {what} directory not found")
+    config = read_json(path / "config.json", f"{what} config")
+    for name in _CODE_DECLARING_FILES:
+        file = path / name
+        data = (
+            config if name == "config.json" else (read_json(file, what) if file.is_file() else {})
+        )
+        if "auto_map" in data:
+            raise ModelDirError(
+                f"{file}: declares custom code (auto_map); vistune never runs code from a model directory"
+            )
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        found = sorted(p.name for p in path.glob("*.bin")) or ["none"]
+        raise ModelDirError(
+            f"{path}: missing {what} weights (model.safetensors); other weight files: "
+            f"{', '.join(found)} (pickle .bin files are never loaded)"
+        )
+    if tokenizer and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelDirError(f"{path}: missing tokenizer files ({' or '.join(_TOKENIZER_FILES)})")
+    return config
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports (library code does not print)."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def load_hf_model(
+    model_class: Any, path: Path, what: str, dtype: torch.dtype, **kwargs: Any
+) -> PreTrainedModel:
+    """`from_pretrained` that never runs remote code and fails on missing weights."""
+    try:
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(
+                path,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+    except _LOAD_ERRORS as exc:
+        raise ModelDirError(f"{path}: cannot load the {what}: {exc}") from exc
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        detail = ", ".join(missing[:5] + [str(m[0]) for m in mismatched[:5]])
+        raise ModelDirError(f"{path}: {what} weights are missing or mismatched: {detail}")
+    return model.eval()
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The LLM's tokenizer (local files only, no remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(
+                path, trust_remote_code=False, local_files_only=True
+            )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelDirError(f"{path}: cannot load the tokenizer: {exc}") from exc
+
+
+def read_model_dir(model_dir: str | Path) -> ModelDirInfo:
+    """Check a vistune model directory's config.json and files (loads no weights)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: model directory not found")
+    config_path = path / CONFIG_FILE
+    raw = read_json(config_path, "vistune model config")
+    if raw.get("format") != FORMAT:
+        raise ModelDirError(
+            f"{config_path}: not a vistune model directory (format {raw.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{config_path}: format_version {raw.get('format_version')!r} is not supported "
+            f"(this vistune reads {FORMAT_VERSION})"
+        )
+    try:
+        config = ModelConfig.from_dict(raw["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"{config_path}: bad 'model' settings: {exc}") from exc
+    trained = raw.get("projector_trained")
+    if not isinstance(trained, bool):
+        raise ModelDirError(f"{config_path}: 'projector_trained' must be true or false")
+    projector_path = path / PROJECTOR_FILE
+    if not projector_path.is_file():
+        raise ModelDirError(f"{projector_path}: missing (projector weights)")
+    vision_dir, llm_dir = path / VISION_DIR, path / LLM_DIR
+    check_hf_dir(vision_dir, "vision tower")
+    check_hf_dir(llm_dir, "LLM", tokenizer=True)
+    return ModelDirInfo(path, config, trained, vision_dir, llm_dir, projector_path, raw)
+
+
+def load_projector(projector: nn.Module, path: Path, vision_hidden: int, llm_hidden: int) -> None:
+    """Load projector weights, checking names and shapes against the parts they join."""
+    expected = projector.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise ModelDirError(f"{path}: not a readable safetensors file: {exc}") from exc
+    if set(tensors) != set(expected):
+        raise ModelDirError(
+            f"{path}: projector tensors {sorted(tensors)} do not match the configured projector "
+            f"({sorted(expected)})"
+        )
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelDirError(
+                f"{path}: projector tensor {key!r} has shape {tuple(tensor.shape)}, but the vision "
+                f"tower (hidden {vision_hidden}) and the LLM (hidden {llm_hidden}) need "
+                f"{tuple(expected[key].shape)}"
+            )
+    projector.load_state_dict(tensors)
+
+
+def model_dir_config(model: LlavaModel) -> dict[str, Any]:
+    """Everything config.json records about a model (JSON-serialisable)."""
+    llm_config = model.llm.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vistune_version": vistune.__version__,
+        "model": model.config.to_dict(),
+        "projector_trained": bool(model.projector_trained),
+        "parts": {
+            "vision": {
+                "dir": VISION_DIR,
+                "model_type": model.vision.model_type,
+                "class": type(model.vision.model).__name__,
+                "hidden_size": model.vision.hidden_size,
+                "patch_size": model.vision.patch_size,
+                "num_image_tokens": model.num_image_tokens,
+            },
+            "projector": {
+                "file": PROJECTOR_FILE,
+                "name": model.config.projector,
+                "in_dim": model.vision.hidden_size,
+                "out_dim": llm_config.hidden_size,
+            },
+            "llm": {
+                "dir": LLM_DIR,
+                "model_type": llm_config.model_type,
+                "class": type(model.llm).__name__,
+                "hidden_size": llm_config.hidden_size,
+                "vocab_size": llm_config.vocab_size,
+            },
+        },
+    }
+
+
+def _write_parts(model: LlavaModel, out: Path) -> None:
+    with quiet_transformers():
+        model.vision.model.save_pretrained(out / VISION_DIR)
+        model.llm.save_pretrained(out / LLM_DIR)
+    model.tokenizer.save_pretrained(out / LLM_DIR)
+    pre = model.vision.preprocessor_config
+    if pre is None:
+        proc = model.image_processor
+        pre = {"image_mean": list(proc.mean), "image_std": list(proc.std)}
+    (out / VISION_DIR / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    save_file(state, str(out / PROJECTOR_FILE), metadata={"projector": model.config.projector})
+    text = json.dumps(model_dir_config(model), indent=2) + "\n"
+    (out / CONFIG_FILE).write_text(text, encoding="utf-8")
+
+
+def _check_overwritable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: exists and is not a directory; not overwriting it")
+    if any(path.iterdir()):
+        config = path / CONFIG_FILE
+        try:
+            is_ours = json.loads(config.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_ours = False
+        if not is_ours:
+            raise ModelDirError(
+                f"{path}: exists and is not a vistune model directory; not overwriting it"
+            )
+
+
+def save_model(model: LlavaModel, model_dir: str | Path) -> Path:
+    """Write the model directory atomically: into a temp dir beside it, then os.replace."""
+    path = Path(model_dir)
+    _check_overwritable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model dir is an ordinary directory
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    try:
+        _write_parts(model, tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
