@@ -21,6 +21,7 @@ from vistune.errors import VistuneError
 COMMANDS: dict[str, str] = {
     "eval": "eval",
     "scenes": "scenes",
+    "weights": "weights",
 }
 
 
