@@ -1,0 +1,245 @@
+"""COCO / pairs / LLaVA JSON readers and writers (vistune.data.formats)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vistune.data.formats import (
+    load_coco,
+    load_pairs,
+    read_llava_json,
+    validate_llava_sample,
+    write_llava_json,
+)
+from vistune.errors import DataError
+
+# Entries in the exact shape (and byte layout: one line, json.dump defaults) of the official
+# llava_instruct_150k.json and blip_laion_cc_sbu_558k.json.
+OFFICIAL_COMPACT = (
+    r'[{"id": "000000033471", "image": "000000033471.jpg", "conversations": [{"from": "human", '
+    r'"value": "<image>\nWhat are the colors of the bus in the image?"}, {"from": "gpt", '
+    r'"value": "The bus in the image is white and red."}, {"from": "human", "value": "What '
+    r'feature can be seen on the back of the bus?"}, {"from": "gpt", "value": "The back of '
+    r'the bus features an advertisement."}]}, {"id": "004539375", "image": '
+    r'"00453/004539375.jpg", "conversations": [{"from": "human", "value": "Render a clear and '
+    r'concise summary of the photo.\n<image>"}, {"from": "gpt", "value": "select luxury '
+    r'furniture 3 - inch gel memory foam mattress topper"}]}]'
+)
+# Pretty (indent=2) layout, a text-only sample with an int id, an extra key, non-ASCII text.
+OFFICIAL_PRETTY = """[
+  {
+    "id": 7,
+    "conversations": [
+      {
+        "from": "human",
+        "value": "Write a haiku about caf\u00e9s."
+      },
+      {
+        "from": "gpt",
+        "value": "Caf\u00e9 au lait \u2014 steam"
+      }
+    ],
+    "model": "sharegpt"
+  }
+]"""
+
+
+def test_official_compact_round_trip_is_byte_exact(tmp_path: Path) -> None:
+    src = tmp_path / "llava_instruct.json"
+    src.write_bytes(OFFICIAL_COMPACT.encode())
+    samples = read_llava_json(src)
+    assert [s["id"] for s in samples] == ["000000033471", "004539375"]
+    assert samples[1]["conversations"][0]["value"].endswith("photo.\n<image>")
+    assert all(validate_llava_sample(s) is None for s in samples)
+    out = tmp_path / "out.json"
+    write_llava_json(samples, out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_pretty_round_trip_keeps_int_ids_extra_keys_and_unicode(tmp_path: Path) -> None:
+    src = tmp_path / "pretty.json"
+    src.write_text(OFFICIAL_PRETTY, encoding="utf-8")
+    samples = read_llava_json(src)
+    assert samples[0]["id"] == 7 and samples[0]["model"] == "sharegpt"
+    assert validate_llava_sample(samples[0]) is None  # text-only: no image, no placeholder
+    out = tmp_path / "out.json"
+    write_llava_json(samples, out, indent=2)
+    assert out.read_bytes() == src.read_bytes()
+    assert "café" in out.read_text(encoding="utf-8")  # ensure_ascii=False
+    write_llava_json(samples, out, indent=2, ensure_ascii=True)
+    assert "caf\\u00e9" in out.read_text(encoding="utf-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "pretty.json"]  # no tmp
+
+
+def test_malformed_json_names_file_and_position(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1,\n  "conversations": [}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 2 column 21"):
+        read_llava_json(bad)
+    notlist = tmp_path / "obj.json"
+    notlist.write_text('{"id": 1}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"obj\.json: .*list of samples"):
+        read_llava_json(notlist)
+
+
+def _sample(**kw):
+    sample = {
+        "id": "1",
+        "image": "a.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A star."},
+        ],
+    }
+    sample.update(kw)
+    return sample
+
+
+def _turns(*pairs):
+    return [{"from": r, "value": v} for r, v in pairs]
+
+
+@pytest.mark.parametrize(
+    ("sample", "reason"),
+    [
+        (_sample(), None),
+        (_sample(conversations=[]), "missing conversations"),
+        ({"id": 1, "image": "a.jpg"}, "missing conversations"),
+        ({"conversations": _turns(("human", "hi"), ("gpt", "yo"))}, "missing id"),
+        (_sample(conversations=_turns(("human", "<image>\nQ"), ("gpt", " "))), "turn 1: empty value"),
+        (_sample(conversations=_turns(("user", "<image>\nQ"), ("gpt", "A"))), "turn 0: bad role 'user'"),
+        (_sample(conversations=_turns(("gpt", "<image>\nQ"), ("human", "A"))), "turn 0: role 'gpt' out of order"),
+        (_sample(conversations=_turns(("human", "Q"), ("gpt", "A"))), "image given but no <image> placeholder"),
+        ({"id": 2, "conversations": _turns(("human", "<image>\nQ"), ("gpt", "A"))}, "<image> placeholder but no image"),
+        (_sample(conversations=_turns(("human", "<image>\n<image>Q"), ("gpt", "A"))), "<image> appears 2 times"),
+        (
+            _sample(conversations=_turns(("human", "Q"), ("gpt", "A"), ("human", "<image>"), ("gpt", "B"))),
+            "<image> is not in the first human turn",
+        ),
+        (_sample(conversations=_turns(("human", "<image>\nQ"))), "last turn is not from gpt"),
+        (_sample(image=""), "image must be a non-empty string"),
+        ("text", "sample is a string"),
+    ],
+)  # fmt: skip
+def test_validate_llava_sample(sample, reason: str | None) -> None:
+    got = validate_llava_sample(sample)
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(reason), got
+
+
+def _write_coco(root: Path) -> None:
+    (root / "annotations").mkdir(parents=True)
+    (root / "val").mkdir()
+    for name in ("a.png", "b.png"):
+        (root / "val" / name).write_bytes(b"png")
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 200, "height": 100},
+        {"id": 2, "file_name": "b.png", "width": 50, "height": 50},
+        {"id": 3, "file_name": "gone.png", "width": 50, "height": 50},
+        {"id": 4, "file_name": "nocap.png", "width": 50, "height": 50},
+        {"id": 5, "file_name": "nosize.png"},
+    ]
+    captions = [
+        {"id": 1, "image_id": 1, "caption": " A red star. "},
+        {"id": 2, "image_id": 1, "caption": "A star on gray."},
+        {"id": 3, "image_id": 2, "caption": "A blue circle."},
+        {"id": 4, "image_id": 2, "caption": "   "},
+        {"id": 5, "image_id": 3, "caption": "Gone."},
+        {"id": 6, "image_id": 99, "caption": "Orphan."},
+    ]
+    boxes = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 10, 80, 50]},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10]},
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [40, 40, 20, 5]},
+        {"id": 4, "image_id": 2, "category_id": 2, "bbox": [0, 0, 50.4, 50]},
+        {"id": 5, "image_id": 2, "category_id": 2, "bbox": [5, 5, 0, 4]},
+    ]
+    cats = [{"id": 1, "name": "star", "supercategory": "symbol"}, {"id": 2, "name": "circle"}]
+    ann = root / "annotations"
+    (ann / "captions_val.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (ann / "instances_val.json").write_text(
+        json.dumps({"images": images, "annotations": boxes, "categories": cats})
+    )
+
+
+def test_load_coco_normalises_boxes_and_counts_skips(tmp_path: Path) -> None:
+    _write_coco(tmp_path)
+    contexts, skipped = load_coco(tmp_path, "val", check_images=True)
+    assert [c.image_id for c in contexts] == ["1", "2"]
+    a, b = contexts
+    assert a.image == "val/a.png" and (a.width, a.height) == (200, 100)
+    assert a.captions == ("A red star.", "A star on gray.")
+    assert [(x.category, x.xyxy) for x in a.boxes] == [("star", (0.1, 0.1, 0.5, 0.6))]
+    assert b.captions == ("A blue circle.",)
+    assert [x.xyxy for x in b.boxes] == [(0.0, 0.0, 1.0, 1.0)]  # 0.4 px over: clamped
+    assert a.render().endswith("\n\nstar: [0.100, 0.100, 0.500, 0.600]")
+    assert skipped == {
+        "image record without width/height": 1,
+        "empty caption": 1,
+        "caption for unknown image": 1,
+        "unknown category": 1,
+        "box out of range": 2,
+        "image without captions": 1,
+        "image missing on disk": 1,
+    }
+    contexts, skipped = load_coco(tmp_path, "val")  # not checking the disk keeps image 3
+    assert [c.image_id for c in contexts] == ["1", "2", "3"]
+
+
+def test_load_coco_malformed_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(DataError, match="captions_train.json: file not found"):
+        load_coco(tmp_path, "train")
+    (tmp_path / "annotations" / "captions_train.json").write_text('{"images": [1, }')
+    with pytest.raises(DataError, match="captions_train.json: malformed JSON at line 1 column 16"):
+        load_coco(tmp_path, "train")
+    (tmp_path / "annotations" / "captions_train.json").write_text('{"images": []}')
+    with pytest.raises(DataError, match="missing the 'annotations' list"):
+        load_coco(tmp_path, "train")
+
+
+def test_load_pairs_jsonl_json_tsv(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1.jpg").write_bytes(b"x")
+    jsonl = tmp_path / "pairs.jsonl"
+    rows = [
+        {"image": "img/1.jpg", "caption": "a dog"},
+        {"url": "img/2.jpg", "text": "a cat", "id": 42},
+        {"image": "img/3.jpg", "caption": ""},
+        {"caption": "no image"},
+        [1, 2],
+    ]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    contexts, skipped = load_pairs(jsonl)
+    assert [(c.image_id, c.image, c.captions) for c in contexts] == [
+        ("img/1.jpg", "img/1.jpg", ("a dog",)),
+        ("42", "img/2.jpg", ("a cat",)),
+    ]
+    assert skipped == {"empty caption": 1, "missing image": 1, "malformed row": 1}
+    contexts, skipped = load_pairs(jsonl, check_images=True)
+    assert [c.image for c in contexts] == ["img/1.jpg"] and skipped["image missing on disk"] == 1
+
+    meta = tmp_path / "metadata.json"  # LLaVA-CC3M-Pretrain-595K metadata.json shape
+    meta.write_text(json.dumps([{"id": "GCC_1", "image": "GCC_1.jpg", "caption": "olive oil"}]))
+    contexts, _ = load_pairs(meta)
+    assert contexts[0].image_id == "GCC_1" and contexts[0].captions == ("olive oil",)
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text('image\tcaption\nimg/1.jpg\ta dog\nimg/2.jpg\nimg/3.jpg\ta "quoted" cat\n')
+    contexts, skipped = load_pairs(tsv)
+    assert [c.captions[0] for c in contexts] == ["a dog", 'a "quoted" cat']
+    assert skipped == {"malformed row": 1}
+
+
+def test_load_pairs_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a", "caption": "b"}\n{"image": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: malformed JSON at line 2"):
+        load_pairs(bad)
+    with pytest.raises(DataError, match="pairs files are"):
+        load_pairs(tmp_path / "pairs.csv")
