@@ -19,6 +19,7 @@ from vistune.errors import VistuneError
 
 # name -> module under vistune.commands
 COMMANDS: dict[str, str] = {
+    "datagen": "datagen",
     "eval": "eval",
     "scenes": "scenes",
     "weights": "weights",

@@ -1,0 +1,386 @@
+"""Instruction-data generation that never loses work (paper §3).
+
+For every image context and response type (conversation, detail, complex) the pipeline
+builds the teacher prompt from the packaged prompt files (system prompt + seed examples +
+the image's captions and boxes), looks the request up in the SQLite store and sends only
+what has no stored answer, `workers` at a time. Answers are parsed and validated; done and
+rejected answers are committed as they arrive, so a rerun or a resume after `kill -9`
+sends no answered request again. `brief` samples are the naive expansion (no teacher).
+
+At the end (also after an endpoint went down or an interrupt) the output LLaVA JSON is
+written atomically with every finished sample of the requested images, in input order,
+beside it `<stem>.rejected.jsonl` (raw text of rejected answers) and `<stem>.summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vistune.chat_client import EndpointDownError
+from vistune.data.formats import write_llava_json
+from vistune.datagen.context import ImageContext
+from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
+from vistune.datagen.store import Key, Store, prompt_hash
+from vistune.datagen.teachers import Request, Teacher
+from vistune.errors import EndpointError
+
+ALL_TYPES = ("brief", *RESPONSE_TYPES)
+
+
+@dataclass(frozen=True)
+class DatagenConfig:
+    types: tuple[str, ...] = ALL_TYPES
+    """Which sample types to make; `brief` needs no teacher."""
+    workers: int = 4
+    """Teacher requests in flight at once (1 for an in-process model)."""
+    seed: int = 0
+    """Picks the brief/detail question per image; same seed, same prompts, same cache keys."""
+    limit: int | None = None
+    """Use only the first N usable images."""
+    check_images: bool = True
+    """Skip contexts whose image file is missing or unreadable under the image root."""
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.types if t not in ALL_TYPES]
+        if unknown or not self.types:
+            raise ValueError(f"unknown types {unknown}; valid: {', '.join(ALL_TYPES)}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+
+
+@dataclass
+class Summary:
+    teacher: str
+    out: str
+    per_type: dict[str, Counter] = field(default_factory=dict)
+    """type -> counts of done (new), cached, failed, rejected, and `rejected: <reason>`."""
+    skipped: Counter = field(default_factory=Counter)
+    """input reason -> images skipped."""
+    written: int = 0
+    remaining: int = 0
+    """Teacher requests without an answer (failed or never sent): a rerun sends them."""
+    aborted: str | None = None
+    """Why the run stopped early (endpoint down), or None."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "teacher": self.teacher,
+            "out": self.out,
+            "per_type": {t: dict(c) for t, c in self.per_type.items()},
+            "skipped": dict(self.skipped),
+            "written": self.written,
+            "remaining": self.remaining,
+            "aborted": self.aborted,
+        }
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    system: str
+    examples: tuple[tuple[str, str], ...]
+    """(context, response) seed examples, shown as earlier user/assistant turns."""
+
+
+@cache
+def load_prompt(response_type: str) -> Prompt:
+    """The packaged system prompt and seed examples for one response type."""
+    if response_type not in RESPONSE_TYPES:
+        raise ValueError(
+            f"unknown response type {response_type!r}; valid: {', '.join(RESPONSE_TYPES)}"
+        )
+    folder = resources.files("vistune.datagen").joinpath("prompts", response_type)
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith("_context.txt"))
+    examples = tuple(
+        (
+            folder.joinpath(n).read_text(encoding="utf-8").strip(),
+            folder.joinpath(n.replace("_context", "_response")).read_text(encoding="utf-8").strip(),
+        )
+        for n in names
+    )
+    return Prompt(folder.joinpath("system.txt").read_text(encoding="utf-8").strip(), examples)
+
+
+def build_messages(
+    response_type: str, context: ImageContext, question: str | None = None
+) -> list[dict]:
+    """Chat messages for one request: system, seed examples, then this image's context."""
+    prompt = load_prompt(response_type)
+    messages = [{"role": "system", "content": prompt.system}]
+    for example, response in prompt.examples:
+        messages.append({"role": "user", "content": example})
+        messages.append({"role": "assistant", "content": response})
+    content = context.render()
+    if response_type == "detail":
+        content += f"\n\nQuestion to answer: {question}"
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def detail_question(image_id: str, seed: int) -> str:
+    """The detail request for one image, drawn from the curated list (paper §3)."""
+    from vistune.datagen.naive import DETAIL_QUESTIONS
+
+    return random.Random(f"{seed}:{image_id}:detail").choice(DETAIL_QUESTIONS)
+
+
+def build_requests(
+    contexts: list[ImageContext], types: tuple[str, ...], seed: int
+) -> list[Request]:
+    requests = []
+    for context in contexts:
+        for rtype in types:
+            if rtype == "brief":
+                continue
+            question = detail_question(context.image_id, seed) if rtype == "detail" else None
+            messages = build_messages(rtype, context, question)
+            requests.append(Request(rtype, context, messages, question))
+    return requests
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def screen_contexts(
+    contexts: list[ImageContext], image_root: Path | None, skipped: Counter
+) -> list[ImageContext]:
+    """Drop contexts the teacher cannot use, counting why (missing or unreadable images,
+    no captions, boxes out of range, duplicate ids)."""
+    kept, seen = [], set()
+    for ctx in contexts:
+        path = image_root / ctx.image if image_root is not None else None
+        if ctx.image_id in seen:
+            skipped["duplicate image id"] += 1
+        elif path is not None and not path.is_file():
+            skipped["image missing on disk"] += 1
+        elif path is not None and not os.access(path, os.R_OK):
+            skipped["image unreadable"] += 1
+        elif not any(c.strip() for c in ctx.captions):
+            skipped["image without captions"] += 1
+        elif any(not _box_ok(b.xyxy) for b in ctx.boxes):
+            skipped["box out of range"] += 1
+        elif any(not b.category.strip() for b in ctx.boxes):
+            skipped["unknown category"] += 1
+        else:
+            seen.add(ctx.image_id)
+            kept.append(ctx)
+    return kept
+
+
+def _box_ok(xyxy: tuple[float, float, float, float]) -> bool:
+    x1, y1, x2, y2 = xyxy
+    return 0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0
+
+
+# ---------------------------------------------------------------------------- the run
+
+ProgressFn = Callable[[dict[str, int]], None]
+
+
+class _Run:
+    """State of one run: counts, the store, and the samples found or made."""
+
+    def __init__(self, teacher: Teacher, store: Store, out: Path, types: tuple[str, ...]) -> None:
+        self.teacher = teacher
+        self.store = store
+        self.summary = Summary(teacher.name, str(out), {t: Counter() for t in types})
+        self.samples: dict[str, dict] = {}
+        self.rejected: list[dict] = []
+        self.tally = Counter({"total": 0, "done": 0, "cached": 0, "failed": 0, "rejected": 0})
+
+    def key(self, request: Request) -> Key:
+        return Key(
+            request.context.image_id,
+            request.response_type,
+            prompt_hash(request.messages),
+            self.teacher.name,
+        )
+
+    def count(self, rtype: str, what: str, reason: str | None = None) -> None:
+        self.summary.per_type[rtype][what] += 1
+        if reason:
+            self.summary.per_type[rtype][f"rejected: {reason}"] += 1
+        self.tally[what if what in self.tally else "done"] += 1
+
+    def reject(self, request: Request, key: Key, reason: str, raw: str | None) -> None:
+        self.rejected.append(
+            {
+                "id": f"{key.image_id}_{key.type}",
+                "image": request.context.image,
+                "type": key.type,
+                "teacher": key.teacher,
+                "prompt_hash": key.prompt_hash,
+                "reason": reason,
+                "response": raw,
+            }
+        )
+
+    def settle(self, request: Request, key: Key, raw: str) -> None:
+        """Parse a fresh answer and commit it as done or rejected."""
+        try:
+            turns = parse_response(request.response_type, raw, request.question)
+        except RejectedOutput as err:
+            self.store.finish(key, "rejected", response=raw, reason=err.reason)
+            self.count(key.type, "rejected", err.reason)
+            self.reject(request, key, err.reason, raw)
+            return
+        sample = {"id": f"{key.image_id}_{key.type}", "image": request.context.image,
+                  "conversations": turns}  # fmt: skip
+        self.store.finish(key, "done", response=raw, sample=sample)
+        self.samples[sample["id"]] = sample
+        self.count(key.type, "done")
+
+
+def run_datagen(
+    contexts: list[ImageContext],
+    teacher: Teacher,
+    store: Store,
+    out: str | Path,
+    config: DatagenConfig = DatagenConfig(),
+    image_root: str | Path | None = None,
+    skipped: Counter | None = None,
+    progress: ProgressFn | None = None,
+) -> Summary:
+    """Make the samples of `config.types` for `contexts`; returns the run's summary.
+
+    `image_root` is where image paths are looked up (None: not checked). `skipped` holds
+    skip reasons already counted while loading. An endpoint that stays down stops the run
+    (no new requests; those in flight finish) and sets `summary.aborted`; the output is
+    written with every finished sample either way.
+    """
+    out = Path(out)
+    root = Path(image_root) if image_root is not None and config.check_images else None
+    run = _Run(teacher, store, out, config.types)
+    run.summary.skipped.update(skipped or Counter())
+    contexts = screen_contexts(contexts, root, run.summary.skipped)
+    if config.limit is not None:
+        contexts = contexts[: config.limit]
+    run_id = store.start_run(
+        {**dataclasses.asdict(config), "teacher": teacher.name, "out": str(out)}
+    )
+    try:
+        if "brief" in config.types:
+            _add_brief(run, contexts, config.seed)
+        pending = _lookup(run, build_requests(contexts, config.types, config.seed))
+        if progress:
+            progress(dict(run.tally))
+        _send(run, pending, config.workers if teacher.concurrent else 1, progress)
+    finally:
+        _write_outputs(run, contexts, config.types, out)
+        store.finish_run(run_id, run.summary.to_dict())
+    return run.summary
+
+
+def _add_brief(run: _Run, contexts: list[ImageContext], seed: int) -> None:
+    from vistune.datagen.naive import brief_samples
+
+    for sample in brief_samples(contexts, seed=seed):
+        run.samples[sample["id"]] = sample
+        run.summary.per_type["brief"]["done"] += 1
+
+
+def _lookup(run: _Run, requests: list[Request]) -> list[tuple[Request, Key]]:
+    """Requests with no stored answer; stored answers count as cached (done or rejected)."""
+    pending = []
+    for request in requests:
+        key = run.key(request)
+        record = run.store.get(key)
+        run.tally["total"] += 1
+        if record is not None and record.status == "done" and record.sample is not None:
+            run.samples[record.sample["id"]] = record.sample
+            run.count(key.type, "cached")
+        elif record is not None and record.status == "rejected":
+            run.summary.per_type[key.type]["cached rejected"] += 1
+            run.summary.per_type[key.type][f"rejected: {record.reason}"] += 1
+            run.tally["rejected"] += 1
+            run.reject(request, key, record.reason or "?", record.response)
+        else:
+            pending.append((request, key))
+    return pending
+
+
+def _send(
+    run: _Run, pending: list[tuple[Request, Key]], workers: int, progress: ProgressFn | None
+) -> None:
+    """Send requests `workers` at a time; the store is written from this thread only."""
+    queue = list(reversed(pending))
+    inflight: dict[Future, tuple[Request, Key]] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher") as pool:
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < workers and run.summary.aborted is None:
+                    request, key = queue.pop()
+                    run.store.begin(
+                        key, {"messages": request.messages, "question": request.question}
+                    )
+                    inflight[pool.submit(run.teacher.respond, request)] = (request, key)
+                if not inflight:
+                    break
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    request, key = inflight.pop(future)
+                    _settle_future(run, future, request, key)
+                    if progress:
+                        progress(dict(run.tally))
+        finally:
+            for future in inflight:
+                future.cancel()
+    run.summary.remaining = sum(c["failed"] for c in run.summary.per_type.values()) + len(queue)
+
+
+def _settle_future(run: _Run, future: Future, request: Request, key: Key) -> None:
+    try:
+        raw = future.result()
+    except EndpointError as err:
+        run.store.finish(key, "failed", reason=str(err))
+        run.count(key.type, "failed")
+        if isinstance(err, EndpointDownError) and run.summary.aborted is None:
+            run.summary.aborted = str(err)
+        return
+    run.settle(request, key, raw)
+
+
+def _write_outputs(
+    run: _Run, contexts: list[ImageContext], types: tuple[str, ...], out: Path
+) -> None:
+    ordered = [
+        run.samples[f"{c.image_id}_{t}"]
+        for c in contexts
+        for t in types
+        if f"{c.image_id}_{t}" in run.samples
+    ]
+    write_llava_json(ordered, out)
+    run.summary.written = len(ordered)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rejected)
+    _atomic_write(out.with_name(out.stem + ".rejected.jsonl"), lines)
+    summary = json.dumps(run.summary.to_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(out.with_name(out.stem + ".summary.json"), summary)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
