@@ -244,3 +244,17 @@ def test_smollm2_tokenizer_round_trip(default_weights, template):
         assert full_text(tok, out.input_ids).startswith("<|im_start|>system\n")
     ids = tokenize_prompt(to_messages(CONV)[:1], tok, template)
     assert out.input_ids[: len(ids)] == ids
+
+
+def test_chat_template_finds_short_answers_by_position(tiny_tokenizer):
+    """A one-letter answer that also occurs earlier in the assistant header is located where
+    the template puts the answer, not at its first occurrence."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + "
+        "'<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    )
+    conv = [{"from": "human", "value": "Pick one"}, {"from": "gpt", "value": "s"}]
+    out = tokenize_conversation(conv, tok, "chat_template", "sq-1")
+    assert supervised_spans(tok, out) == ["s<|im_end|>"]
+    assert full_text(tok, out.input_ids).endswith("<|im_start|>assistant: s<|im_end|>")

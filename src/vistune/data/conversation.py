@@ -149,11 +149,23 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     )
 
 
-def _answer_span(part: str, content: str, tokenizer: Any) -> tuple[int, int]:
-    """(start, end) of answer + its end-of-turn token inside one rendered assistant turn."""
+_PROBE = "VISTUNEANSWERPROBE"
+"""Stand-in answer rendered once per assistant turn to find where the template puts the answer
+(searching for the answer itself could hit an earlier "A" in a header for short answers)."""
+
+
+def _answer_span(
+    messages: list[dict[str, str]], i: int, prefix: str, part: str, tokenizer: Any
+) -> tuple[int, int]:
+    """(start, end) of answer i + its end-of-turn token inside `part`, the text the template
+    renders for assistant message i after `prefix` (the conversation before it + generation
+    prompt)."""
+    probe = messages[:i] + [{"role": "assistant", "content": _PROBE}]
+    probe_text = _render(tokenizer, probe, False)
+    start = probe_text.find(_PROBE, len(prefix)) - len(prefix)
+    content = messages[i]["content"]
     for text in (content, content.strip()):
-        start = part.find(text)
-        if start >= 0:
+        if start >= 0 and part.startswith(text, start):
             break
     else:
         raise TemplateMismatchError(f"chat template does not render the answer {content!r}")
@@ -184,7 +196,7 @@ def _chat_template_segments(
                 "chat template does not render a conversation as a prefix-stable sequence "
                 f"(assistant message {i})"
             )
-        start, end = _answer_span(upto[len(prefix) :], msg["content"], tokenizer)
+        start, end = _answer_span(messages, i, prefix, upto[len(prefix) :], tokenizer)
         segs.append(Segment(full[pos : len(prefix) + start], False))
         segs.append(Segment(full[len(prefix) + start : len(prefix) + end], True))
         pos = len(prefix) + end
