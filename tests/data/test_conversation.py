@@ -258,3 +258,8 @@ def test_chat_template_finds_short_answers_by_position(tiny_tokenizer):
     out = tokenize_conversation(conv, tok, "chat_template", "sq-1")
     assert supervised_spans(tok, out) == ["s<|im_end|>"]
     assert full_text(tok, out.input_ids).endswith("<|im_start|>assistant: s<|im_end|>")
+
+
+def test_plain_prompt_without_image_is_refused(tiny_tokenizer):
+    with pytest.raises(DataError, match="plain template renders nothing"):
+        tokenize_prompt([{"role": "user", "content": "hi"}], tiny_tokenizer, "plain")

@@ -81,6 +81,8 @@ SegmentFn = Callable[[list[dict[str, str]], Any, bool], list[Segment]]
 
 @dataclass(frozen=True)
 class Template:
+    """A named way to lay out a conversation as context and supervised text segments."""
+
     name: str
     segments: SegmentFn
     stops: Callable[[Any], tuple[str, ...]]
@@ -386,4 +388,7 @@ def tokenize_prompt(messages: list[dict], tokenizer: Any, template: str) -> list
     "<image>"."""
     tpl = get_template(template)
     segments = [Segment(s.text, False) for s in _prompt_segments(messages, tokenizer, template)]
-    return _encode_segments(segments, tokenizer, tpl, "prompt").input_ids
+    ids = _encode_segments(segments, tokenizer, tpl, "prompt").input_ids
+    if not ids:
+        raise DataError(f"prompt: the {template} template renders nothing for these messages")
+    return ids

@@ -105,7 +105,10 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                     )
                 image.load()
                 upright = ImageOps.exif_transpose(image)
-                return to_rgb(upright)
+                try:
+                    return to_rgb(upright)
+                except ValueError:
+                    raise ImageError(f"{path}: unsupported colour mode {upright.mode}") from None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
