@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "datagen": "datagen",
     "eval": "eval",
     "scenes": "scenes",
+    "mix": "mix",
     "weights": "weights",
 }
 
