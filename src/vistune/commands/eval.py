@@ -131,7 +131,7 @@ def run_judge(args: argparse.Namespace) -> int:
         )
     else:
         complete = _client(args, args.base_url, args.model, "").complete
-        judge_id = f"{args.base_url}|{args.model}|{args.temperature}"
+        judge_id = f"{args.model}|temperature={args.temperature}"
     args.out.mkdir(parents=True, exist_ok=True)
     raw_path = args.out / "raw_judgements.jsonl"
     done = judge.reusable(raw_path, items, judge_id) if args.resume else {}

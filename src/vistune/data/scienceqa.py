@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,7 @@ def load_scienceqa(
     pids = [str(p) for p in all_splits[split]]
     if not pids:
         raise DataError(f"split {split!r} in {splits} is empty")
-    seen: set[str] = set()
-    dups = sorted({p for p in pids if p in seen or seen.add(p)})
+    dups = [pid for pid, n in Counter(pids).items() if n > 1]
     if dups:
         raise DataError(f"split {split!r} in {splits} lists pids twice: {list_ids(dups)}")
     absent = [p for p in pids if p not in all_problems]

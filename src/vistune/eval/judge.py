@@ -93,7 +93,10 @@ def render_context(row: dict, path: str | Path) -> str:
     boxes = []
     for inst in row.get("instances", row.get("boxes")) or []:
         try:
-            boxes.append(Box(str(inst["category"]), tuple(float(v) for v in inst["bbox"])))
+            xyxy = tuple(float(v) for v in inst["bbox"])
+            if len(xyxy) != 4:
+                raise ValueError("bbox needs 4 numbers")
+            boxes.append(Box(str(inst["category"]), xyxy))
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(
                 f"context file {path}: image {row.get('image')} has a malformed "

@@ -39,9 +39,9 @@ _JUDGE_LETTER = re.compile(r"\b(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*\(?([A-E])
 def parse_answer(text: str, n_choices: int) -> str | None:
     """The option letter a prediction gives, or None (rules in the module docstring)."""
     valid = OPTIONS[:n_choices]
-    flat = text.replace("\n", ". ").strip()
+    flat = text.strip().replace("\n", ". ")
     letter: str | None = None
-    if flat in OPTIONS:
+    if len(flat) == 1 and flat in OPTIONS:
         letter = flat
     elif m := _PREFIX.match(flat):
         letter = m.group(1)

@@ -1,0 +1,155 @@
+"""Fixtures for the evaluation tests: a scripted judge on loopback and a ScienceQA release.
+
+`ScriptedJudge` is a real chat-completions server (http.server on 127.0.0.1, port 0, in a
+thread). Replies are scripted per question: the first script key found in the request's
+last message picks a queue, and each request pops its next entry: a string is answered as
+HTTP 200 with that content, an int as that HTTP status with an error body. An exhausted
+or unmatched queue answers `default`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+class ScriptedJudge:
+    def __init__(self, script: dict[str, list[str | int]], default: str | int = "5 5") -> None:
+        self.script = {k: deque(v) for k, v in script.items()}
+        self.default = default
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def asked(self, key: str) -> int:
+        """How many requests mentioned `key` in their last message."""
+        return sum(key in r["messages"][-1]["content"] for r in self.requests)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _next(self, body: dict) -> str | int:
+        with self.lock:
+            self.requests.append(body)
+            text = body["messages"][-1]["content"]
+            for key, queue in self.script.items():
+                if key in text:
+                    return queue.popleft() if queue else self.default
+            return self.default
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                length = int(self.headers.get("Content-Length", 0))
+                reply = server._next(json.loads(self.rfile.read(length)))
+                if isinstance(reply, int):
+                    payload, status = {"error": {"message": "scripted failure"}}, reply
+                else:
+                    status = 200
+                    payload = {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": reply},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                    }
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+@pytest.fixture
+def scripted_judge():
+    servers: list[ScriptedJudge] = []
+
+    def make(script: dict[str, list[str | int]], default: str | int = "5 5") -> ScriptedJudge:
+        servers.append(ScriptedJudge(script, default))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+# (pid, subject, hint, image, grade, answer, n_choices) -- the 10 test problems of the
+# ScienceQA fixture; their memberships are spelled out in test_scienceqa.py.
+SQA_TEST = [
+    ("1", "natural science", "", "image.png", "grade3", 0, 2),
+    ("2", "natural science", "A hint.", "image.png", "grade8", 1, 3),
+    ("3", "natural science", "", None, "grade5", 2, 4),
+    ("4", "social science", "A hint.", None, "grade4", 0, 2),
+    ("5", "social science", "", "image.png", "grade10", 1, 2),
+    ("6", "social science", "", None, "grade7", 1, 3),
+    ("7", "language science", "A hint.", None, "grade2", 0, 2),
+    ("8", "language science", "", None, "grade6", 1, 2),
+    ("9", "language science", "A hint.", "image.png", "grade12", 3, 4),
+    ("10", "natural science", "", None, "grade9", 0, 2),
+]
+
+
+@pytest.fixture
+def sqa_files(tmp_path: Path) -> tuple[Path, Path]:
+    """problems.json + pid_splits.json in the release format (10 test + 1 train problem)."""
+    root = tmp_path
+    problems = {}
+    rows = [*SQA_TEST, ("11", "natural science", "", None, "grade1", 0, 2)]
+    for pid, subject, hint, image, grade, answer, n in rows:
+        problems[pid] = {
+            "question": f"Which is right for item {pid}?",
+            "choices": [f"choice {pid}-{i}" for i in range(n)],
+            "answer": answer,
+            "hint": hint,
+            "image": image,
+            "task": "closed choice",
+            "grade": grade,
+            "subject": subject,
+            "topic": "topic",
+            "category": "category",
+            "skill": "skill",
+            "lecture": f"Lecture {pid}.",
+            "solution": f"Solution {pid}.",
+            "split": "train" if pid == "11" else "test",
+        }
+    splits = {"train": ["11"], "val": [], "test": [r[0] for r in SQA_TEST]}
+    p, s = root / "problems.json", root / "pid_splits.json"
+    p.write_text(json.dumps(problems))
+    s.write_text(json.dumps(splits))
+    return p, s
+
+
+@pytest.fixture
+def write_jsonl():
+    def write(path: Path, rows: list[dict]) -> Path:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write

@@ -1,0 +1,52 @@
+"""Report files: JSON, Markdown table, PNG chart and config written atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vistune.errors import DataError
+from vistune.eval import report
+
+
+def test_markdown_table_formats_values():
+    table = report.markdown_table(["a", "b"], [("x", [1.0, None]), ("y", [33.333, 2])])
+    assert table.splitlines() == ["| | a | b |", "|---|---|---|", "| x | 1.00 | - |",
+                                  "| y | 33.33 | 2 |"]  # fmt: skip
+
+
+def test_write_run(tmp_path):
+    paths = report.write_run(
+        tmp_path / "run", {"relative": {"all": 80.0}}, {"repeats": 3}, "| t |\n",
+        {"conversation": 80.0, "detail": None, "all": 75.5}, "title", {"all": 2.0},
+    )  # fmt: skip
+    assert json.loads(paths["report"].read_text()) == {"relative": {"all": 80.0}}
+    assert json.loads(paths["config"].read_text()) == {"repeats": 3}
+    assert paths["markdown"].read_text() == "# title\n\n| t |\n"
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json", "report.json", "report.md", "report.png"]  # fmt: skip
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "r.json"
+    report.atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        report.atomic_write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_read_json_errors(tmp_path):
+    with pytest.raises(DataError, match="problems file not found"):
+        report.read_json(tmp_path / "nope.json", "problems")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(DataError, match=f"problems file {bad} is not valid JSON"):
+        report.read_json(bad, "problems")
+
+
+def test_long_id_lists_are_cut():
+    assert report.list_ids(range(25), limit=3) == "0, 1, 2 ... and 22 more"

@@ -1,0 +1,207 @@
+"""LLaVA-Bench judging (§5.1): score parsing, relative scores worked out by hand against a
+scripted judge on loopback (with failing and malformed replies), repeats, resume, reports
+and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vistune import cli
+from vistune.errors import DataError
+from vistune.eval import judge
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("8 7", (8.0, 7.0)),
+        ("8, 7\nAssistant 1 is more detailed.", (8.0, 7.0)),
+        ("8.5 7", (8.5, 7.0)),
+        ("(8, 7)", (8.0, 7.0)),
+        ("**9 6**", (9.0, 6.0)),
+        ("Assistant 1: 8, Assistant 2: 7", (8.0, 7.0)),
+        ("\n\n10 1\nexplanation", (10.0, 1.0)),
+        ("11 7", None),  # out of range
+        ("0 5", None),
+        ("-1 -1", None),
+        ("8", None),  # missing
+        ("8 7 6", None),
+        ("I would give 8 and 7", None),
+        ("The first answer is better.\n8 7", None),  # scores must be on the first line
+        ("", None),
+    ],
+)
+def test_parse_scores(text, want):
+    assert judge.parse_scores(text) == want
+
+
+def _bench(tmp: Path, write_jsonl) -> dict[str, Path]:
+    """Five questions on two images: q1, q2 conv; q3 detail; q4, q5 complex."""
+    cats = {"q1": "conv", "q2": "conv", "q3": "detail", "q4": "complex", "q5": "complex"}
+    questions = [
+        {"question_id": q, "image": "a.jpg" if q in ("q1", "q3") else "b.jpg",
+         "text": f"Question {q}?", "category": c}
+        for q, c in cats.items()
+    ]  # fmt: skip
+    context = [
+        {"id": "a", "image": "a.jpg", "captions": ["A dog on grass.", "A brown dog."],
+         "instances": [{"category": "dog", "bbox": [0.1, 0.2, 0.5, 0.9]}]},
+        {"id": "b", "image": "b.jpg", "caption": "A red car parked by a wall."},
+    ]  # fmt: skip
+    ref = [{"question_id": q, "text": f"Reference {q}.", "answer_id": f"r{q}"} for q in cats]
+    ans = [{"question_id": q, "text": f"Candidate {q}.", "answer_id": f"c{q}",
+            "model_id": "m", "prompt": f"Question {q}?"} for q in cats]  # fmt: skip
+    return {
+        "questions": write_jsonl(tmp / "q.jsonl", questions),
+        "context": write_jsonl(tmp / "ctx.jsonl", context),
+        "reference": write_jsonl(tmp / "ref.jsonl", ref),
+        "answers": write_jsonl(tmp / "ans.jsonl", ans),
+    }
+
+
+# Replies per question. retries=2 gives each question at most 3 requests.
+SCRIPT = {
+    "Question q1?": ["8 6\nAssistant 2 misses the colour."],  # (8, 6)
+    "Question q2?": [500, "9, 9"],  # HTTP 500, asked again -> (9, 9)
+    "Question q3?": ["Both are fine.", "11 3", "7 3"],  # unparsable, out of range -> (7, 3)
+    "Question q4?": ["10 5"],  # (10, 5)
+    "Question q5?": ["no scores", "8", "Assistant 1 wins"],  # fails 3 times -> excluded
+}
+
+
+def _args(files: dict[str, Path], url: str, out: Path, *extra: str) -> list[str]:
+    args = ["eval", "judge", "--base-url", url, "--model", "judge", "--out", str(out),
+            "--http-retries", "0", "--backoff", "0", "--retries", "2", *extra]  # fmt: skip
+    for name, path in files.items():
+        args += [f"--{name}", str(path)]
+    return args
+
+
+def test_judge_relative_scores_by_hand(tmp_path, write_jsonl, scripted_judge, capsys):
+    files = _bench(tmp_path, write_jsonl)
+    server = scripted_judge(SCRIPT, default="unexpected request")
+    out = tmp_path / "out"
+    assert cli.main(_args(files, server.url, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    rel = report["relative"]
+    # conversation: candidate mean (6 + 9) / 2 = 7.5, reference (8 + 9) / 2 = 8.5
+    assert rel["conversation"] == pytest.approx(7.5 / 8.5 * 100)  # 88.235...
+    # detail: 3 / 7
+    assert rel["detail"] == pytest.approx(3 / 7 * 100)  # 42.857...
+    # complex: only q4 counts (q5 failed and is excluded, not scored): 5 / 10
+    assert rel["complex"] == pytest.approx(50.0)
+    # all pools the four judged questions: (6+9+3+5)/4 = 5.75 over (8+9+7+10)/4 = 8.5
+    assert rel["all"] == pytest.approx(5.75 / 8.5 * 100)  # 67.647...
+    # (had q5 been scored -1/-1, complex would read (5-1)/(10-1) = 44.4: not what we report)
+    assert report["failures"]["count"] == 1
+    assert report["failures"]["question_ids"] == ["q5"]
+    assert "unparsable scores" in report["failures"]["items"][0]["reason"]
+    assert report["runs"][0]["all"]["judged"] == 4
+    assert report["questions"] == {"conversation": 2, "detail": 1, "complex": 2, "all": 5}
+    # every request went out as scripted: 1 + 2 + 3 + 1 + 3
+    assert [server.asked(f"Question q{i}?") for i in range(1, 6)] == [1, 2, 3, 1, 3]
+    raw = [json.loads(x) for x in (out / "raw_judgements.jsonl").read_text().splitlines()]
+    assert len(raw) == 10  # every attempt is kept, including the HTTP 500
+    assert [r["error"] is None for r in raw if r["question_id"] == "q3"] == [False, False, True]
+    assert any("request failed" in (r["error"] or "") for r in raw if r["question_id"] == "q2")
+    for name in ("report.md", "report.png", "config.json"):
+        assert (out / name).is_file()
+    assert json.loads((out / "config.json").read_text())["repeats"] == 1
+    assert "Failures (excluded from the means): 1 (question ids: q5)" in capsys.readouterr().out
+
+
+def test_judge_prompt_holds_context_boxes_and_rubric(tmp_path, write_jsonl, scripted_judge):
+    files = _bench(tmp_path, write_jsonl)
+    server = scripted_judge({}, default="7 7")
+    assert cli.main(_args(files, server.url, tmp_path / "out")) == 0
+    q1 = next(r for r in server.requests if "Question q1?" in r["messages"][-1]["content"])
+    text = q1["messages"][-1]["content"]
+    assert text.startswith(
+        "[Context]\nA dog on grass.\nA brown dog.\n\ndog: [0.100, 0.200, 0.500, 0.900]"
+    )
+    assert "[Assistant 1]\nReference q1.\n\n[End of Assistant 1]" in text
+    assert "[Assistant 2]\nCandidate q1.\n\n[End of Assistant 2]" in text
+    assert judge.load_rubric("conversation") in text
+    q4 = next(r for r in server.requests if "Question q4?" in r["messages"][-1]["content"])
+    assert judge.load_rubric("complex") in q4["messages"][-1]["content"]
+    assert q4["messages"][-1]["content"].startswith("[Context]\nA red car parked by a wall.\n\n[Q")
+
+
+def test_repeats_mean_and_population_std():
+    item = judge.BenchItem("q", "conversation", "Q?", "ctx", "ref", "cand")
+    replies = iter(["10 8", "10 6"])  # run 0: 80 %, run 1: 60 %
+    js = judge.run_judge([item], lambda m: next(replies), repeats=2, retries=0)
+    report = judge.summarize([item], js, repeats=2)
+    assert report["relative"]["conversation"] == pytest.approx(70.0)  # (80 + 60) / 2
+    # population std: sqrt(((80-70)^2 + (60-70)^2) / 2) = 10 (the sample std would be 14.14)
+    assert report["std"]["conversation"] == pytest.approx(10.0)
+    assert report["std"]["all"] == pytest.approx(10.0)
+    assert report["std"]["detail"] is None and report["relative"]["detail"] is None
+    assert [r["conversation"]["relative"] for r in report["runs"]] == pytest.approx([80.0, 60.0])
+
+
+def test_resume_asks_only_what_failed(tmp_path, write_jsonl, scripted_judge):
+    files = _bench(tmp_path, write_jsonl)
+    out = tmp_path / "out"
+    first = scripted_judge(SCRIPT, default="unexpected request")
+    assert cli.main(_args(files, first.url, out)) == 0
+    second = scripted_judge({"Question q5?": ["6 3"]}, default="1 1")
+    assert cli.main(_args(files, second.url, out)) == 0
+    assert len(second.requests) == 1  # only q5 (failed before) is asked again
+    report = json.loads((out / "report.json").read_text())
+    assert report["failures"]["count"] == 0
+    assert report["relative"]["complex"] == pytest.approx((5 + 3) / (10 + 6) * 100)  # 50.0
+    assert report["relative"]["all"] == pytest.approx(
+        (6 + 9 + 3 + 5 + 3) / (8 + 9 + 7 + 10 + 6) * 100
+    )
+
+
+def test_endpoint_down_is_a_failure_not_a_score(tmp_path, write_jsonl, scripted_judge):
+    files = _bench(tmp_path, write_jsonl)
+    server = scripted_judge({}, default=503)
+    out = tmp_path / "out"
+    assert cli.main(_args(files, server.url, out, "--no-resume")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["failures"]["count"] == 5
+    assert report["relative"]["all"] is None
+    assert len(server.requests) == 15  # 5 questions x 3 tries
+
+
+@pytest.mark.parametrize(
+    ("target", "rows", "message"),
+    [
+        ("answers", [{"question_id": "q1", "text": "x"}, {"question_id": "q9", "text": "y"}],
+         r"does not match the questions; missing ids: q2, q3, q4, q5; ids not in the questions: q9"),
+        ("reference", [{"question_id": "q1", "text": "x"}, {"question_id": "q1", "text": "y"}],
+         r"duplicate question_ids: q1"),
+        ("questions", [{"question_id": "q1", "image": "zzz.jpg", "text": "?", "category": "conv"}],
+         r"no entry for the images of question ids q1"),
+        ("questions", [{"question_id": "q1", "image": "a.jpg", "text": "?", "category": "chat"}],
+         r"unknown category for question ids q1"),
+        ("context", [{"image": "a.jpg", "captions": 3}, {"image": "b.jpg", "caption": "x"}],
+         r"image a.jpg needs `caption`"),
+        ("context", [{"image": "a.jpg", "caption": "x", "instances": [{"category": "dog", "bbox": [0, 0, 1]}]},
+                     {"image": "b.jpg", "caption": "x"}], r"image a.jpg has a malformed instance"),
+    ],
+)  # fmt: skip
+def test_bad_input_names_ids(tmp_path, write_jsonl, target, rows, message):
+    files = _bench(tmp_path, write_jsonl)
+    write_jsonl(files[target], rows)
+    with pytest.raises(DataError, match=message):
+        judge.load_bench(**files)
+
+
+def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
+    files = _bench(tmp_path, write_jsonl)
+    files["answers"].write_text("")
+    with pytest.raises(DataError, match="answers file is empty"):
+        judge.load_bench(**files)
+    files["answers"].write_text('{"question_id": "q1", "text": "x"}\n{oops\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"line 2 \(not JSON\), line 3 \(not an object\)"):
+        judge.load_bench(**files)
+    rc = cli.main(_args(files, "http://127.0.0.1:9/v1", tmp_path / "o"))
+    assert rc == 2
+    assert "malformed lines: line 2 (not JSON)" in capsys.readouterr().err
