@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "scenes": "scenes",
     "mix": "mix",
     "weights": "weights",
+    "train": "train",
+    "features": "features",
 }
 
 

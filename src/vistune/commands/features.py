@@ -1,0 +1,66 @@
+"""`vistune features`: fill the frozen feature store for a data file before training.
+
+    vistune features --data data/scenes/llava_pretrain.json --init default
+
+The vision tower is frozen in both stages (paper §4.2), so its features are computed once
+per image (batched, with a progress bar) and reused by every stage and epoch; `vistune
+train` does the same on demand, so this command is optional. It takes the training flags
+that say which encoder (`--init`, `--vision`, `--image-size`, ...) and where the store is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from vistune.commands.train import add_arguments as add_train_arguments
+from vistune.train.config import TrainConfig, load_config
+
+HELP = "compute frozen vision features for a data file into the feature store"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vistune.features import open_store
+    from vistune.train.setup import build_model, feature_root, fill_features, image_root, load_rows
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = load_config(args.config, overrides)
+    rows = load_rows(cfg)
+    root = image_root(cfg)
+    paths, missing = [], 0
+    for row in rows:
+        image = row.get("image") if isinstance(row, dict) else None
+        if isinstance(image, str) and image:
+            path = Path(image) if Path(image).is_absolute() else root / image
+            if path.is_file():
+                paths.append(path)
+            else:
+                missing += 1
+    unique = list(dict.fromkeys(paths))
+    model = build_model(cfg, lambda m: print(m, file=sys.stderr))
+    store = open_store(feature_root(cfg), model)
+    with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        failed = fill_features(model, store, unique, cfg.feature_batch, progress)
+    computed = bar.n
+    print(f"store: {store.folder}")
+    print(
+        f"images: {len(unique)}  computed: {computed - len(failed)}  "
+        f"already stored: {len(unique) - computed}  unreadable: {len(failed)}  "
+        f"missing files: {missing}"
+    )
+    for path, reason in list(failed.items())[:10]:
+        print(f"  unreadable: {path}: {reason}", file=sys.stderr)
+    return 0

@@ -1,0 +1,203 @@
+"""Training samples: LLaVA JSON rows -> checked, tokenised, truncated samples; batching.
+
+Paper §4.2: each sample is one (multi-turn) conversation about one image, the image in
+the first instruction before or after the question at random (eq. 2), only the answers
+supervised (Table 2). Rows that cannot be trained on are skipped and counted by reason
+(`strict` turns the first one into a DataError naming the sample), so a bad row never
+stops an epoch half-way.
+
+Lengths count the image as the model sees it: the one IMAGE_TOKEN_ID becomes
+`image_tokens` rows. Truncation cuts text from the end and never the image; a sample
+whose image + prompt alone reach the limit (nothing left to supervise) is skipped.
+
+Batching follows LLaVA's length grouping (llava/train/llava_trainer.py,
+`get_length_grouped_indices`) with the mega-batch equal to the global batch: the epoch's
+shuffled order is cut into global batches, each sorted by length and cut into micro-batches,
+so micro-batches hold similar lengths (little padding) and the global batch - hence the
+update - does not depend on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vistune.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
+    tokenize_conversation,
+)
+from vistune.errors import DataError, TemplateMismatchError
+
+SKIP_REASONS = (
+    "malformed",
+    "empty_conversation",
+    "image_without_placeholder",
+    "placeholder_without_image",
+    "missing_image",
+    "bad_image",
+    "template_mismatch",
+    "too_long",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenised training sample."""
+
+    id: str
+    image: Path | None
+    input_ids: list[int]
+    labels: list[int]
+    length: int
+    """Sequence length the LLM sees (the image placeholder counted as its image tokens)."""
+    targets: int
+    """Supervised next-token targets (labels[1:] that are not IGNORE_INDEX)."""
+
+
+class SkipError(DataError):
+    """A row that cannot be trained on; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_row(row: Any, index: int) -> tuple[str, str | None, list[dict]]:
+    """(id, image or None, conversations) of a row, or SkipError."""
+    if not isinstance(row, dict):
+        raise SkipError("malformed", f"row {index}: not an object")
+    sample_id = str(row.get("id", f"#{index}"))
+    where = f"sample {sample_id}"
+    turns = row.get("conversations")
+    if not turns:
+        raise SkipError("empty_conversation", f"{where}: empty conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise SkipError("malformed", f"{where}: conversations must be a list of turns")
+    values = [t.get("value") for t in turns]
+    if not all(isinstance(v, str) for v in values):
+        raise SkipError("malformed", f"{where}: every turn needs a string 'value'")
+    if not any(v.strip() for v in values[1::2]):
+        raise SkipError("empty_conversation", f"{where}: no answer text to learn")
+    image = row.get("image")
+    count = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
+    if image and count == 0:
+        raise SkipError("image_without_placeholder", f"{where}: image but no <image> in the text")
+    if not image and count:
+        raise SkipError("placeholder_without_image", f"{where}: <image> in the text but no image")
+    if image is not None and not isinstance(image, str):
+        raise SkipError("malformed", f"{where}: image must be a path string")
+    return sample_id, image or None, turns
+
+
+def truncate(
+    input_ids: list[int], labels: list[int], image_tokens: int, max_length: int, where: str
+) -> tuple[list[int], list[int]]:
+    """Cut text from the end so the sequence (image counted as `image_tokens`) fits.
+
+    Raises SkipError("too_long") when the image and the prompt alone fill the limit.
+    """
+    extra = image_tokens - 1 if IMAGE_TOKEN_ID in input_ids else 0
+    keep = max_length - extra
+    if len(input_ids) <= keep:
+        return input_ids, labels
+    first_target = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+    if first_target >= keep:
+        raise SkipError(
+            "too_long",
+            f"{where}: image ({image_tokens} tokens) + prompt exceed model_max_length {max_length}",
+        )
+    return input_ids[:keep], labels[:keep]
+
+
+def build_samples(
+    rows: list[Any],
+    tokenizer: Any,
+    template: str,
+    image_root: Path,
+    image_tokens: int,
+    max_length: int,
+    seed: int = 0,
+    strict: bool = False,
+) -> tuple[list[Sample], Counter]:
+    """Tokenise rows into Samples; returns (samples, Counter of skip reasons).
+
+    The first-turn image placement (paper eq. 2) is drawn from a generator seeded by
+    (seed, sample id), so it is the same on every process and after a resume.
+    """
+    samples: list[Sample] = []
+    skipped: Counter = Counter()
+    for index, row in enumerate(rows):
+        try:
+            sample_id, image, turns = _check_row(row, index)
+            where = f"sample {sample_id}"
+            path = None
+            if image is not None:
+                path = Path(image) if Path(image).is_absolute() else image_root / image
+                if not path.is_file():
+                    raise SkipError("missing_image", f"{where}: image {path} not found")
+            rng = random.Random(f"{seed}:{sample_id}")
+            try:
+                tok = tokenize_conversation(turns, tokenizer, template, sample_id, rng)
+            except TemplateMismatchError as err:
+                raise SkipError("template_mismatch", str(err)) from err
+            except DataError as err:
+                raise SkipError("malformed", str(err)) from err
+            ids, labels = truncate(tok.input_ids, tok.labels, image_tokens, max_length, where)
+            targets = sum(lab != IGNORE_INDEX for lab in labels[1:])
+            if targets == 0:
+                raise SkipError("too_long", f"{where}: nothing left to supervise")
+            length = len(ids) + (image_tokens - 1 if path is not None else 0)
+            samples.append(Sample(sample_id, path, ids, labels, length, targets))
+        except SkipError as err:
+            if strict:
+                raise DataError(f"{err} (reason {err.reason}; drop --strict to skip)") from err
+            skipped[err.reason] += 1
+    return samples, skipped
+
+
+def drop_samples(samples: list[Sample], bad_images: set[Path]) -> tuple[list[Sample], int]:
+    """Samples whose image is not in `bad_images` (unreadable files), and how many went."""
+    kept = [s for s in samples if s.image is None or s.image not in bad_images]
+    return kept, len(samples) - len(kept)
+
+
+def global_batches(
+    lengths: list[int], global_batch: int, epoch: int, seed: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """The epoch's global batches of sample indices (the last incomplete one is dropped).
+
+    The shuffle depends on (seed, epoch) only, so resuming at (epoch, step) needs no state.
+    With grouping, each global batch is sorted by length, longest first.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = [
+        order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)
+    ]
+    if group_by_length:
+        batches = [sorted(b, key=lambda i: (-lengths[i], i)) for b in batches]
+    return batches
+
+
+def micro_batches(batch: list[int], per_device: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch, in accumulation order.
+
+    The global batch is cut into world x accumulation consecutive micro-batches; step a of
+    rank r takes micro-batch a * world + r, so the ranks of one step hold similar lengths.
+    """
+    cuts = [batch[i : i + per_device] for i in range(0, len(batch), per_device)]
+    return cuts[rank::world]
+
+
+def padding_share(lengths: list[list[int]]) -> tuple[int, int]:
+    """(padded tokens, total tokens) when each inner list is padded to its longest."""
+    total = sum(max(group) * len(group) for group in lengths if group)
+    real = sum(sum(group) for group in lengths)
+    return total - real, total

@@ -1,0 +1,249 @@
+"""Frozen vision features, computed once per image and kept on disk.
+
+The vision tower never trains (paper §4.2: "we keep ... the visual encoder ... frozen" in
+both stages), so each image's grid features Z_v = g(X_v) (paper eq. 1) are the same in
+every step, epoch and stage. They are computed once, in batches, into a store that the
+training loop reads instead of running the tower.
+
+Layout: `<root>/<encoder key>/` holds `meta.json` (what the encoder is, tokens, width) and
+shards `shard-<n>.npy` (float16, (N, T, D), memory-mapped on read) each with a
+`shard-<n>.json` listing its rows: resolved image path, file size, mtime_ns and a CRC32 of
+the row. The encoder key hashes the tower's weights, the hidden layer, token selection,
+image size, aspect mode and normalisation, so changing any of them starts a new store.
+A shard's JSON is written after its array (both atomically), so a killed extraction leaves
+only complete shards and the next run picks up where it stopped. An entry whose image
+changed (size or mtime) is stale, one whose row fails its CRC or whose shard is truncated
+is corrupt: both are recomputed by `ensure`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vistune.errors import ImageError, VistuneError
+
+FP16_MAX = 65504.0
+
+
+class FeatureStoreError(VistuneError):
+    """A feature store entry is missing or corrupt where it is needed."""
+
+
+def encoder_key(vision: torch.nn.Module, settings: dict[str, object]) -> str:
+    """Hash of the tower's tensors and the feature settings (layer, select, size, ...)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in sorted(vision.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        data = tensor.detach().cpu().contiguous()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:20]
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an image file; a change in either makes its entry stale."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _row_crc(row: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(row).tobytes())
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: str
+    row: int
+    size: int
+    mtime_ns: int
+    crc: int
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """On-disk (path -> (T, D) float16) features for one encoder."""
+
+    def __init__(self, root: str | Path, key: str, tokens: int, dim: int, settings: dict) -> None:
+        self.folder = Path(root) / key
+        self.tokens, self.dim = tokens, dim
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
+        meta_path = self.folder / "meta.json"
+        if meta_path.is_file():
+            found = json.loads(meta_path.read_text())
+            if (found.get("tokens"), found.get("dim")) != (tokens, dim):
+                raise FeatureStoreError(f"{meta_path}: holds {found} but the encoder gives {meta}")
+        else:
+            _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        self._arrays: dict[str, np.ndarray] = {}
+        self.entries: dict[str, Entry] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every shard's row list (later shards win for a path)."""
+        self.entries.clear()
+        self._arrays.clear()
+        for listing in sorted(self.folder.glob("shard-*.json")):
+            try:
+                rows = json.loads(listing.read_text())
+            except (OSError, ValueError):
+                continue
+            for path, row, size, mtime_ns, crc in rows:
+                self.entries[path] = Entry(listing.stem, row, size, mtime_ns, crc)
+
+    def _array(self, shard: str) -> np.ndarray:
+        if shard not in self._arrays:
+            path = self.folder / f"{shard}.npy"
+            array = np.load(path, mmap_mode="r")
+            if array.shape[1:] != (self.tokens, self.dim) or array.dtype != np.float16:
+                raise ValueError(f"{path}: shape {array.shape} dtype {array.dtype}")
+            self._arrays[shard] = array
+        return self._arrays[shard]
+
+    def _valid(self, key: str, entry: Entry, verify: bool) -> bool:
+        try:
+            if file_identity(Path(key)) != (entry.size, entry.mtime_ns):
+                return False
+            array = self._array(entry.shard)
+            if entry.row >= array.shape[0]:
+                return False
+            return not verify or _row_crc(array[entry.row]) == entry.crc
+        except (OSError, ValueError):
+            return False
+
+    def missing(self, paths: Iterable[Path], verify: bool = True) -> list[Path]:
+        """Paths with no valid entry: absent, stale (file changed) or corrupt."""
+        out = []
+        for path in paths:
+            key = str(Path(path).resolve())
+            entry = self.entries.get(key)
+            if entry is None or not self._valid(key, entry, verify):
+                out.append(Path(path))
+        return out
+
+    def add(self, items: Sequence[tuple[Path, np.ndarray]]) -> None:
+        """Write one shard holding these (path, (T, D)) features; JSON last (commit)."""
+        if not items:
+            return
+        number = 1 + max(
+            (int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.json")), default=-1
+        )
+        name = f"shard-{number:06d}"
+        stacked = np.stack([np.clip(f, -FP16_MAX, FP16_MAX) for _, f in items])
+        stacked = stacked.astype(np.float16)  # (N, T, D)
+
+        def write_array(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, stacked)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        _write_atomic(self.folder / f"{name}.npy", write_array)
+        rows = []
+        for row, (path, _) in enumerate(items):
+            size, mtime_ns = file_identity(Path(path))
+            rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
+        _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
+        for path, row, size, mtime_ns, crc in rows:
+            self.entries[path] = Entry(name, row, size, mtime_ns, crc)
+
+    def get(self, paths: Sequence[Path]) -> torch.Tensor:
+        """(M, T, D) float16 features of these images, read from the memory-mapped shards."""
+        rows = []
+        for path in paths:
+            key = str(Path(path).resolve())
+            entry = self.entries.get(key)
+            if entry is None:
+                raise FeatureStoreError(
+                    f"{path}: no features in {self.folder}; run `vistune features`"
+                )
+            try:
+                rows.append(np.asarray(self._array(entry.shard)[entry.row]))
+            except (OSError, ValueError) as err:
+                raise FeatureStoreError(f"{path}: unreadable feature shard ({err})") from err
+        return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.tokens, self.dim)
+
+    def ensure(
+        self,
+        paths: Iterable[Path],
+        compute: Callable[[list[Path]], torch.Tensor],
+        batch: int = 16,
+        shard_rows: int = 1024,
+        progress: Callable[[int], None] | None = None,
+        verify: bool = True,
+    ) -> dict[Path, str]:
+        """Compute and store features for every path lacking a valid entry.
+
+        `compute(paths) -> (N, T, D)` runs the tower; it may raise ImageError for a batch,
+        which is then retried image by image. Returns {path: reason} for images that could
+        not be read (the caller skips their samples). `progress(n)` is called per batch.
+        """
+        todo = list(dict.fromkeys(self.missing(paths, verify)))
+        failed: dict[Path, str] = {}
+        pending: list[tuple[Path, np.ndarray]] = []
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            for path, feats in self._compute(chunk, compute, failed):
+                pending.append((path, feats))
+            if len(pending) >= shard_rows:
+                self.add(pending)
+                pending = []
+            if progress is not None:
+                progress(len(chunk))
+        self.add(pending)
+        return failed
+
+    def _compute(self, chunk: list[Path], compute, failed) -> list[tuple[Path, np.ndarray]]:
+        try:
+            feats = compute(chunk).float().cpu().numpy()  # (N, T, D)
+            return list(zip(chunk, feats, strict=True))
+        except ImageError:
+            pass
+        out = []
+        for path in chunk:
+            try:
+                out.append((path, compute([path]).float().cpu().numpy()[0]))
+            except ImageError as err:
+                failed[path] = str(err)
+        return out
+
+
+def open_store(root: str | Path, model) -> FeatureStore:
+    """The store of `model`'s encoder (LlavaModel: vision tower + feature settings)."""
+    config = model.config
+    processor = model.image_processor
+    settings = {
+        "layer": config.vision_layer,
+        "select": config.vision_select,
+        "image_size": config.image_size,
+        "aspect": config.image_aspect,
+        "mean": list(processor.mean),
+        "std": list(processor.std),
+        "model_type": getattr(model.vision, "model_type", ""),
+    }
+    key = encoder_key(model.vision, settings)
+    return FeatureStore(root, key, model.num_image_tokens, model.vision.hidden_size, settings)
+
+
+def tower_features(model, paths: list[Path]) -> torch.Tensor:
+    """(N, T, Dv) tower features of image files (ImageError if one cannot be read)."""
+    from vistune.data.image import load_image
+
+    images = [load_image(path) for path in paths]
+    device = next(model.vision.parameters()).device
+    with torch.no_grad():
+        return model.image_features(model.image_processor(images).to(device))

@@ -1,0 +1,121 @@
+"""Resumable training checkpoints: trainable weights, optimizer, RNG and data position.
+
+Layout of `<out>/checkpoints/step-00000123/`:
+  trainable.safetensors   the parameters that train (fp32 master weights), by name
+  optimizer.safetensors   AdamW moments + step per parameter; optimizer.json: param groups
+  rng.safetensors         torch CPU (and CUDA) generator states
+  state.json              step, data fingerprint, python/numpy RNG, skip counts, ...
+A checkpoint is written into a temporary folder and renamed into place (os.replace), so a
+run killed at any moment leaves only whole checkpoints; the newest `keep_last` are kept.
+Frozen weights are not stored: resuming rebuilds them from the run's `init`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vistune.errors import VistuneError
+from vistune.train.optim import save_optimizer
+
+PREFIX = "step-"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy states, torch generator states as tensors)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return plain, tensors
+
+
+def set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
+    root = checkpoint_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+        str(tmp / "trainable.safetensors"),
+    )
+    save_optimizer(optimizer_state, tmp)
+    plain, tensors = rng_state()
+    save_file(tensors, str(tmp / "rng.safetensors"))
+    body = json.dumps({**state, "step": step, "rng": plain})
+    (tmp / "state.json").write_text(body, encoding="utf-8")
+    for path in tmp.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary leftovers are ignored)."""
+    root = checkpoint_dir(out)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable tensors, state dict) of a checkpoint folder; restores no RNG yet."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        trainable = load_file(str(path / "trainable.safetensors"))
+    except (OSError, ValueError) as err:
+        raise VistuneError(f"{path}: unreadable checkpoint ({err})") from err
+    return trainable, state
+
+
+def restore_rng(path: Path, state: dict[str, Any]) -> None:
+    set_rng_state(state["rng"], load_file(str(path / "rng.safetensors")))

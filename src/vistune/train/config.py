@@ -1,0 +1,230 @@
+"""Training configuration: one frozen dataclass, read from YAML and overridden by flags.
+
+Paper §4.2 / §5: stage 1 (`pretrain`) trains the projector only with lr 2e-3, batch 128,
+1 epoch; stage 2 (`finetune`) trains projector + LLM with lr 2e-5, batch 32, 3 epochs.
+Fields left at `None` take the stage's default (see `vistune.train.stages.STAGE_DEFAULTS`),
+so the resolved config saved beside the output always holds concrete values.
+
+Every field is also a command-line flag (`--field-name`), generated from this dataclass
+and documented by the attribute docstrings below; flags override the YAML file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vistune.config import FEATURE_SELECTS, IMAGE_ASPECTS, PROJECTORS
+from vistune.errors import DataError
+from vistune.train.stages import STAGE_DEFAULTS, STAGES
+
+PRECISIONS = ("bf16", "fp32")
+DATA_FORMATS = ("llava", "scienceqa")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs (paper §4.2, §5; LLaVA's train.py arguments)."""
+
+    stage: str = "pretrain"
+    """`pretrain` (projector only, LLM frozen) or `finetune` (projector + LLM, or LoRA)."""
+    data: str = ""
+    """LLaVA JSON file [{id, image, conversations}] (or a ScienceQA problems.json, see data_format)."""
+    data_format: str = "llava"
+    """`llava` (LLaVA JSON) or `scienceqa` (problems.json + pid_splits.json beside it)."""
+    scienceqa_split: str = "train"
+    """ScienceQA split to train on (data_format scienceqa)."""
+    scienceqa_answer_format: str = "reasoning-first"
+    """ScienceQA answer layout: `reasoning-first` or `answer-first` (paper Table 8)."""
+    image_folder: str = ""
+    """Root for relative image paths in the data; empty means the data file's folder."""
+    out: str = ""
+    """Output directory: the model (loadable by `vistune chat`), log, curve, checkpoints."""
+    init: str = "default"
+    """Model to start from: a model directory (e.g. the pretrain output) or `default`."""
+    vision: str = ""
+    """Vision tower directory for a fresh model (init `default` only; empty: packaged DINOv2)."""
+    llm: str = ""
+    """Causal LM directory for a fresh model (init `default` only; empty: packaged SmolLM2)."""
+    projector: str = "mlp2x_gelu"
+    """Projector of a fresh model: `linear` (paper) or `mlp2x_gelu` (LLaVA-1.5)."""
+    vision_layer: int = -2
+    """Tower hidden layer for a fresh model (paper: the one before the last)."""
+    vision_select: str = "patch"
+    """Tower tokens for a fresh model: `patch` or `cls_patch`."""
+    image_size: int = 224
+    """Square image side for a fresh model (224 with a /14 patch gives 256 image tokens)."""
+    image_aspect: str = "pad"
+    """How a fresh model squares images: `pad` (LLaVA) or `resize`."""
+    template: str | None = None
+    """Conversation template; None: `plain` for pretrain, `vicuna_v0` for finetune (paper)."""
+    epochs: int | None = None
+    """Passes over the data; None: 1 for pretrain, 3 for finetune (paper §5)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run the epochs); the schedule spans it."""
+    lr: float | None = None
+    """Peak learning rate; None: 2e-3 for pretrain, 2e-5 for finetune (paper §5)."""
+    batch_size: int | None = None
+    """Global batch (per_device_batch x accumulation x world); None: 128 / 32 (paper §5)."""
+    per_device_batch: int = 8
+    """Samples per forward pass on each process; accumulation makes up the global batch."""
+    warmup_ratio: float = 0.03
+    """Linear warmup share of the steps before the cosine decay (LLaVA's 0.03)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (LLaVA uses none)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables; HF Trainer's 1.0)."""
+    precision: str = "bf16"
+    """`bf16` autocast with fp32 master weights, or `fp32` throughout."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in backward to save memory (slower)."""
+    model_max_length: int = 2048
+    """Longest sequence counting image tokens; text is cut from the end, never the image."""
+    group_by_length: bool = True
+    """Sort each global batch by length before cutting micro-batches (less padding)."""
+    lora_r: int = 0
+    """LoRA rank for the LLM in finetune (0: train the LLM's full weights)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_merge: bool = True
+    """Merge LoRA into the LLM weights in the saved model (else the adapter is saved alone)."""
+    save_every: int = 500
+    """Write a resumable checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `out`."""
+    seed: int = 0
+    """Seeds the data order, the first-turn image placement and torch."""
+    strict: bool = False
+    """Make bad rows (missing image, empty conversation, ...) errors instead of skips."""
+    features: str = ""
+    """Frozen feature store directory; empty: $VISTUNE_HOME/features (shared by stages)."""
+    feature_batch: int = 16
+    """Images per vision-tower batch when filling the feature store."""
+    fsdp: bool = False
+    """Shard the LLM with FSDP (per decoder layer) instead of DDP under torchrun."""
+    device: str = "auto"
+    """`auto` (CUDA if present, else CPU), `cpu` or `cuda`."""
+    plot: bool = True
+    """Write the loss curve PNG at the end."""
+
+    def __post_init__(self) -> None:
+        _check_choice("stage", self.stage, tuple(STAGE_DEFAULTS))
+        _check_choice("data_format", self.data_format, DATA_FORMATS)
+        _check_choice("projector", self.projector, PROJECTORS)
+        _check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
+        _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("device", self.device, DEVICES)
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.lora_r and self.stage != "finetune":
+            raise ValueError("lora_r applies to the finetune stage only")
+        if (self.vision or self.llm) and self.init != "default":
+            raise ValueError("vision/llm build a fresh model: use them with init 'default'")
+        positive = ("epochs", "batch_size", "per_device_batch", "model_max_length")
+        for name in (*positive, "save_every", "keep_last", "feature_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.lora_r < 0:
+            raise ValueError("max_steps and lora_r must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+
+    @property
+    def plan(self) -> dict[str, str]:
+        """What each part does in this run: frozen / train / lora (from train.stages)."""
+        return STAGES["finetune_lora" if self.lora_r else self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_docs() -> dict[str, str]:
+    """Attribute docstrings of TrainConfig, used as the flags' --help text."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+            if isinstance(after.value, ast.Constant) and isinstance(node.target, ast.Name):
+                docs[node.target.id] = str(after.value.value)
+    return docs
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML reads `2e-3` as a string (YAML 1.1): convert numbers by the field's type."""
+    kind = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None or isinstance(value, bool):
+        if isinstance(value, bool) and not kind.startswith("bool"):
+            raise ValueError(f"{name} must be a {kind.split()[0]}, got {value!r}")
+        return value
+    try:
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+    except ValueError as err:
+        raise ValueError(f"{name} must be a {kind.split()[0]}, got {value!r}") from err
+    if kind.startswith("str") and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if kind.startswith("bool") and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """YAML file (optional) + overrides (flags; None values ignored) -> TrainConfig.
+
+    Unknown YAML keys and invalid values raise DataError naming the file.
+    """
+    data: dict[str, Any] = {}
+    where = "flags"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: config file not found") from err
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise DataError(f"{path}: the config must be a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise DataError(
+                f"{path}: unknown config keys: {', '.join(unknown)} "
+                f"(valid: {', '.join(sorted(known))})"
+            )
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: {err}") from err

@@ -1,0 +1,114 @@
+"""torch.distributed for training: process group, DDP / FSDP wrapping, reductions.
+
+Run the same command under `torchrun --nproc_per_node N vistune train ...` (or
+`python -m torch.distributed.run ... -m vistune.cli train ...`): torchrun sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this module joins the group (NCCL on GPUs, gloo
+on the CPU). Paper §5 trains on 8 A100s; docs/SCALING.md gives the command.
+
+How the work is split so the result does not depend on the number of processes:
+every process builds the same global batches (seeded by epoch), cuts each into
+world x accumulation micro-batches (vistune.data.dataset.micro_batches) and takes its
+own. The loss of a micro-batch is its summed token cross entropy divided by the number of
+supervised tokens in the whole global batch (known to every rank in advance) and
+multiplied by world size, because DDP and FSDP average gradients over ranks: the update
+is then the gradient of the global batch's mean token loss, exactly as with one process.
+
+FSDP (`--fsdp`) uses FSDP2 (`torch.distributed.fsdp.fully_shard`): each LLM decoder layer
+is a shard unit, then the whole step module; it runs on CUDA/NCCL and on CPU/gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def all_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sum over ranks (float64 on the CPU for gloo, on the device for NCCL)."""
+    if info.world == 1:
+        return values
+    device = info.device if info.device.type == "cuda" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's transformer blocks (HF decoders keep them in `.layers` of get_decoder())."""
+    layers = getattr(llm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(llm).__name__}: no decoder .layers to shard with FSDP")
+    return list(layers)
+
+
+def wrap(module: nn.Module, llm: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
+    """DDP (default) or FSDP2 per decoder layer; unchanged with one process."""
+    if info.world == 1:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(llm):
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps (sync only on the last)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is not None:  # FSDP2
+        setter(sync)
+    yield

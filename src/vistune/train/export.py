@@ -1,0 +1,51 @@
+"""The trained model as a directory `vistune chat` loads (and stage 2 starts from).
+
+LoRA adapters are merged into the LLM weights (`lora_merge`, default) or written alone in
+peft's layout to `<out>/adapter` with the base LLM kept in the model directory. Under FSDP
+the full weights are gathered onto rank 0 first, into a freshly built copy of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from vistune.train.distributed import barrier
+from vistune.train.setup import apply_stage, build_model
+
+
+def finalize(model: Any, lora: bool, merge: bool, out: Path) -> Any:
+    """Undo training-only wrappers: merge or split off LoRA, drop checkpointing."""
+    if getattr(model.llm, "is_gradient_checkpointing", False):
+        model.llm.gradient_checkpointing_disable()
+    if lora:
+        if merge:
+            model.llm = model.llm.merge_and_unload()
+        else:
+            model.llm.save_pretrained(out / "adapter")
+            model.llm = model.llm.unload()
+    model.projector_trained = True
+    return model.eval()
+
+
+def export_model(run: Any, say: Any) -> Path:
+    """Write `<out>/model` (rank 0) and return its path; every rank calls this."""
+    from vistune.train.loop import TrainStep
+
+    cfg, info = run.cfg, run.info
+    out = Path(cfg.out)
+    model = run.model
+    if cfg.fsdp and info.world > 1:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(run.wrapped, options=options)
+        if info.is_main:
+            model = build_model(cfg, say)
+            apply_stage(model, cfg)
+            TrainStep(model).load_state_dict(full)
+    if info.is_main:
+        finalize(model, cfg.plan["llm"] == "lora", cfg.lora_merge, out)
+        model.save(out / "model")
+    barrier(info)
+    return out / "model"

@@ -1,0 +1,339 @@
+"""The training loop of both stages (paper §4.2; hyperparameters §5).
+
+    from vistune.train.config import load_config
+    from vistune.train.loop import train
+    result = train(load_config("configs/scenes/pretrain.yaml", {}))
+
+Each optimizer step takes one global batch (length-grouped, see vistune.data.dataset),
+runs this process's micro-batches under bf16 autocast (fp32 master weights) with gradient
+accumulation, and applies AdamW at the warmup + cosine learning rate. The vision tower is
+not in the loop: image features come from the frozen feature store. The loss is the token
+cross entropy of the supervised answer tokens (eq. 3), normalised by the count of
+supervised tokens in the global batch, so any split over processes and micro-batches gives
+the same update. Outputs in `out`: model/ (what `vistune chat` loads), log.jsonl,
+loss.png, train_config.json, summary.json and checkpoints/ (resumable, see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from vistune.data.conversation import IGNORE_INDEX
+from vistune.data.dataset import Sample, global_batches, micro_batches
+from vistune.errors import DataError, VistuneError
+from vistune.train import checkpoint as ckpt
+from vistune.train.config import TrainConfig
+from vistune.train.distributed import (
+    DistInfo,
+    all_sum,
+    barrier,
+    grad_sync,
+    init_distributed,
+    shutdown,
+    wrap,
+)
+from vistune.train.optim import build_optimizer, load_optimizer, lr_at, optimizer_state
+from vistune.train.setup import (
+    apply_stage,
+    build_model,
+    data_fingerprint,
+    prepare_samples,
+    resolve_device,
+)
+
+Say = Callable[[str], None]
+
+
+class TrainStep(nn.Module):
+    """One micro-batch: project cached features, splice, run the LLM, summed token CE.
+
+    Logits are computed only at supervised positions (the LM head over the vocabulary is
+    the costliest single matmul per token). This module is what DDP / FSDP wrap, so every
+    parameter access goes through the wrapper's hooks.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: list[list[int]], labels: list[list[int]], features: torch.Tensor | None
+    ) -> torch.Tensor:
+        model = self.model
+        anchor = None
+        if features is not None and features.shape[0]:
+            embeds = model.project(features)  # (M, T, D)
+        else:  # keep the projector in the graph so DDP sees its (zero) gradient
+            embeds = None
+            probe = torch.zeros(1, 1, model.vision.hidden_size, device=model.device)
+            anchor = model.project(probe).sum() * 0.0
+        spliced = model.splice(input_ids, embeds, labels)
+        hidden = model.llm.get_decoder()(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, D)
+        targets = spliced.labels[:, 1:]  # (B, L-1)
+        mask = targets != IGNORE_INDEX
+        logits = model.llm.get_output_embeddings()(hidden[:, :-1][mask])  # (N, V)
+        ce = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        return ce if anchor is None else ce + anchor
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model_dir: Path
+    steps: int
+    loss: float
+    skipped: Counter = field(default_factory=Counter)
+    samples: int = 0
+    padding_share: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What the step loop needs, gathered by `_setup`."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: Any
+    step_module: TrainStep
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    samples: list[Sample]
+    skipped: Counter
+    store: Any
+    accum: int
+    steps_per_epoch: int
+    total: int
+    start: int
+    trainable: list[str]
+    fingerprint: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    cfg: TrainConfig,
+    say: Say = lambda _m: None,
+    on_step: Callable[[dict[str, Any], int], None] | None = None,
+    on_features: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Run one stage as `cfg` says; returns where the model went and the final loss."""
+    if not cfg.out:
+        raise VistuneError("no output directory: set `out` or --out")
+    info = init_distributed(resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
+    try:
+        run = _setup(cfg, info, say, on_features)
+        return _loop(run, say, on_step)
+    finally:
+        shutdown()
+
+
+def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
+    out = Path(cfg.out)
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None and not cfg.resume:
+        raise VistuneError(f"{out} already has checkpoints; add --resume or pick another --out")
+    seed_everything(cfg.seed)
+    model = build_model(cfg, say)
+    apply_stage(model, cfg)
+    samples, skipped, store = prepare_samples(
+        cfg, model, info.is_main, lambda: barrier(info), on_features
+    )
+    per_step = cfg.per_device_batch * info.world
+    if cfg.batch_size % per_step:
+        raise VistuneError(
+            f"batch_size {cfg.batch_size} is not a multiple of per_device_batch x processes "
+            f"({cfg.per_device_batch} x {info.world})"
+        )
+    steps_per_epoch = len(samples) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{cfg.data}: {len(samples)} samples, fewer than one batch ({cfg.batch_size})"
+        )
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    model.to(info.device)
+    step_module = TrainStep(model)
+    trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
+    fingerprint = data_fingerprint(samples)
+    start = 0
+    state: dict[str, Any] = {}
+    if cfg.resume and latest is not None:
+        tensors, state = ckpt.load_checkpoint(latest)
+        if state.get("fingerprint") != fingerprint:
+            raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
+        missing = sorted(set(trainable) - set(tensors))
+        if missing:
+            raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
+        step_module.load_state_dict(tensors, strict=False)
+        start = int(state["step"])
+        say(f"resuming from {latest} (step {start})")
+    wrapped = wrap(step_module, model.llm, info, cfg.fsdp and info.world > 1)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay)
+    if start:
+        load_optimizer(wrapped, optimizer, latest)
+        ckpt.restore_rng(latest, state)
+        skipped = Counter(state.get("skipped", skipped))
+    return _Run(
+        cfg,
+        info,
+        model,
+        step_module,
+        wrapped,
+        optimizer,
+        samples,
+        skipped,
+        store,
+        cfg.batch_size // per_step,
+        steps_per_epoch,
+        total,
+        start,
+        trainable,
+        fingerprint,
+    )
+
+
+def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> float:
+    """Forward + backward of one micro-batch; returns its summed token CE."""
+    device = run.info.device
+    feats = run.store.get([s.image for s in items if s.image is not None]).to(device)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"
+    )
+    with grad_sync(run.wrapped, sync):
+        with autocast:
+            ce = run.wrapped([s.input_ids for s in items], [s.labels for s in items], feats)
+        (ce * scale).backward()
+    return float(ce.detach())
+
+
+def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
+    """One optimizer step on a global batch; returns the log record."""
+    cfg, info = run.cfg, run.info
+    began = time.perf_counter()
+    lr = lr_at(step, run.total, cfg.lr, cfg.warmup_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    targets = sum(run.samples[i].targets for i in batch)
+    micros = micro_batches(batch, cfg.per_device_batch, info.world, info.rank)
+    ce = real = padded = 0.0
+    for a, micro in enumerate(micros):
+        items = [run.samples[i] for i in micro]
+        ce += _micro_step(run, items, info.world / targets, a == len(micros) - 1)
+        lengths = [s.length for s in items]
+        real += sum(lengths)
+        padded += max(lengths) * len(lengths)
+    ce, real, padded = all_sum([ce, real, padded], info)
+    loss = ce / targets
+    if not math.isfinite(loss):
+        last = ckpt.latest_checkpoint(Path(cfg.out))
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise VistuneError(
+            f"loss is {loss} at step {step + 1}; stopped before updating the weights ({keep}; "
+            "try a lower lr and --resume)"
+        )
+    params = [p for p in run.wrapped.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - began
+    epochs = (step + 1) / run.steps_per_epoch
+    return {
+        "step": step + 1,
+        "epoch": round(epochs, 4),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
+        "tokens_per_s": real / seconds,
+        "samples_per_s": len(batch) / seconds,
+        "padding_share": (padded - real) / padded,
+        "tokens": int(real),
+        "padded_tokens": int(padded),
+        "seconds": seconds,
+    }
+
+
+def _loop(run: _Run, say: Say, on_step) -> TrainResult:
+    cfg, info = run.cfg, run.info
+    out = Path(cfg.out)
+    from vistune.train.report import open_log, save_run_files
+
+    lengths = [s.length for s in run.samples]
+    log = open_log(out / "log.jsonl", run.start) if info.is_main else None
+    if info.is_main:
+        save_run_files(out, cfg, run, say)
+    batches, epoch_of = [], -1
+    record: dict[str, Any] = {"loss": float("nan")}
+    try:
+        for step in range(run.start, run.total):
+            epoch, position = divmod(step, run.steps_per_epoch)
+            if epoch != epoch_of:
+                batches = global_batches(
+                    lengths, cfg.batch_size, epoch, cfg.seed, cfg.group_by_length
+                )
+                epoch_of = epoch
+            record = _one_step(run, step, batches[position])
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if on_step is not None and info.is_main:
+                on_step(record, run.total)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == run.total:
+                _save_checkpoint(run, step + 1)
+    finally:
+        if log is not None:
+            log.close()
+    from vistune.train.export import export_model
+
+    model_dir = export_model(run, say)
+    from vistune.train.report import finish
+
+    return finish(run, model_dir, record)
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """Every rank takes part (FSDP gathers); rank 0 writes."""
+    trainable = _trainable_state(run)
+    optim = optimizer_state(run.wrapped, run.optimizer)
+    if run.info.is_main:
+        state = {
+            "fingerprint": run.fingerprint,
+            "skipped": dict(run.skipped),
+            "total": run.total,
+            "config": run.cfg.to_dict(),
+        }
+        ckpt.save_checkpoint(Path(run.cfg.out), step, trainable, optim, state, run.cfg.keep_last)
+    barrier(run.info)
+
+
+def _trainable_state(run: _Run) -> dict[str, torch.Tensor]:
+    names = set(run.trainable)
+    if run.cfg.fsdp and run.info.world > 1:
+        full = get_model_state_dict(
+            run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {k: v for k, v in full.items() if k in names}
+    return {n: p.detach() for n, p in run.step_module.named_parameters() if n in names}

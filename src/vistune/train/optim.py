@@ -1,0 +1,84 @@
+"""AdamW, the warmup + cosine learning-rate schedule, and optimizer state as safetensors.
+
+LLaVA trains with HF Trainer's defaults: AdamW (no weight decay), linear warmup over 3% of
+the steps, then cosine decay to 0. The schedule is a pure function of the step, so resuming
+needs only the step; the optimizer's moments go to safetensors + JSON (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from vistune.errors import VistuneError
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to 0.
+
+    Same curve as transformers' get_cosine_schedule_with_warmup with
+    num_warmup_steps = ceil(warmup_ratio * total_steps).
+    """
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup if warmup else peak
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (fp32 master weights)."""
+    if not params:
+        raise VistuneError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Full (unsharded) optimizer state keyed by parameter name; collective under FSDP."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def save_optimizer(state: dict, folder: Path) -> None:
+    """Write optimizer.safetensors (moments, step) and optimizer.json (param groups)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"{name}::{key}"] = value.detach().contiguous().cpu()
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+        for g in state["param_groups"]
+    ]
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what save_optimizer wrote into `optimizer` (every rank calls this)."""
+    groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        param, key = name.rsplit("::", 1)
+        state.setdefault(param, {})[key] = value
+    full = {"state": state, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full, options=_FULL)

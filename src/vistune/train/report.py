@@ -1,0 +1,116 @@
+"""What a training run leaves beside its model: JSONL log, loss curve, config, summary.
+
+`log.jsonl` has one record per optimizer step (step, epoch, loss, lr, grad_norm,
+tokens/s, samples/s, padding share, ...); after a resume the records past the checkpoint
+are dropped so the log reads as one run. `train_config.json` is the resolved TrainConfig
+(loadable again with --config), `summary.json` the totals (skips by reason, padding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from vistune.train.config import TrainConfig
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a log.jsonl (a torn last line from a killed run is ignored)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def open_log(path: Path, start: int) -> IO[str]:
+    """The log opened for appending, keeping only records up to step `start`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in read_log(path) if r.get("step", 0) <= start] if start else []
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
+
+
+def save_run_files(out: Path, cfg: TrainConfig, run: Any, say: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "train_config.json", cfg.to_dict())
+    say(
+        f"{len(run.samples)} samples (skipped {sum(run.skipped.values())}: {dict(run.skipped)}); "
+        f"{run.total} steps of {cfg.batch_size} = {cfg.per_device_batch} x {run.accum} accum "
+        f"x {run.info.world} processes; plan {cfg.plan}"
+    )
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss per step as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (token CE)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
+    """Summary + loss curve (rank 0); the TrainResult of the run."""
+    from vistune.train.loop import TrainResult
+
+    out = Path(run.cfg.out)
+    result = TrainResult(
+        out,
+        model_dir,
+        run.total,
+        float(last.get("loss", float("nan"))),
+        run.skipped,
+        len(run.samples),
+    )
+    if not run.info.is_main:
+        return result
+    records = read_log(out / "log.jsonl")
+    tokens = sum(r.get("tokens", 0) for r in records)
+    padded = sum(r.get("padded_tokens", 0) for r in records)
+    result.padding_share = (padded - tokens) / padded if padded else 0.0
+    if records:
+        result.loss = float(records[-1]["loss"])
+    if run.cfg.plot and records:
+        plot_loss(records, out / "loss.png")
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    _write_json(
+        out / "summary.json",
+        {
+            "steps": run.total,
+            "final_loss": result.loss,
+            "samples": len(run.samples),
+            "skipped": dict(run.skipped),
+            "padding_share": result.padding_share,
+            "train_seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "model": str(model_dir),
+            "processes": run.info.world,
+            "accumulation": run.accum,
+        },
+    )
+    return result

@@ -1,0 +1,200 @@
+"""Everything a training run prepares before its first step (paper §4.2, §5).
+
+The model to start from (packaged default weights, given parts, or a model directory such
+as the stage-1 output), the stage's plan applied to it (what is frozen / trained / LoRA,
+from train.stages), the rows read and tokenised into samples, and the frozen vision
+features filled into the feature store once (stage 1 and 2 never run the tower in the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vistune.config import ModelConfig
+from vistune.data.dataset import Sample, build_samples, drop_samples
+from vistune.errors import DataError, VistuneError
+from vistune.features import FeatureStore, open_store, tower_features
+from vistune.train.config import TrainConfig
+from vistune.train.stages import apply_plan
+
+Say = Callable[[str], None]
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """A model directory, or a training output holding one in `model/`."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
+def build_model(cfg: TrainConfig, say: Say) -> Any:
+    """The LlavaModel a run starts from, fp32, with the run's template in its config."""
+    from vistune.model.llava import LlavaModel
+
+    if cfg.init == "default":
+        vision, llm = cfg.vision, cfg.llm
+        if not (vision and llm):
+            from vistune.weights import ensure_default_weights
+
+            default = ensure_default_weights(progress=say)
+            vision, llm = vision or default.vision_dir, llm or default.llm_dir
+        config = ModelConfig(
+            projector=cfg.projector,
+            vision_layer=cfg.vision_layer,
+            vision_select=cfg.vision_select,
+            image_aspect=cfg.image_aspect,
+            image_size=cfg.image_size,
+            template=cfg.template,
+        )
+        model = LlavaModel.from_parts(vision, llm, config, seed=cfg.seed)
+    else:
+        model = LlavaModel.load(model_dir_of(cfg.init))
+        model.config = dataclasses.replace(model.config, template=cfg.template)
+    return model
+
+
+def apply_stage(model: Any, cfg: TrainConfig) -> None:
+    """Freeze / unfreeze per the stage plan; wrap the LLM in LoRA when the plan says so."""
+    plan = cfg.plan
+    apply_plan({"vision": model.vision, "projector": model.projector, "llm": model.llm}, plan)
+    if plan["llm"] == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise VistuneError("LoRA needs peft: pip install 'vistune[lora]'") from err
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model.llm = get_peft_model(model.llm, lora)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        if plan["llm"] != "train":
+            model.llm.enable_input_require_grads()
+    model.vision.eval()
+    model.llm.train()
+    model.projector.train()
+
+
+def image_root(cfg: TrainConfig) -> Path:
+    if cfg.image_folder:
+        return Path(cfg.image_folder)
+    folder = Path(cfg.data).parent
+    if cfg.data_format == "scienceqa" and (folder / "images").is_dir():
+        return folder / "images"
+    return folder
+
+
+def load_rows(cfg: TrainConfig) -> list[Any]:
+    """The run's samples in LLaVA JSON form (ScienceQA problems are converted, §5.2)."""
+    if not cfg.data:
+        raise DataError("no training data: set `data` (a LLaVA JSON file) or --data")
+    if not Path(cfg.data).is_file():
+        raise DataError(f"{cfg.data}: training data file not found")
+    if cfg.data_format == "scienceqa":
+        from vistune.data.scienceqa import load_scienceqa, to_llava_sample
+
+        problems = Path(cfg.data)
+        splits = problems.parent / "pid_splits.json"
+        found = load_scienceqa(problems, splits, cfg.scienceqa_split, image_root(cfg))
+        return [to_llava_sample(p, cfg.scienceqa_answer_format) for p in found]
+    from vistune.data.formats import read_llava_json
+
+    return read_llava_json(cfg.data)
+
+
+def feature_root(cfg: TrainConfig) -> Path:
+    if cfg.features:
+        return Path(cfg.features)
+    from vistune.weights import vistune_home
+
+    return vistune_home() / "features"
+
+
+def fill_features(
+    model: Any,
+    store: FeatureStore,
+    paths: list[Path],
+    batch: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[Path, str]:
+    """Compute missing features (rank 0 only); returns unreadable images -> reason."""
+    todo = store.missing(dict.fromkeys(paths))
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(todo))
+
+    return store.ensure(
+        todo, lambda p: tower_features(model, p), batch, progress=tick, verify=False
+    )
+
+
+def prepare_samples(
+    cfg: TrainConfig,
+    model: Any,
+    is_main: bool,
+    barrier: Callable[[], None],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Sample], Counter, FeatureStore]:
+    """Rows -> samples (skips counted) with every image's features in the store."""
+    rows = load_rows(cfg)
+    samples, skipped = build_samples(
+        rows,
+        model.tokenizer,
+        cfg.template,
+        image_root(cfg),
+        model.num_image_tokens,
+        cfg.model_max_length,
+        seed=cfg.seed,
+        strict=cfg.strict,
+    )
+    store = open_store(feature_root(cfg), model)
+    paths = [s.image for s in samples if s.image is not None]
+    if is_main:
+        failed = fill_features(model, store, paths, cfg.feature_batch, progress)
+        if failed and cfg.strict:
+            path, reason = next(iter(failed.items()))
+            raise DataError(f"{path}: unreadable image ({reason}; drop --strict to skip)")
+    barrier()
+    store.reload()
+    bad = set(store.missing(dict.fromkeys(paths), verify=False))
+    samples, dropped = drop_samples(samples, bad)
+    if dropped:
+        skipped["bad_image"] += dropped
+    if not samples:
+        raise DataError(f"{cfg.data}: no trainable samples (skipped: {dict(skipped)})")
+    return samples, skipped, store
+
+
+def data_fingerprint(samples: list[Sample]) -> str:
+    """Identifies the sample list, so a resume on different data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(f"{s.id}\0{s.length}\0{s.targets}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise VistuneError("device cuda requested but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
