@@ -200,3 +200,23 @@ def test_from_vision_dir_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelDirError, match=r"config\.json: unreadable JSON"):
         ImageProcessor.from_vision_dir(tmp_path, size=14)
+
+
+@pytest.mark.parametrize("aspect", ["pad", "resize"])
+def test_matches_transformers_clip_processor(aspect):
+    """Equal to HF's PIL CLIP processor on LLaVA's input (the padded square, or a squash)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (50, 37, 3), dtype=np.uint8))
+    ours = ImageProcessor(32, CLIP_MEAN, CLIP_STD, aspect)([image])
+    if aspect == "pad":
+        hf = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        ref = hf(expand2square(image, (122, 116, 104)), return_tensors="pt")["pixel_values"]
+    else:
+        hf = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+        ref = hf(image, return_tensors="pt")["pixel_values"]
+    assert ref.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
