@@ -5,6 +5,9 @@ backbone against onnxruntime on real photos, and SmolLM2 answering a simple ques
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,6 +139,41 @@ def test_failed_build_leaves_no_directory(
     with pytest.raises(error):
         weights.ensure_default_weights(tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+_SLOW_CHILD = """
+import sys, time
+from pathlib import Path
+from vistune import weights
+
+def slow(out_dir, say):
+    (out_dir / "model.safetensors").write_bytes(b"partial")
+    time.sleep(60)
+
+weights.convert_llm = slow
+weights.ensure_default_weights(Path(sys.argv[1]))
+"""
+
+
+def test_killed_run_leaves_no_half_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, str(tmp_path)])
+    models = tmp_path / "models"
+    deadline = time.monotonic() + 30
+    while not list(models.glob(".*-tmp-*/model.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list(models.glob(".*-tmp-*")), "the child never started building"
+    assert not (models / weights.LLM_NAME).exists()
+    fake = FakeBuilders()
+    fake.install(monkeypatch)
+    weights.ensure_default_weights(tmp_path)  # the lock died with the child; leftovers go
+    assert sorted(p.name for p in models.iterdir()) == sorted(
+        [weights.LLM_NAME, weights.VISION_NAME]
+    )
+    assert fake.calls == ["llm", "vision"]
 
 
 def test_stale_temp_dirs_are_removed_and_incomplete_dirs_rebuilt(

