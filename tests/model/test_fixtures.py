@@ -18,7 +18,9 @@ def test_tiny_llm_dir_has_weights_tokenizer_and_chat_template(tiny_llm_dir):
     assert len(tok) == config["vocab_size"] == 600
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<pad>"
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is in the image?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "What is in the image?"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert prompt == "<|im_start|>user\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(prompt)["input_ids"]

@@ -142,7 +142,7 @@ def load_hf_model(
     missing = sorted(info.get("missing_keys", []))
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
-        detail = ", ".join(missing[:5] + [str(m[0]) for m in mismatched[:5]])
+        detail = ", ".join(missing[:5] + sorted(str(m[0]) for m in mismatched)[:5])
         raise ModelDirError(f"{path}: {what} weights are missing or mismatched: {detail}")
     return model.eval()
 
@@ -206,7 +206,8 @@ def load_projector(projector: nn.Module, path: Path, vision_hidden: int, llm_hid
             f"{path}: projector tensors {sorted(tensors)} do not match the configured projector "
             f"({sorted(expected)})"
         )
-    for key, tensor in tensors.items():
+    for key in expected:
+        tensor = tensors[key]
         if tensor.shape != expected[key].shape:
             raise ModelDirError(
                 f"{path}: projector tensor {key!r} has shape {tuple(tensor.shape)}, but the vision "
