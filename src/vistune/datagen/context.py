@@ -23,7 +23,7 @@ class Box:
 class ImageContext:
     image_id: str
     image: str
-    """Path of the image relative to the dataset's image folder (as in LLaVA JSON)."""
+    """Path of the image relative to the dataset root (e.g. "train/000000000001.png"), as in LLaVA JSON."""
     captions: tuple[str, ...]
     boxes: tuple[Box, ...] = field(default_factory=tuple)
     width: int = 0
