@@ -91,12 +91,12 @@ class Template:
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
-    """Drop empty segments and join neighbours with the same supervision."""
+    """Drop empty segments and join neighbouring context segments (answers stay separate)."""
     out: list[Segment] = []
     for seg in segments:
         if not seg.text:
             continue
-        if out and out[-1].supervised == seg.supervised and not seg.supervised:
+        if out and not out[-1].supervised and not seg.supervised:
             out[-1] = Segment(out[-1].text + seg.text, False)
         else:
             out.append(seg)
