@@ -60,8 +60,8 @@ def split_blocks(text: str) -> tuple[str, list[tuple[str, str]]]:
     marks = list(_MARKER.finditer(text))
     head = text[: marks[0].start()] if marks else text
     blocks = []
-    for mark, nxt in zip(marks, marks[1:] + [None], strict=True):
-        end = nxt.start() if nxt else len(text)
+    ends = [m.start() for m in marks[1:]] + [len(text)] if marks else []
+    for mark, end in zip(marks, ends, strict=True):
         blocks.append((mark.group(1).lower(), text[mark.end() : end].strip()))
     return head.strip(), blocks
 

@@ -291,6 +291,7 @@ def _add_brief(run: _Run, contexts: list[ImageContext], seed: int) -> None:
     from vistune.datagen.naive import brief_samples
 
     for sample in brief_samples(contexts, seed=seed):
+        sample = {**sample, "id": f"{sample['id']}_brief"}  # naive ids are the image id
         run.samples[sample["id"]] = sample
         run.summary.per_type["brief"]["done"] += 1
 

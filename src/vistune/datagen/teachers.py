@@ -216,7 +216,7 @@ def where(box: Box) -> str:
 def size_word(box: Box) -> str:
     x1, y1, x2, y2 = box.xyxy
     area = (x2 - x1) * (y2 - y1)
-    return "large" if area > 0.09 else "small" if area < 0.025 else "medium-sized"
+    return "large" if area > 0.08 else "small" if area < 0.03 else "medium-sized"
 
 
 def relation(a_box: Box, b_box: Box) -> str | None:

@@ -1,0 +1,173 @@
+"""Teachers: rules (exact, deterministic, parseable), openai (loopback server), local (tiny LM)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vistune.datagen.context import Box, ImageContext
+from vistune.datagen.parse import parse_description, parse_pairs, parse_response
+from vistune.datagen.pipeline import build_messages
+from vistune.datagen.teachers import (
+    TEACHERS,
+    LocalTeacher,
+    OpenAITeacher,
+    Request,
+    RulesTeacher,
+    SceneFacts,
+    make_teacher,
+    plural,
+    relation,
+    where,
+)
+
+CONTEXT = ImageContext(
+    image_id="7",
+    image="train/7.png",
+    captions=("A red plate between two cups on a table.", "Two cups flank a plate."),
+    boxes=(
+        Box("cup", (0.05, 0.45, 0.20, 0.60)),
+        Box("plate", (0.40, 0.40, 0.60, 0.60)),
+        Box("cup", (0.80, 0.45, 0.95, 0.60)),
+    ),
+)
+
+
+def request(response_type: str, context: ImageContext = CONTEXT) -> Request:
+    question = "Describe the picture in detail." if response_type == "detail" else None
+    return Request(
+        response_type, context, build_messages(response_type, context, question), question
+    )
+
+
+def test_registry_and_unknown_names():
+    assert set(TEACHERS) == {"openai", "local", "rules"}
+    assert isinstance(make_teacher("rules"), RulesTeacher)
+    with pytest.raises(ValueError, match="openai, local, rules"):
+        make_teacher("gpt5")
+
+
+def test_rules_teacher_says_it_is_not_an_llm():
+    assert make_teacher("rules").name == "rules (not an LLM)"
+
+
+def test_rules_conversation_is_exact_and_in_the_llm_format():
+    text = RulesTeacher().respond(request("conversation"))
+    assert text.startswith("Question: What objects can you see in the picture?\nAnswer: ")
+    answers = dict(parse_pairs(text))
+    assert (
+        answers["What objects can you see in the picture?"] == "I can see two cups and a red plate."
+    )
+    assert answers["How many cups are there?"] == "There are two cups."
+    assert answers["Where is the plate?"] == "The red plate is in the centre of the picture."
+    assert answers["What colour is the plate?"] == "The plate is red."
+
+
+def test_rules_detail_and_complex_parse_and_count():
+    detail = RulesTeacher().respond(request("detail"))
+    assert "three objects in view: two cups and a red plate" in parse_description(detail)
+    assert "A small cup is on the left side of the picture." in detail
+    ((question, answer),) = parse_pairs(RulesTeacher().respond(request("complex")))
+    assert question == "If all the cups were taken away, how many objects would be left?"
+    assert "3 - 2 = 1" in answer and answer.endswith("So one object would be left.")
+
+
+def test_rules_is_deterministic():
+    teacher = RulesTeacher()
+    for rtype in ("conversation", "detail", "complex"):
+        assert teacher.respond(request(rtype)) == teacher.respond(request(rtype))
+
+
+def test_rules_output_always_parses_on_random_scenes():
+    rng = random.Random(0)
+    kinds = ["person", "bus", "dog", "traffic light", "sheep", "cup"]
+    for i in range(60):
+        boxes = []
+        for _ in range(rng.randint(0, 6)):
+            x1, y1 = rng.uniform(0, 0.8), rng.uniform(0, 0.8)
+            boxes.append(Box(rng.choice(kinds), (x1, y1, x1 + rng.uniform(0.05, 0.2), y1 + 0.1)))
+        ctx = ImageContext(str(i), f"{i}.png", ("A scene with things.",), tuple(boxes))
+        for rtype in ("conversation", "detail", "complex"):
+            req = request(rtype, ctx)
+            assert parse_response(rtype, RulesTeacher().respond(req), req.question)
+
+
+def test_colour_needs_a_single_unambiguous_object():
+    ctx = ImageContext("1", "1.png", ("A red cup and a blue cup.", "A green bowl."),
+                       (Box("cup", (0, 0, 0.2, 0.2)), Box("cup", (0.5, 0.5, 0.7, 0.7)),
+                        Box("bowl", (0.3, 0.3, 0.4, 0.4))))  # fmt: skip
+    assert SceneFacts.from_context(ctx).colours == {"bowl": "green"}
+
+
+def test_words_and_positions():
+    assert [plural(w) for w in ("person", "bus", "baby", "traffic light", "sheep", "box")] == [
+        "people", "buses", "babies", "traffic lights", "sheep", "boxes"
+    ]  # fmt: skip
+    assert plural("cup", 1) == "cup"
+    assert where(Box("a", (0.0, 0.0, 0.2, 0.2))) == "in the top left part of the picture"
+    assert where(Box("a", (0.4, 0.8, 0.6, 1.0))) == "near the bottom of the picture"
+    assert where(Box("a", (0.8, 0.4, 1.0, 0.6))) == "on the right side of the picture"
+    left, right = Box("a", (0, 0.4, 0.2, 0.6)), Box("b", (0.6, 0.4, 0.8, 0.6))
+    assert relation(left, right) == "to the left of" and relation(right, left) == "to the right of"
+    assert relation(Box("a", (0.4, 0, 0.6, 0.2)), right) == "above"
+    assert relation(left, Box("c", (0.01, 0.41, 0.21, 0.61))) is None
+
+
+def test_openai_teacher_sends_the_messages(chat_server):
+    teacher = OpenAITeacher(chat_server.url, "gpt-x", api_key="k", backoff=0.001)
+    req = request("complex")
+    assert teacher.respond(req).startswith("Question: What can be seen")
+    assert teacher.name == "openai:gpt-x"
+    assert chat_server.bodies[0]["messages"] == req.messages
+    teacher.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "</s>", "<|system|>", "<|user|>", "<|assistant|>",
+             "Question:", "Answer:", "the", "a", "red", "cup", "plate", "is", "on", "left"]  # fmt: skip
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="</s>")  # fmt: skip
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    path = tmp_path_factory.mktemp("tiny-lm")
+    fast.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
+    assert teacher.name == f"local:{tiny_lm_dir.name}" and not teacher.concurrent
+    assert teacher._model is None  # loads on first use
+    req = request("conversation")
+    text = teacher.respond(req)
+    assert text == teacher.respond(req)
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    prompt = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|system|> You write training conversations")
+    assert prompt.endswith("<|assistant|>")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=8, pad_token_id=1)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert text == expected
