@@ -209,6 +209,21 @@ def tiny_model(tiny_clip_dir, tiny_llm_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_builders() -> SimpleNamespace:
+    """The builders behind the tiny fixtures, for tests that need variants (pytest runs in
+    importlib mode, so conftest is not importable): `build_tiny_tokenizer()`,
+    `build_tiny_llm(path)`, `build_tiny_tower(kind, path, size=28)`,
+    `write_preprocessor_config(path, mean, std, size)`, and `image_size` (28)."""
+    return SimpleNamespace(
+        build_tiny_tokenizer=build_tiny_tokenizer,
+        build_tiny_llm=build_tiny_llm,
+        build_tiny_tower=build_tiny_tower,
+        write_preprocessor_config=write_preprocessor_config,
+        image_size=TINY_IMAGE_SIZE,
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_parts(tiny_clip_dir, tiny_llm_dir) -> SimpleNamespace:
     """Both tiny dirs at once: `.vision_dir` (CLIP) and `.llm_dir` (Llama)."""
     return SimpleNamespace(vision_dir=tiny_clip_dir, llm_dir=tiny_llm_dir)

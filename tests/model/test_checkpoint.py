@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_IMAGE_SIZE
 
 import vistune
 from vistune.config import ModelConfig
@@ -17,6 +16,7 @@ from vistune.errors import ModelDirError
 from vistune.model import checkpoint, load_model
 from vistune.model.llava import LlavaModel
 
+TINY_IMAGE_SIZE = 28  # the tiny towers' image side (tests/conftest.py): 4 patch tokens
 IDS = [[5, IMAGE_TOKEN_ID, 6, 7], [8, 9]]
 
 

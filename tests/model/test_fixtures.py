@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY_IMAGE_SIZE, build_tiny_tokenizer
 
-
-def test_tiny_llm_dir_has_weights_tokenizer_and_chat_template(tiny_llm_dir):
+def test_tiny_llm_dir_has_weights_tokenizer_and_chat_template(tiny_llm_dir, tiny_builders):
     from transformers import AutoTokenizer
 
     config = json.loads((tiny_llm_dir / "config.json").read_text())
@@ -26,7 +24,7 @@ def test_tiny_llm_dir_has_weights_tokenizer_and_chat_template(tiny_llm_dir):
     ids = tok(prompt)["input_ids"]
     assert tok.decode(ids) == prompt
     # Deterministic: a rebuilt tokenizer gives the same ids.
-    assert build_tiny_tokenizer()(prompt)["input_ids"] == ids
+    assert tiny_builders.build_tiny_tokenizer()(prompt)["input_ids"] == ids
 
 
 def test_tiny_towers_have_their_model_types_and_preprocessor(
@@ -44,8 +42,8 @@ def test_tiny_towers_have_their_model_types_and_preprocessor(
         assert len(pre["image_mean"]) == len(pre["image_std"]) == 3
 
 
-def test_tiny_model_has_four_image_tokens(tiny_model):
-    assert tiny_model.config.image_size == TINY_IMAGE_SIZE
+def test_tiny_model_has_four_image_tokens(tiny_model, tiny_builders):
+    assert tiny_model.config.image_size == tiny_builders.image_size
     assert tiny_model.num_image_tokens == 4
     assert tiny_model.llm_hidden_size == 32
     assert not tiny_model.projector_trained

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_IMAGE_SIZE
 from transformers import LlamaForCausalLM
 
 from vistune.config import ModelConfig
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from vistune.model.llava import LlavaModel, causal_lm_loss
 
+TINY_IMAGE_SIZE = 28  # the tiny towers' image side (tests/conftest.py): 4 patch tokens
 IMG = IMAGE_TOKEN_ID
 IGN = IGNORE_INDEX
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import write_preprocessor_config
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -41,7 +40,7 @@ def registers_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_clip_dir(tmp_path_factory):
+def full_clip_dir(tmp_path_factory, tiny_builders):
     """A tiny full CLIPModel (text + vision) dir, model_type "clip"."""
     path = tmp_path_factory.mktemp("clip_full")
     torch.manual_seed(3)
@@ -52,7 +51,7 @@ def full_clip_dir(tmp_path_factory):
     )
     model = CLIPModel(config).eval()
     model.save_pretrained(path)
-    write_preprocessor_config(path, [0.5] * 3, [0.5] * 3, SIZE)
+    tiny_builders.write_preprocessor_config(path, [0.5] * 3, [0.5] * 3, SIZE)
     return path, model
 
 

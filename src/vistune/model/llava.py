@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from vistune.config import ModelConfig
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vistune.data.image import ImageProcessor
 from vistune.model import checkpoint
 from vistune.model.projector import build_projector
 from vistune.model.vision import VisionTower
@@ -78,7 +79,7 @@ class LlavaModel(nn.Module):
         projector: nn.Module,
         llm: PreTrainedModel,
         tokenizer: Any,
-        image_processor: Any,
+        image_processor: ImageProcessor,
         config: ModelConfig,
         projector_trained: bool = False,
     ) -> None:
@@ -101,11 +102,6 @@ class LlavaModel(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> LlavaModel:
         """A HF vision dir + a HF causal LM dir + a fresh projector seeded with `seed`."""
-        try:  # TEMP until vistune.data.image lands
-            from vistune.data.image import ImageProcessor
-        except ImportError:
-            ImageProcessor = None
-
         vision_dir, llm_dir = Path(vision_dir), Path(llm_dir)
         vision = VisionTower.from_pretrained(
             vision_dir, layer=config.vision_layer, select=config.vision_select, dtype=dtype
@@ -117,12 +113,8 @@ class LlavaModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             projector = build_projector(config.projector, vision.hidden_size, llm_hidden)
-        image_processor = (
-            None
-            if ImageProcessor is None
-            else ImageProcessor.from_vision_dir(
-                vision_dir, size=config.image_size, aspect=config.image_aspect
-            )
+        image_processor = ImageProcessor.from_vision_dir(
+            vision_dir, size=config.image_size, aspect=config.image_aspect
         )
         return cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
 
