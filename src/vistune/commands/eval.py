@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vistune.errors import VistuneError
 
-HELP = "evaluate: LLaVA-Bench judge (relative scores), ScienceQA accuracy"
+HELP = "evaluate: LLaVA-Bench judge and build, ScienceQA accuracy, scene questions"
 
 
 def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -85,6 +85,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
     _client_flags(s, "judge-")
+
+    b = sub.add_parser("build", help="build a LLaVA-Bench (COCO)-style benchmark with a teacher")
+    b.add_argument("--coco", type=Path, required=True, help="COCO-layout folder")
+    b.add_argument("--split", default="val")
+    b.add_argument("--images", type=int, default=30, help="images to sample (3 questions each)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--teacher", default="rules", help="rules | openai | local (vistune datagen)")
+    b.add_argument("--local-model", type=Path, help="HF causal LM folder for --teacher local")
+    b.add_argument("--out", type=Path, required=True, help="benchmark folder")
+    _client_flags(b, "")
+
+    c = sub.add_parser("scenes", help="exact-answer questions on held-out built-in scenes")
+    c.add_argument("--coco", type=Path, required=True, help="a `vistune scenes` folder")
+    c.add_argument("--split", default="val")
+    c.add_argument("--images", type=int, help="use only the first N images")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, required=True, help="writes questions.jsonl, and a "
+                   "report when answers are given")  # fmt: skip
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--answers", type=Path, help="answers JSONL {question_id, text}")
+    how.add_argument("--model", type=Path, help="model folder to answer with")
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -214,7 +235,7 @@ def run_scienceqa(args: argparse.Namespace) -> int:
                 "asked": result.asked,
                 "failures": {"count": len(result.failures), "question_ids": result.failures},
             }
-            _write_raw(args.out / "raw_judgements.jsonl", result.raw)
+            _write_jsonl(args.out / "raw_judgements.jsonl", result.raw)
         report["ensemble"] = {"method": args.ensemble, **final.to_dict()}
         rows.append((f"ensemble ({args.ensemble})", [final.accuracy[c] for c in sqa.COLUMNS]))
     report["accuracy"] = final.accuracy
@@ -228,13 +249,89 @@ def run_scienceqa(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_raw(path: Path, records: list[dict]) -> None:
+def run_build(args: argparse.Namespace) -> int:
+    from vistune.datagen.teachers import make_teacher
+    from vistune.eval.build import build_bench, sample_contexts
+    from vistune.eval.report import atomic_write_json
+
+    if args.images < 1:
+        raise VistuneError("--images must be at least 1")
+    options: dict = {}
+    if args.teacher == "openai":
+        if not args.base_url or not args.model:
+            raise VistuneError("--teacher openai needs --base-url and --model")
+        options = {"base_url": args.base_url, "model": args.model, "timeout": args.timeout,
+                   "max_retries": args.http_retries, "backoff": args.backoff,
+                   "temperature": args.temperature, "max_tokens": args.max_tokens}  # fmt: skip
+    elif args.teacher == "local":
+        options = {"model_dir": args.local_model}
+    contexts = sample_contexts(args.coco, args.split, args.images, args.seed)
+    teacher = make_teacher(args.teacher, **options)
+    bar = _progress(len(contexts) * 3, "building")
+    try:
+        bench = build_bench(contexts, teacher, args.seed, args.retries, bar.update)
+    finally:
+        bar.close()
+        teacher.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(args.out / "questions.jsonl", bench.questions)
+    _write_jsonl(args.out / "context.jsonl", bench.contexts)
+    _write_jsonl(args.out / "answers_reference.jsonl", bench.references)
+    summary = {"teacher": teacher.name, "split": args.split, "seed": args.seed,
+               "images": len(bench.contexts), "questions": len(bench.questions),
+               "failures": bench.failures}  # fmt: skip
+    atomic_write_json(args.out / "build.json", summary)
+    atomic_write_json(args.out / "config.json", _config(args))
+    print(f"{len(bench.questions)} questions on {len(bench.contexts)} images in {args.out}"
+          f" ({len(bench.failures)} could not be made)")  # fmt: skip
+    return 0
+
+
+def run_scenes(args: argparse.Namespace) -> int:
+    from vistune.data.formats import load_coco
+    from vistune.data.scenes import load_scene_objects
+    from vistune.eval import scenes
+    from vistune.eval.report import check_same_ids, index_by, markdown_table, read_jsonl, write_run
+
+    contexts, _ = load_coco(args.coco, args.split)
+    images = {c.image_id: c.image for c in contexts[: args.images]}
+    truth = load_scene_objects(args.coco, args.split)
+    questions = scenes.make_questions(truth, images, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    q_path = args.out / "questions.jsonl"
+    _write_jsonl(q_path, questions)
+    if args.model is not None:
+        raise VistuneError(
+            "--model needs the generation engine (vistune.serve.engine), which "
+            "this build lacks; answer questions.jsonl elsewhere, pass --answers"
+        )
+    if args.answers is None:
+        print(f"{len(questions)} questions written to {q_path}; score with --answers")
+        return 0
+    rows = read_jsonl(args.answers, "answers", ("question_id", "text"))
+    by_id = index_by(rows, "question_id", "answers", args.answers)
+    check_same_ids([str(q["question_id"]) for q in questions], by_id, "answers", args.answers)
+    result = scenes.score(questions, {k: str(v["text"]) for k, v in by_id.items()})
+    cols = [*scenes.SKILLS, "all"]
+    table = markdown_table(cols, [("accuracy (%)", [result["accuracy"][c] for c in cols]),
+                                  ("questions", [result["counts"][c] for c in cols])])  # fmt: skip
+    write_run(args.out, result, _config(args), table, result["accuracy"], "Scene questions")
+    print(table)
+    return 0
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
     from vistune.eval.report import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-COMMANDS = {"judge": run_judge, "scienceqa": run_scienceqa}
+COMMANDS = {
+    "judge": run_judge,
+    "scienceqa": run_scienceqa,
+    "build": run_build,
+    "scenes": run_scenes,
+}
 
 
 def run(args: argparse.Namespace) -> int:
