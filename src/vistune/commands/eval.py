@@ -47,6 +47,13 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
     j = sub.add_parser("judge", help="LLaVA-Bench relative scores from a judge model")
@@ -76,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--image-root", type=Path, help="folder holding <pid>/<image> (checked)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", type=Path, help="JSONL of {question_id, text}")
-    src.add_argument("--model", type=Path, help="model folder to generate predictions with")
+    src.add_argument("--model", help="model folder to generate predictions with")
     s.add_argument("--out", type=Path, required=True, help="report folder")
     s.add_argument(
         "--ensemble",
@@ -85,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
     _client_flags(s, "judge-")
+
+    a = sub.add_parser("answer", help="answer a LLaVA-Bench question file with a model")
+    a.add_argument("--model", required=True, help="model folder (or `default`)")
+    a.add_argument("--questions", type=Path, required=True, help="questions JSONL")
+    a.add_argument("--images", type=Path, help="image folder (default: the questions' folder)")
+    a.add_argument("--out", type=Path, required=True, help="answers JSONL to write")
+    _generation_flags(a)
 
     b = sub.add_parser("build", help="build a LLaVA-Bench (COCO)-style benchmark with a teacher")
     b.add_argument("--coco", type=Path, required=True, help="COCO-layout folder")
@@ -105,7 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "report when answers are given")  # fmt: skip
     how = c.add_mutually_exclusive_group()
     how.add_argument("--answers", type=Path, help="answers JSONL {question_id, text}")
-    how.add_argument("--model", type=Path, help="model folder to answer with")
+    how.add_argument("--model", help="model folder to answer with")
+    for parser_ in (s, c):
+        parser_.add_argument("--batch-size", type=int, default=8, help="questions per batch")
+        parser_.add_argument("--max-new-tokens", type=int, default=512)
+        parser_.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -193,11 +211,47 @@ def run_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: Path) -> dict:
+    """Generate answers with --model (resumable); question id -> answer text."""
+    from vistune.config import GenerationConfig
+    from vistune.eval.answer import answer_questions, check_images, load_engine
+
+    check_images(questions, images)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                              temperature=args.answer_temperature,
+                              seed=getattr(args, "seed", 0))  # fmt: skip
+    engine = load_engine(args.model)
+    bar = _progress(len(questions), "answering")
+    try:
+        rows = answer_questions(engine, questions, images, out, config, Path(args.model).name,
+                                args.batch_size, bar.update)  # fmt: skip
+    finally:
+        bar.close()
+    return {str(r["question_id"]): r["text"] for r in rows}
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    from vistune.eval.report import index_by, read_jsonl
+
+    rows = read_jsonl(args.questions, "questions", ("question_id", "text"))
+    index_by(rows, "question_id", "questions", args.questions)
+    images = args.images if args.images is not None else args.questions.parent
+    answers = _answer(args, rows, images, args.out)
+    print(f"{len(answers)} answers written to {args.out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace, problems: list) -> dict[str, str]:
-    raise VistuneError(
-        "--model needs the generation engine (vistune.serve.engine), which "
-        "this build lacks; generate answers elsewhere and pass --predictions"
-    )
+    from vistune.data.scienceqa import build_question
+    from vistune.eval.answer import require_engine
+
+    require_engine()
+    if any(p.has_image for p in problems) and args.image_root is None:
+        raise VistuneError("--model on a split with images needs --image-root")
+    questions = [{"question_id": p.pid, "image": p.image_rel, "text": build_question(p)}
+                 for p in problems]  # fmt: skip
+    root = args.image_root if args.image_root is not None else Path(".")
+    return _answer(args, questions, root, args.out / "predictions.jsonl")
 
 
 def run_scienceqa(args: argparse.Namespace) -> int:
@@ -301,16 +355,19 @@ def run_scenes(args: argparse.Namespace) -> int:
     q_path = args.out / "questions.jsonl"
     _write_jsonl(q_path, questions)
     if args.model is not None:
-        raise VistuneError(
-            "--model needs the generation engine (vistune.serve.engine), which "
-            "this build lacks; answer questions.jsonl elsewhere, pass --answers"
-        )
-    if args.answers is None:
+        from vistune.eval.answer import require_engine
+
+        require_engine()
+        texts = _answer(args, questions, args.coco, args.out / "answers.jsonl")
+        by_id = {k: {"text": v} for k, v in texts.items()}
+    elif args.answers is None:
         print(f"{len(questions)} questions written to {q_path}; score with --answers")
         return 0
-    rows = read_jsonl(args.answers, "answers", ("question_id", "text"))
-    by_id = index_by(rows, "question_id", "answers", args.answers)
-    check_same_ids([str(q["question_id"]) for q in questions], by_id, "answers", args.answers)
+    else:
+        rows = read_jsonl(args.answers, "answers", ("question_id", "text"))
+        by_id = index_by(rows, "question_id", "answers", args.answers)
+        ids = [str(q["question_id"]) for q in questions]
+        check_same_ids(ids, by_id, "answers", args.answers)
     result = scenes.score(questions, {k: str(v["text"]) for k, v in by_id.items()})
     cols = [*scenes.SKILLS, "all"]
     table = markdown_table(cols, [("accuracy (%)", [result["accuracy"][c] for c in cols]),
@@ -327,6 +384,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 COMMANDS = {
+    "answer": run_answer,
     "judge": run_judge,
     "scienceqa": run_scienceqa,
     "build": run_build,

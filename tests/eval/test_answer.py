@@ -1,0 +1,129 @@
+"""`vistune eval answer`: batched, resumable answering through the engine interface
+(`answer_batch(list of (messages, image), config) -> list[str]`), here with a scripted
+stand-in engine; and `--model` on `eval scienceqa` / `eval scenes`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vistune import cli
+from vistune.config import GenerationConfig
+from vistune.errors import VistuneError
+from vistune.eval import answer
+
+
+class FakeEngine:
+    """Answers "A<n>" for the n-th request; records what it was given; can die mid-run."""
+
+    def __init__(self, die_after: int | None = None) -> None:
+        self.batches: list[list[tuple[list[dict], object]]] = []
+        self.die_after = die_after
+
+    def answer_batch(self, requests, config):
+        if self.die_after is not None and len(self.batches) == self.die_after:
+            raise KeyboardInterrupt
+        self.batches.append(requests)
+        return [f" answer to: {m[0]['content']} " for m, _ in requests]
+
+
+@pytest.fixture
+def bench(tmp_path, write_jsonl):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    questions = [{"question_id": i, "image": "a.png" if i % 2 == 0 else None,
+                  "text": f"Q{i}?", "category": "conv"} for i in range(5)]  # fmt: skip
+    return write_jsonl(tmp_path / "q.jsonl", questions), questions
+
+
+def test_answers_in_order_with_placeholder(bench, tmp_path):
+    _, questions = bench
+    engine = FakeEngine()
+    out = tmp_path / "ans.jsonl"
+    rows = answer.answer_questions(engine, questions, tmp_path, out, GenerationConfig(), "m",
+                                   batch_size=2)  # fmt: skip
+    assert [len(b) for b in engine.batches] == [2, 2, 1]
+    first_msgs, first_img = engine.batches[0][0]
+    assert first_msgs == [{"role": "user", "content": "<image>\nQ0?"}]
+    assert isinstance(first_img, Image.Image)
+    assert engine.batches[0][1] == ([{"role": "user", "content": "Q1?"}], None)
+    on_disk = [json.loads(x) for x in out.read_text().splitlines()]
+    assert on_disk == rows
+    assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[1]["text"] == "answer to: Q1?" and rows[1]["model_id"] == "m"
+    assert rows[1]["prompt"] == "Q1?"
+    assert not (tmp_path / "ans.jsonl.partial").exists()
+
+
+def test_resume_after_interrupt(bench, tmp_path):
+    _, questions = bench
+    out = tmp_path / "ans.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        answer.answer_questions(FakeEngine(die_after=1), questions, tmp_path, out,
+                                GenerationConfig(), "m", batch_size=2)  # fmt: skip
+    assert not out.exists()
+    assert len((tmp_path / "ans.jsonl.partial").read_text().splitlines()) == 2
+    engine = FakeEngine()
+    rows = answer.answer_questions(engine, questions, tmp_path, out, GenerationConfig(), "m",
+                                   batch_size=2)  # fmt: skip
+    asked = [m[0]["content"] for b in engine.batches for m, _ in b]
+    assert asked == ["<image>\nQ2?", "Q3?", "<image>\nQ4?"]  # Q0, Q1 not asked again
+    assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+def test_missing_image_listed(bench, tmp_path):
+    _, questions = bench
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(VistuneError, match=r"images missing under .* for question ids: 0, 2, 4"):
+        answer.answer_questions(FakeEngine(), questions, tmp_path, tmp_path / "o.jsonl",
+                                GenerationConfig(), "m")  # fmt: skip
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(answer, "require_engine", lambda: None)
+    monkeypatch.setattr(answer, "load_engine", lambda model: engine)
+    return engine
+
+
+def test_cli_answer(bench, tmp_path, fake_engine):
+    q_path, _ = bench
+    out = tmp_path / "out" / "answers.jsonl"
+    rc = cli.main(["eval", "answer", "--model", "m", "--questions", str(q_path), "--out",
+                   str(out), "--batch-size", "4"])  # fmt: skip
+    assert rc == 0
+    assert [len(b) for b in fake_engine.batches] == [4, 1]
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_cli_scienceqa_model(sqa_files, tmp_path, fake_engine):
+    images = tmp_path / "images"
+    for pid in ("1", "2", "5", "9"):  # the fixture's problems with an image
+        (images / pid).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(images / pid / "image.png")
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "scienceqa", "--problems", str(sqa_files[0]), "--splits",
+                   str(sqa_files[1]), "--model", "m", "--image-root", str(images),
+                   "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    prompts = [m[0]["content"] for b in fake_engine.batches for m, _ in b]
+    assert prompts[0].startswith("<image>\nContext: N/A\nQuestion: Which is right for item 1?")
+    assert prompts[2].startswith("Context: N/A\nQuestion: Which is right for item 3?")
+    report = json.loads((out / "report.json").read_text())
+    assert report["ours"]["unparsed"]["count"] == 10  # the fake engine never gives a letter
+    assert (out / "predictions.jsonl").is_file()
+
+
+def test_cli_without_engine_is_clear(bench, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vistune.serve.engine" else real(name, *a))  # fmt: skip
+    q_path, _ = bench
+    rc = cli.main(["eval", "answer", "--model", "m", "--questions", str(q_path), "--out",
+                   str(tmp_path / "a.jsonl")])  # fmt: skip
+    assert rc == 2
+    assert "needs the generation engine (vistune.serve.engine)" in capsys.readouterr().err
