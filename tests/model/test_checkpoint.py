@@ -259,3 +259,28 @@ def test_load_model_from_dir_and_default(saved, tiny_clip_dir, tiny_llm_dir, mon
     assert model.config.image_size == 224 and model.num_image_tokens == 256
     with pytest.raises(ModelDirError, match="model directory not found"):
         load_model("no/such/dir")
+
+
+@pytest.mark.parametrize(
+    "tower, select, projector",
+    [("tiny_dinov2_dir", "cls_patch", "linear"), ("tiny_siglip_dir", "patch", "mlp2x_gelu")],
+)
+def test_round_trip_other_towers(request, tiny_llm_dir, tmp_path, tower, select, projector):
+    config = ModelConfig(
+        image_size=TINY_IMAGE_SIZE, vision_select=select, projector=projector, vision_layer=-1
+    )
+    model = LlavaModel.from_parts(request.getfixturevalue(tower), tiny_llm_dir, config, seed=3)
+    loaded = LlavaModel.load(model.save(tmp_path / "m"))
+    assert loaded.config == config and loaded.vision.model_type == model.vision.model_type
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_load_in_bfloat16(saved, trained):
+    loaded = LlavaModel.load(saved, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.image_features(torch.zeros(1, 3, 28, 28)).dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = _logits(trained)
+        logits = _logits(loaded)
+    assert logits.shape == reference.shape
+    assert (logits.float() - reference).abs().max() < 0.5
