@@ -205,3 +205,23 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
     rc = cli.main(_args(files, "http://127.0.0.1:9/v1", tmp_path / "o"))
     assert rc == 2
     assert "malformed lines: line 2 (not JSON)" in capsys.readouterr().err
+
+
+def test_local_judge_failure_is_reported(tiny_llm_dir):
+    """A local HF judge (a tiny random LM: its text never holds two scores) plugs into the
+    same loop, and what it cannot score is reported as a failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = judge.LocalJudge(tiny_llm_dir, max_new_tokens=6)
+    item = judge.BenchItem("q1", "detail", "Describe it.", "A cat.", "A cat sits.", "A dog.")
+    messages = judge.judge_messages(item, "Rate both.")
+    text = local.complete(messages)
+    # the reply is only the continuation, decoded: the same as generating by hand
+    tok = AutoTokenizer.from_pretrained(tiny_llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)  # fmt: skip
+    out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    (j,) = judge.run_judge([item], local.complete, repeats=1, retries=1)
+    assert j.scores is None and j.attempts == 2 and "unparsable" in j.reason
