@@ -13,6 +13,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    SiglipConfig,
+    SiglipModel,
     SiglipVisionModel,
 )
 
@@ -120,14 +122,35 @@ def test_dinov2_registers_are_dropped(registers_dir):
     assert both.num_tokens(SIZE) == 5
 
 
-def test_vision_part_of_a_full_clip_dir(full_clip_dir):
-    path, full = full_clip_dir
+@pytest.fixture(scope="module")
+def full_siglip_dir(tmp_path_factory):
+    """A tiny full SiglipModel (text + vision) dir, model_type "siglip"."""
+    path = tmp_path_factory.mktemp("siglip_full")
+    torch.manual_seed(4)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=100, max_position_embeddings=16, eos_token_id=1, **TOWER_SIZES),
+        vision_config=dict(image_size=SIZE, patch_size=14, **TOWER_SIZES),
+    )
+    model = SiglipModel(config).eval()
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize(
+    "fixture, model_type, hf_class, first",
+    [
+        ("full_clip_dir", "clip", CLIPVisionModel, 1),
+        ("full_siglip_dir", "siglip", SiglipVisionModel, 0),
+    ],
+)
+def test_vision_part_of_a_full_dir(request, fixture, model_type, hf_class, first):
+    path, full = request.getfixturevalue(fixture)
     tower = VisionTower.from_pretrained(path)
-    assert tower.model_type == "clip" and isinstance(tower.model, CLIPVisionModel)
+    assert tower.model_type == model_type and isinstance(tower.model, hf_class)
     pixels = _pixels()
     with torch.no_grad():
         hidden = full.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-    torch.testing.assert_close(tower(pixels), hidden[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(tower(pixels), hidden[:, first:], rtol=0, atol=0)
 
 
 def test_siglip_has_no_cls_to_keep(tiny_siglip_dir):
