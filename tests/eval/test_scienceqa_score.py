@@ -233,3 +233,32 @@ def test_model_flag_without_engine_is_clear(sqa_files, tmp_path, capsys, monkeyp
                str(tmp_path), "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 2
     assert "needs the generation engine" in capsys.readouterr().err
+
+
+def test_cli_judge_ensemble(sqa_files, tmp_path, write_jsonl, scripted_judge):
+    ours = write_jsonl(
+        tmp_path / "o.jsonl", [{"question_id": k, "text": v} for k, v in OURS.items()]
+    )
+    other = write_jsonl(
+        tmp_path / "g.jsonl", [{"question_id": k, "text": v} for k, v in OTHER.items()]
+    )
+    # the judge always backs the other model, except on 6 where it never gives a letter
+    script = {f"item {pid}?": [f"The answer is {sqa.parse_answer(OTHER[pid], 4)}."]
+              for pid in ("1", "3", "5", "7", "8", "10")}  # fmt: skip
+    script |= {f"item {pid}?": ["Hmm."] * 2 for pid in ("4", "6", "9")}
+    server = scripted_judge(script, default="unexpected request")
+    out = tmp_path / "out"
+    rc = _run(
+        ["--problems", str(sqa_files[0]), "--splits", str(sqa_files[1]), "--predictions",
+         str(ours), "--ensemble", "judge", "--other", str(other), "--out", str(out),
+         "--judge-base-url", server.url, "--judge-model", "j", "--http-retries", "0",
+         "--backoff", "0", "--retries", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    # judged: other's letter on 1 (wrong), 3, 5, 7, 8 (wrong), 10; 4, 6, 9 keep ours (right);
+    # 2 agreed (right) -> right on 2, 3, 4, 5, 6, 7, 9, 10 = 8 / 10
+    assert report["average"] == pytest.approx(80.0)
+    assert report["judge"]["failures"] == {"count": 3, "question_ids": ["4", "6", "9"]}
+    raw = [json.loads(x) for x in (out / "raw_judgements.jsonl").read_text().splitlines()]
+    assert len(raw) == 6 + 3 * 2  # every attempt kept
