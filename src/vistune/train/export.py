@@ -16,9 +16,9 @@ from vistune.train.distributed import barrier
 from vistune.train.setup import apply_stage, build_model
 
 
-def finalize(model: Any, lora: bool, merge: bool, out: Path) -> Any:
+def finalize(model: Any, lora: bool, merge: bool, checkpointing: bool, out: Path) -> Any:
     """Undo training-only wrappers: merge or split off LoRA, drop checkpointing."""
-    if getattr(model.llm, "is_gradient_checkpointing", False):
+    if checkpointing:
         model.llm.gradient_checkpointing_disable()
     if lora:
         if merge:
@@ -45,7 +45,8 @@ def export_model(run: Any, say: Any) -> Path:
             apply_stage(model, cfg)
             TrainStep(model).load_state_dict(full)
     if info.is_main:
-        finalize(model, cfg.plan["llm"] == "lora", cfg.lora_merge, out)
+        lora = cfg.plan["llm"] == "lora"
+        finalize(model, lora, cfg.lora_merge, cfg.gradient_checkpointing, out)
         model.save(out / "model")
     barrier(info)
     return out / "model"

@@ -1,0 +1,73 @@
+"""Two CPU processes (torchrun, gloo) give the same weights as one with the same global batch.
+
+One process runs batch 4 as 2 micro-batches of 2 (accumulation 2); two processes run one
+micro-batch of 2 each. The loss of every micro-batch is divided by the global batch's
+count of supervised tokens (times the world size that DDP averages over), so both compute
+the gradient of the same global mean token loss; only the summation order differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.train.conftest import tiny_args
+from vistune.train.config import TrainConfig
+from vistune.train.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(config: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+    ]
+    command = [*launcher, "vistune.cli", "train", "--config", str(config), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(model_dir / "projector.safetensors"))
+    tensors.update(load_file(str(model_dir / "llm" / "model.safetensors")))
+    return tensors
+
+
+def test_two_processes_match_one_ddp_and_fsdp(tiny_data, tiny_model_dir, tmp_path):
+    feats = tmp_path / "feats"
+    common = dict(stage="finetune", epochs=2, lr=1e-3, per_device_batch=2, batch_size=4)
+    result = train(
+        TrainConfig(**tiny_args(tiny_data, tmp_path / "one", feats, tiny_model_dir, **common))
+    )
+    assert result.steps == 12
+    one = _weights(tmp_path / "one" / "model")
+    initial = _weights(tiny_model_dir)
+    assert any(not torch.equal(initial[k], one[k]) for k in initial)
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / mode
+        config = tmp_path / f"{mode}.yaml"
+        config.write_text(
+            yaml.safe_dump(tiny_args(tiny_data, out, feats, tiny_model_dir, **common))
+        )
+        done = _run(config, 2, *(["--fsdp"] if mode == "fsdp" else []))
+        assert done.returncode == 0, done.stderr[-3000:]
+        two = _weights(out / "model")
+        assert two.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(
+                two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{mode} {key}"
+            )
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["processes"] == 2 and summary["accumulation"] == 1

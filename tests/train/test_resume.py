@@ -1,0 +1,92 @@
+"""A run killed with SIGKILL and resumed ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.train.conftest import tiny_args
+from vistune.train.config import load_config
+from vistune.train.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+def _command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vistune.cli", "train", "--config", str(config), *extra]
+
+
+def _last_step(log: Path) -> int:
+    if not log.is_file():
+        return 0
+    steps = [
+        json.loads(line)["step"] for line in log.read_text().splitlines() if line.endswith("}")
+    ]
+    return max(steps, default=0)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(model_dir / "projector.safetensors"))
+    tensors.update(load_file(str(model_dir / "llm" / "model.safetensors")))
+    return tensors
+
+
+def test_sigkill_and_resume_matches_uninterrupted(tiny_data, tiny_model_dir, tmp_path):
+    feats = tmp_path / "feats"
+    common = dict(stage="finetune", epochs=12, save_every=5, keep_last=2, lr=1e-3)
+    configs = {}
+    for name in ("full", "killed"):
+        args = tiny_args(tiny_data, tmp_path / name, feats, tiny_model_dir, **common)
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same float sums
+    try:
+        train(load_config(configs["full"], {}))
+    finally:
+        torch.set_num_threads(threads)
+
+    proc = subprocess.Popen(
+        _command(configs["killed"]),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 60
+    while _last_step(log) < 11 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _last_step(log)
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints and all(name.startswith("step-") for name in checkpoints)
+    assert not (tmp_path / "killed" / "model").exists()
+
+    resumed = subprocess.run(
+        _command(configs["killed"], "--resume"), env=_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    expected = _weights(tmp_path / "full" / "model")
+    got = _weights(tmp_path / "killed" / "model")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, 73)), f"log not continuous after kill at {killed_at}"
+    assert len(list((tmp_path / "killed" / "checkpoints").iterdir())) == 2
