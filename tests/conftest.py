@@ -18,6 +18,7 @@ Tiny fixtures (session-scoped, built in a few seconds, saved as real HF director
 |                  | hidden 32, 2 layers, 4 heads; mean/std 0.5                        |
 | `tiny_model`     | LlavaModel.from_parts(tiny_clip_dir, tiny_llm_dir,                |
 |                  | ModelConfig(image_size=28)): 4 image tokens, mlp2x_gelu 32->32    |
+| `tiny_builders`  | the builder functions above, for variants (other sizes, kinds)    |
 
 Every tiny tower has a preprocessor_config.json (image_mean, image_std, size). The tiny
 models are random (seeded, deterministic) and say nothing sensible; use them for shapes,
@@ -221,9 +222,3 @@ def tiny_builders() -> SimpleNamespace:
         write_preprocessor_config=write_preprocessor_config,
         image_size=TINY_IMAGE_SIZE,
     )
-
-
-@pytest.fixture(scope="session")
-def tiny_parts(tiny_clip_dir, tiny_llm_dir) -> SimpleNamespace:
-    """Both tiny dirs at once: `.vision_dir` (CLIP) and `.llm_dir` (Llama)."""
-    return SimpleNamespace(vision_dir=tiny_clip_dir, llm_dir=tiny_llm_dir)
