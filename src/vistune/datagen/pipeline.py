@@ -368,7 +368,11 @@ def _write_outputs(
     ]
     write_llava_json(ordered, out)
     run.summary.written = len(ordered)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.rejected)
+    order = {
+        f"{c.image_id}_{t}": i for i, (c, t) in enumerate((c, t) for c in contexts for t in types)
+    }
+    rejected = sorted(run.rejected, key=lambda r: order.get(r["id"], len(order)))
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
     _atomic_write(out.with_name(out.stem + ".rejected.jsonl"), lines)
     summary = json.dumps(run.summary.to_dict(), indent=2, sort_keys=True) + "\n"
     _atomic_write(out.with_name(out.stem + ".summary.json"), summary)

@@ -1,0 +1,266 @@
+"""The datagen pipeline end to end: COCO in, LLaVA JSON out, resumable, fault tolerant."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from vistune.cli import main
+from vistune.datagen.context import Box, ImageContext
+from vistune.datagen.naive import DETAIL_QUESTIONS
+from vistune.datagen.pipeline import (
+    DatagenConfig,
+    build_messages,
+    detail_question,
+    load_prompt,
+    run_datagen,
+    screen_contexts,
+)
+from vistune.datagen.store import Key, Store, prompt_hash
+from vistune.datagen.teachers import OpenAITeacher
+
+from .conftest import messages_hash
+
+TYPES = ("brief", "conversation", "detail", "complex")
+TEACHER_TYPES = ("conversation", "detail", "complex")
+
+
+def make_coco(root: Path, n: int) -> Path:
+    """n good images (ids 1..n) plus one whose file is missing, one without captions, one
+    box out of range and one box of an unknown category."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    images, caps, anns = [], [], []
+    for i in range(1, n + 3):
+        images.append({"id": i, "file_name": f"{i:06d}.png", "width": 100, "height": 80})
+        if i <= n:
+            Image.new("RGB", (10, 8), (i * 20 % 255, 90, 30)).save(root / "train" / f"{i:06d}.png")
+        if i != n + 2:
+            caps.append(
+                {"id": len(caps) + 1, "image_id": i, "caption": f"A red cup and {i} plates."}
+            )
+            caps.append({"id": len(caps) + 1, "image_id": i, "caption": "Cups on a table."})
+        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "bbox": [5, 5, 20, 20]})
+        anns.append(
+            {"id": len(anns) + 1, "image_id": i, "category_id": 2, "bbox": [60, 40, 30, 30]}
+        )
+    anns.append({"id": 900, "image_id": 1, "category_id": 1, "bbox": [90, 70, 50, 50]})
+    anns.append({"id": 901, "image_id": 2, "category_id": 99, "bbox": [1, 1, 5, 5]})
+    cats = [{"id": 1, "name": "cup"}, {"id": 2, "name": "plate"}]
+    ann_dir = root / "annotations"
+    (ann_dir / "captions_train.json").write_text(
+        json.dumps({"images": images, "annotations": caps})
+    )
+    (ann_dir / "instances_train.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
+    return root
+
+
+def datagen_args(coco: Path, out: Path, *extra: str, types=TYPES) -> list[str]:
+    return ["datagen", "--coco", str(coco), "--split", "train", "--types", ",".join(types),
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def openai_args(server, workers: int = 2) -> list[str]:
+    return ["--teacher", "openai", "--base-url", server.url, "--model", "m", "--workers",
+            str(workers), "--backoff", "0.001", "--max-retries", "2", "--timeout", "5"]  # fmt: skip
+
+
+def ids(path: Path) -> list[str]:
+    return [s["id"] for s in json.loads(path.read_text())]
+
+
+def summary(out: Path) -> dict:
+    return json.loads(out.with_name(out.stem + ".summary.json").read_text())
+
+
+def test_prompts_are_packaged_and_hashed_like_the_server():
+    for rtype in TEACHER_TYPES:
+        prompt = load_prompt(rtype)
+        assert len(prompt.examples) >= 2 and "Question" in prompt.system or rtype == "detail"
+    ctx = ImageContext("5", "5.png", ("A cup.",), (Box("cup", (0.1, 0.1, 0.3, 0.3)),))
+    question = detail_question("5", seed=0)
+    assert question in DETAIL_QUESTIONS and question == detail_question("5", seed=0)
+    messages = build_messages("detail", ctx, question)
+    roles = [m["role"] for m in messages]
+    assert roles == ["system"] + ["user", "assistant"] * len(load_prompt("detail").examples) + [
+        "user"
+    ]
+    assert (
+        messages[-1]["content"]
+        == f"A cup.\n\ncup: [0.100, 0.100, 0.300, 0.300]\n\nQuestion to answer: {question}"
+    )
+    assert prompt_hash(messages) == messages_hash(messages)
+    assert prompt_hash(messages) != prompt_hash(build_messages("detail", ctx, "Other?"))
+
+
+def test_rules_run_writes_every_type_and_counts_bad_input(tmp_path, capsys):
+    coco, out = make_coco(tmp_path / "coco", 3), tmp_path / "out" / "data.json"
+    assert main(datagen_args(coco, out, "--teacher", "rules")) == 0
+    assert ids(out) == [f"{i}_{t}" for i in (1, 2, 3) for t in TYPES]
+    samples = json.loads(out.read_text())
+    assert all(s["image"] == f"train/{int(s['id'].split('_')[0]):06d}.png" for s in samples)
+    assert all(s["conversations"][0]["value"].count("<image>") == 1 for s in samples)
+    report = summary(out)
+    assert report["teacher"] == "rules (not an LLM)"
+    assert report["per_type"]["conversation"] == {"done": 3}
+    assert report["skipped"] == {"image missing on disk": 1, "image without captions": 1,
+                                 "box out of range": 1, "unknown category": 1}  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        "teacher: rules (not an LLM)" in err and "skipped input (image missing on disk): 1" in err
+    )
+    assert out.with_name("data.rejected.jsonl").read_text() == ""
+    assert Path(str(out) + ".sqlite").is_file()
+
+    first = out.read_bytes()
+    assert main(datagen_args(coco, out, "--teacher", "rules")) == 0
+    assert out.read_bytes() == first
+    assert summary(out)["per_type"]["complex"] == {"cached": 3}
+
+
+def test_openai_run_survives_faults_and_sends_each_request_once(tmp_path, chat_server):
+    coco, out = make_coco(tmp_path / "coco", 4), tmp_path / "data.json"
+    chat_server.retry_after = "0.05"
+    faults = ("500", "429", "malformed", "cut", "empty", "length", "503")
+    chat_server.inject(*faults)
+    assert main(datagen_args(coco, out, *openai_args(chat_server, 3), "--max-retries", "8")) == 0
+    assert ids(out) == [f"{i}_{t}" for i in (1, 2, 3, 4) for t in TYPES]
+    assert len(chat_server.counts) == 4 * 3
+    assert sum(chat_server.counts.values()) == 4 * 3 + len(faults)
+    assert chat_server.bodies[0]["model"] == "m"
+
+    assert main(datagen_args(coco, out, *openai_args(chat_server))) == 0
+    assert sum(chat_server.counts.values()) == 4 * 3 + len(faults)  # all answered from the store
+
+
+def test_rejected_answers_are_kept_counted_and_not_resent(tmp_path, chat_server):
+    coco, out = make_coco(tmp_path / "coco", 2), tmp_path / "data.json"
+    chat_server.reply = lambda messages: "Sure! Here it is.\nQuestion: What?\nAnswer: Cups."
+    args = datagen_args(coco, out, *openai_args(chat_server), types=("conversation", "complex"))
+    assert main(args) == 0
+    assert ids(out) == []
+    rejected = [
+        json.loads(line) for line in out.with_name("data.rejected.jsonl").read_text().splitlines()
+    ]
+    assert [(r["id"], r["reason"]) for r in rejected] == [
+        ("1_conversation", "preamble"), ("1_complex", "preamble"),
+        ("2_conversation", "preamble"), ("2_complex", "preamble"),
+    ]  # fmt: skip
+    assert rejected[0]["response"].startswith("Sure! Here it is.")
+    assert summary(out)["per_type"]["complex"] == {"rejected": 2, "rejected: preamble": 2}
+    with sqlite3.connect(str(out) + ".sqlite") as db:
+        rows = db.execute("SELECT status, reason, response FROM requests").fetchall()
+    assert {(s, r) for s, r, _ in rows} == {("rejected", "preamble")} and len(rows) == 4
+    sent = len(chat_server.bodies)
+    assert main(args) == 0
+    assert len(chat_server.bodies) == sent
+    assert summary(out)["per_type"]["complex"]["cached rejected"] == 2
+
+
+def test_endpoint_down_exits_2_keeps_finished_work_and_resumes(tmp_path, chat_server, capsys):
+    coco, out = make_coco(tmp_path / "coco", 4), tmp_path / "data.json"
+    types = ("brief", "complex")
+    assert (
+        main(datagen_args(coco, out, *openai_args(chat_server), "--limit", "2", types=types)) == 0
+    )
+    before = Counter(chat_server.counts)
+    assert len(before) == 2
+
+    chat_server.down = True
+    assert main(datagen_args(coco, out, *openai_args(chat_server), types=types)) == 2
+    err = capsys.readouterr().err
+    assert "vistune: error:" in err and "failed after 3 tries" in err
+    assert "Wrote 6 finished samples" in err and "rerun the same command to resume" in err
+    assert ids(out) == ["1_brief", "1_complex", "2_brief", "2_complex", "3_brief", "4_brief"]
+    assert summary(out)["remaining"] == 2 and summary(out)["aborted"]
+
+    chat_server.down = False
+    assert main(datagen_args(coco, out, *openai_args(chat_server), types=types)) == 0
+    assert ids(out) == [f"{i}_{t}" for i in (1, 2, 3, 4) for t in types]
+    for key, n in before.items():
+        assert chat_server.counts[key] == n == 1
+
+
+def test_workers_send_concurrently_through_the_library(tmp_path, chat_server):
+    chat_server.latency = 0.2
+    contexts = [ImageContext(str(i), f"{i}.png", (f"Scene {i}.",)) for i in range(8)]
+    teacher = OpenAITeacher(chat_server.url, "m", backoff=0.001)
+    config = DatagenConfig(types=("complex",), workers=4, check_images=False)
+    ticks = []
+    start = time.monotonic()
+    with Store(tmp_path / "s.sqlite") as store:
+        result = run_datagen(
+            contexts, teacher, store, tmp_path / "o.json", config, progress=ticks.append
+        )
+        elapsed = time.monotonic() - start
+        key = Key("3", "complex", prompt_hash(build_messages("complex", contexts[3])), "openai:m")
+        assert store.get(key).status == "done" and store.counts() == {"done": 8}
+    assert elapsed < 1.2  # 8 x 0.2 s one at a time would be 1.6 s; 4 at a time 0.4 s
+    assert result.per_type["complex"]["done"] == 8 and result.written == 8
+    assert ticks[0]["total"] == 8 and ticks[-1]["done"] == 8
+
+
+def test_screen_contexts_counts_reasons(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"x")
+    good = ImageContext("1", "ok.png", ("A cup.",), (Box("cup", (0.1, 0.1, 0.2, 0.2)),))
+    contexts = [
+        good,
+        good,
+        ImageContext("2", "gone.png", ("A cup.",)),
+        ImageContext("3", "ok.png", ("  ",)),
+        ImageContext("4", "ok.png", ("A cup.",), (Box("cup", (0.5, 0.1, 0.2, 1.3)),)),
+        ImageContext("5", "ok.png", ("A cup.",), (Box(" ", (0.1, 0.1, 0.2, 0.2)),)),
+    ]
+    skipped = Counter()
+    assert screen_contexts(contexts, tmp_path, skipped) == [good]
+    assert skipped == {"duplicate image id": 1, "image missing on disk": 1, "image without captions": 1,
+                       "box out of range": 1, "unknown category": 1}  # fmt: skip
+
+
+def test_kill_9_mid_run_then_resume_loses_nothing_and_resends_nothing(tmp_path, chat_server):
+    coco, out = make_coco(tmp_path / "coco", 10), tmp_path / "data.json"
+    chat_server.latency = 0.1
+    workers = 2
+    cmd = [
+        sys.executable,
+        "-m",
+        "vistune.cli",
+        *datagen_args(coco, out, *openai_args(chat_server, workers)),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(chat_server.bodies) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    with sqlite3.connect(str(out) + ".sqlite") as db:
+        done = {h for (h,) in db.execute("SELECT prompt_hash FROM requests WHERE status='done'")}
+    assert 4 <= len(done) < 30
+
+    chat_server.latency = 0.0
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ids(out) == [f"{i}_{t}" for i in range(1, 11) for t in TYPES]
+    assert len(chat_server.counts) == 30
+    for h in done:
+        assert chat_server.counts[h] == 1  # answered before the kill: never sent again
+    resent = [h for h, n in chat_server.counts.items() if n > 1]
+    assert len(resent) <= workers and not set(resent) & done  # only the ones in flight
+    assert (
+        summary(out)["per_type"]["conversation"]["cached"]
+        + summary(out)["per_type"]["conversation"].get("done", 0)
+        == 10
+    )
