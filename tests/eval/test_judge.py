@@ -80,11 +80,12 @@ def _args(files: dict[str, Path], url: str, out: Path, *extra: str) -> list[str]
     return args
 
 
-def test_judge_relative_scores_by_hand(tmp_path, write_jsonl, scripted_judge, capsys):
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_judge_relative_scores_by_hand(tmp_path, write_jsonl, scripted_judge, capsys, workers):
     files = _bench(tmp_path, write_jsonl)
     server = scripted_judge(SCRIPT, default="unexpected request")
     out = tmp_path / "out"
-    assert cli.main(_args(files, server.url, out)) == 0
+    assert cli.main(_args(files, server.url, out, "--workers", workers)) == 0
     report = json.loads((out / "report.json").read_text())
     rel = report["relative"]
     # conversation: candidate mean (6 + 9) / 2 = 7.5, reference (8 + 9) / 2 = 8.5

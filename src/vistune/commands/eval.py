@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--answers", type=Path, required=True, help="candidate answers JSONL")
     j.add_argument("--out", type=Path, required=True, help="report folder")
     j.add_argument("--repeats", type=int, default=1, help="judge runs (mean ± std, Table 5)")
+    j.add_argument("--workers", type=int, default=1, help="judge requests in flight at once")
     j.add_argument(
         "--local-judge",
         type=Path,
@@ -160,8 +161,8 @@ def run_judge(args: argparse.Namespace) -> int:
     from vistune.eval import judge
     from vistune.eval.report import markdown_table, write_run
 
-    if args.repeats < 1 or args.retries < 0:
-        raise VistuneError("--repeats must be >= 1 and --retries >= 0")
+    if args.repeats < 1 or args.retries < 0 or args.workers < 1:
+        raise VistuneError("--repeats and --workers must be >= 1, --retries >= 0")
     items = judge.load_bench(args.questions, args.context, args.reference, args.answers)
     if args.local_judge is not None:
         complete, judge_id = (
@@ -183,8 +184,9 @@ def run_judge(args: argparse.Namespace) -> int:
             raw.write(json.dumps(record, ensure_ascii=False) + "\n")
             raw.flush()
 
+        workers = args.workers if args.local_judge is None else 1
         judgements = judge.run_judge(
-            items, complete, args.repeats, args.retries, log, bar.update, done, judge_id
+            items, complete, args.repeats, args.retries, log, bar.update, done, judge_id, workers
         )
     bar.close()
     report = judge.summarize(items, judgements, args.repeats)

@@ -24,7 +24,9 @@ import hashlib
 import json
 import re
 import statistics
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -281,20 +283,42 @@ def run_judge(
     progress: Callable[[], None] | None = None,
     done: dict[tuple[int, str], Judgement] | None = None,
     judge_id: str = "",
+    workers: int = 1,
 ) -> list[Judgement]:
-    """Judge every item `repeats` times; `done` holds judgements reused from a previous run."""
-    if repeats < 1 or retries < 0:
-        raise ValueError(f"need repeats >= 1 and retries >= 0, got {repeats}, {retries}")
-    out = []
-    for r in range(repeats):
-        for item in items:
-            prior = (done or {}).get((r, item.question_id))
-            out.append(
-                prior if prior is not None else judge_one(item, r, complete, retries, log, judge_id)
-            )
-            if progress is not None:
+    """Judge every item `repeats` times, `workers` requests in flight (the client must be
+    thread-safe when > 1); `done` holds judgements reused from a previous run. Results are
+    in (repeat, item) order whatever order they finish in."""
+    if repeats < 1 or retries < 0 or workers < 1:
+        raise ValueError(f"need repeats >= 1, retries >= 0, workers >= 1; got {repeats}, "
+                         f"{retries}, {workers}")  # fmt: skip
+    done = done or {}
+    lock = threading.Lock()
+
+    def one(r: int, item: BenchItem) -> Judgement:
+        prior = done.get((r, item.question_id))
+        if prior is None:
+            prior = judge_one(item, r, complete, retries, _locked(log, lock), judge_id)
+        if progress is not None:
+            with lock:
                 progress()
-    return out
+        return prior
+
+    jobs = [(r, item) for r in range(repeats) for item in items]
+    if workers == 1:
+        return [one(r, item) for r, item in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: one(*job), jobs))
+
+
+def _locked(log: Callable[[dict], None] | None, lock: threading.Lock):
+    if log is None:
+        return None
+
+    def write(record: dict) -> None:
+        with lock:
+            log(record)
+
+    return write
 
 
 def reusable(
