@@ -1,0 +1,117 @@
+"""Frozen feature store: computed once, reused, stale and corrupt entries recomputed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vistune.errors import ImageError
+from vistune.features import FeatureStore, encoder_key, open_store, tower_features
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        path = folder / f"im{i}.png"
+        Image.new("RGB", (28, 28), (20 * i, 100, 200 - 20 * i)).save(path)
+        paths.append(path)
+    return paths
+
+
+class Counting:
+    """A fake tower: features are a function of the file's bytes; counts calls."""
+
+    def __init__(self) -> None:
+        self.seen: list[Path] = []
+
+    def __call__(self, paths: list[Path]) -> torch.Tensor:
+        out = []
+        for path in paths:
+            if path.suffix == ".bad":
+                raise ImageError(f"{path}: not an image")
+            self.seen.append(path)
+            data = np.frombuffer(path.read_bytes()[:24], dtype=np.uint8).astype(np.float32)
+            out.append(torch.from_numpy(data).reshape(4, 6) / 7.0)
+        return torch.stack(out)  # (N, 4, 6)
+
+
+def _store(root: Path) -> FeatureStore:
+    return FeatureStore(root, "enc", tokens=4, dim=6, settings={"name": "fake"})
+
+
+def test_computed_once_and_reused_across_opens(tmp_path):
+    paths = _images(tmp_path, 5)
+    tower = Counting()
+    failed = _store(tmp_path / "s").ensure(paths, tower, batch=2)
+    assert failed == {} and len(tower.seen) == 5
+    again = _store(tmp_path / "s")  # a new process / stage
+    assert again.ensure(paths, tower, batch=2) == {} and len(tower.seen) == 5
+    got = again.get(paths[::-1])
+    assert got.dtype == torch.float16 and got.shape == (5, 4, 6)
+    expected = Counting()(paths[::-1]).half()
+    assert torch.equal(got, expected)
+
+
+def test_stale_file_is_recomputed(tmp_path):
+    paths = _images(tmp_path, 3)
+    tower = Counting()
+    store = _store(tmp_path / "s")
+    store.ensure(paths, tower)
+    Image.new("RGB", (28, 28), (1, 2, 3)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # a different mtime even on coarse clocks
+    assert store.missing(paths) == [paths[1]]
+    store.ensure(paths, tower)
+    assert tower.seen[-1] == paths[1] and len(tower.seen) == 4
+    assert torch.equal(_store(tmp_path / "s").get([paths[1]]), Counting()([paths[1]]).half())
+
+
+def test_corrupt_and_truncated_shards_are_recomputed(tmp_path):
+    paths = _images(tmp_path, 4)
+    tower = Counting()
+    store = _store(tmp_path / "s")
+    store.ensure(paths[:2], tower)
+    store.ensure(paths[2:], tower)
+    shards = sorted((tmp_path / "s" / "enc").glob("shard-*.npy"))
+    assert len(shards) == 2
+    data = bytearray(shards[0].read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the last row of the first shard
+    shards[0].write_bytes(bytes(data))
+    shards[1].write_bytes(shards[1].read_bytes()[:-40])  # truncated
+    fresh = _store(tmp_path / "s")
+    assert fresh.missing(paths) == [paths[1], paths[2], paths[3]]
+    fresh.ensure(paths, tower)
+    assert len(tower.seen) == 7
+    assert fresh.missing(paths) == []
+    assert torch.equal(_store(tmp_path / "s").get(paths), Counting()(paths).half())
+
+
+def test_unreadable_images_are_reported_not_fatal(tmp_path):
+    paths = _images(tmp_path, 2)
+    bad = tmp_path / "x.bad"
+    bad.write_text("nope")
+    failed = _store(tmp_path / "s").ensure([paths[0], bad, paths[1]], Counting(), batch=3)
+    assert list(failed) == [bad]
+    assert _store(tmp_path / "s").missing(paths) == []
+
+
+def test_encoder_key_changes_with_weights_and_settings(tiny_model):
+    base = encoder_key(tiny_model.vision, {"layer": -2})
+    assert base == encoder_key(tiny_model.vision, {"layer": -2})
+    assert base != encoder_key(tiny_model.vision, {"layer": -1})
+    other = torch.nn.Linear(2, 2)
+    assert base != encoder_key(other, {"layer": -2})
+
+
+def test_real_tower_store_matches_direct_features(tiny_model, tmp_path):
+    paths = _images(tmp_path, 3)
+    store = open_store(tmp_path / "s", tiny_model)
+    assert store.ensure(paths, lambda p: tower_features(tiny_model, p)) == {}
+    direct = tower_features(tiny_model, paths)  # (3, T, Dv) fp32
+    torch.testing.assert_close(store.get(paths).float(), direct, atol=2e-3, rtol=2e-3)
+    with pytest.raises(Exception, match="no features"):
+        store.get([tmp_path / "unknown.png"])

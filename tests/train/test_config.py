@@ -1,0 +1,83 @@
+"""TrainConfig: stage defaults, validation, YAML + flags, the stage plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from vistune.cli import main
+from vistune.errors import DataError
+from vistune.train.config import TrainConfig, field_docs, load_config
+from vistune.train.optim import lr_at
+from vistune.train.stages import STAGES
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_stage_defaults_follow_the_paper():
+    pre, fine = TrainConfig(stage="pretrain"), TrainConfig(stage="finetune")
+    assert (pre.lr, pre.batch_size, pre.epochs, pre.template) == (2e-3, 128, 1, "plain")
+    assert (fine.lr, fine.batch_size, fine.epochs, fine.template) == (2e-5, 32, 3, "vicuna_v0")
+    assert pre.plan == {"vision": "frozen", "projector": "train", "llm": "frozen"}
+    assert fine.plan["llm"] == "train"
+    assert TrainConfig(stage="finetune", lora_r=8).plan == STAGES["finetune_lora"]
+
+
+def test_validation_names_the_problem():
+    with pytest.raises(ValueError, match="unknown stage 'pretrian'; valid: pretrain, finetune"):
+        TrainConfig(stage="pretrian")
+    with pytest.raises(ValueError, match="per_device_batch must be at least 1"):
+        TrainConfig(per_device_batch=0)
+    with pytest.raises(ValueError, match="lora_r applies to the finetune stage"):
+        TrainConfig(stage="pretrain", lora_r=4)
+
+
+def test_yaml_with_flags_overriding(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: finetune\nlr: 2e-4\nbatch_size: 16\nmax_steps: 5\n")
+    cfg = load_config(path, {"max_steps": 9, "lr": None})
+    assert (cfg.stage, cfg.lr, cfg.batch_size, cfg.max_steps, cfg.epochs) == (
+        "finetune",
+        2e-4,
+        16,
+        9,
+        3,
+    )
+    path.write_text("stage: pretrain\nlearning_rate: 1\n")
+    with pytest.raises(DataError, match=r"c.yaml: unknown config keys: learning_rate"):
+        load_config(path, {})
+    path.write_text("lr: fast\n")
+    with pytest.raises(DataError, match="lr must be a float"):
+        load_config(path, {})
+
+
+def test_every_field_is_a_documented_flag(tmp_path, capsys):
+    docs = field_docs()
+    assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name", ["scenes/pretrain", "scenes/finetune", "paper/pretrain", "paper/finetune"]
+)
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", {})
+    assert cfg.stage == name.split("/")[1]
+    if name.startswith("paper"):
+        assert cfg.lr == (2e-3 if cfg.stage == "pretrain" else 2e-5)
+        assert cfg.batch_size == (128 if cfg.stage == "pretrain" else 32)
+
+
+def test_cosine_schedule_with_warmup():
+    total, peak = 100, 1.0
+    lrs = [lr_at(s, total, peak, 0.03) for s in range(total)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[3] == pytest.approx(1.0)
+    middle = 3 + (total - 3) // 2
+    assert lrs[middle] == pytest.approx(0.5 * (1 + math.cos(math.pi * (middle - 3) / 97)))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    assert lrs[-1] < 0.01

@@ -1,0 +1,114 @@
+"""LLaVA JSON -> samples: skips by reason, truncation that never cuts the image, grouping."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train.conftest import write_dataset
+from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vistune.data.dataset import (
+    SkipError,
+    build_samples,
+    global_batches,
+    micro_batches,
+    padding_share,
+    truncate,
+)
+from vistune.errors import DataError
+
+BAD_ROWS = [
+    {
+        "id": "no-file",
+        "image": "missing.png",
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}],
+    },
+    {"id": "empty", "image": "img000.png", "conversations": []},
+    {
+        "id": "no-placeholder",
+        "image": "img000.png",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"}],
+    },
+    {
+        "id": "no-image",
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}],
+    },
+    {
+        "id": "long",
+        "image": "img000.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + "word " * 400},
+            {"from": "gpt", "value": "x"},
+        ],
+    },
+    "not an object",
+]
+
+
+def test_bad_rows_are_skipped_and_counted(tiny_model, tmp_path):
+    data = write_dataset(tmp_path, n=6, extra_rows=BAD_ROWS)
+    import json
+
+    rows = json.loads(data.read_text())
+    samples, skipped = build_samples(
+        rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, image_tokens=4, max_length=128
+    )
+    assert len(samples) == 6
+    assert dict(skipped) == {
+        "missing_image": 1,
+        "empty_conversation": 1,
+        "image_without_placeholder": 1,
+        "placeholder_without_image": 1,
+        "too_long": 1,
+        "malformed": 1,
+    }
+    for s in samples:
+        assert s.input_ids.count(IMAGE_TOKEN_ID) == 1
+        assert s.length == len(s.input_ids) + 3
+        assert s.targets == sum(label != IGNORE_INDEX for label in s.labels[1:]) > 0
+    with pytest.raises(DataError, match="sample no-file"):
+        build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
+
+
+def test_truncation_keeps_image_and_cuts_text_from_the_end():
+    ids = [1, IMAGE_TOKEN_ID, 2, 3, 4, 5, 6, 7]
+    labels = [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5, 6, 7]
+    cut_ids, cut_labels = truncate(ids, labels, image_tokens=10, max_length=14, where="s")
+    assert cut_ids == [1, IMAGE_TOKEN_ID, 2, 3, 4]  # 5 - 1 + 10 = 14 positions
+    assert cut_labels == labels[:5]
+    assert truncate(ids, labels, 10, 20, "s") == (ids, labels)
+    with pytest.raises(SkipError, match="exceed") as err:
+        truncate(ids, labels, image_tokens=10, max_length=12, where="s")
+    assert err.value.reason == "too_long"
+
+
+def test_global_batches_are_seeded_sorted_and_cover_each_epoch():
+    lengths = [5, 50, 7, 30, 9, 12, 80, 3, 41, 22]
+    first = global_batches(lengths, 4, epoch=0, seed=1)
+    assert first == global_batches(lengths, 4, epoch=0, seed=1)
+    assert first != global_batches(lengths, 4, epoch=1, seed=1)
+    assert len(first) == 2 and len({i for b in first for i in b}) == 8  # last 2 dropped
+    for batch in first:
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+
+
+def test_micro_batches_split_one_global_batch_over_ranks():
+    batch = [7, 6, 5, 4, 3, 2, 1, 0]
+    assert micro_batches(batch, 2, world=1, rank=0) == [[7, 6], [5, 4], [3, 2], [1, 0]]
+    ranks = [micro_batches(batch, 2, world=2, rank=r) for r in range(2)]
+    assert ranks == [[[7, 6], [3, 2]], [[5, 4], [1, 0]]]
+    assert sorted(i for r in ranks for m in r for i in m) == sorted(batch)
+
+
+def test_length_grouping_reduces_padding():
+    lengths = [10 * (i % 7) + 5 for i in range(64)]
+
+    def share(group: bool) -> float:
+        pads = totals = 0
+        for batch in global_batches(lengths, 16, 0, 0, group):
+            micro = [[lengths[i] for i in m] for m in micro_batches(batch, 4, 1, 0)]
+            pad, total = padding_share(micro)
+            pads, totals = pads + pad, totals + total
+        return pads / totals
+
+    assert share(True) < 0.5 * share(False)
+    assert padding_share([[3, 5], [2]]) == (2, 12)
