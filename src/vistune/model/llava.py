@@ -16,6 +16,7 @@ IGNORE_INDEX over the image, then padding (right for training, left for generati
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,11 +221,17 @@ class LlavaModel(nn.Module):
         image_features: torch.Tensor | None = None,
         labels: list[list[int]] | None = None,
         pixel_values: torch.Tensor | None = None,
+        supervised_logits_only: bool = False,
     ) -> LlavaOutput:
         """Logits (B, L, V) for a right-padded batch; loss when `labels` are given.
 
         Images come either as tower features (N, T, Dv) (e.g. from the feature store) or as
         pixels (N, 3, S, S) run through the frozen tower here.
+
+        With `supervised_logits_only` (training), the LM head runs only at the positions
+        that predict a supervised token, and `logits` is (N_supervised, V): the image and
+        prompt tokens, most of a stage-1 sequence, never touch the vocabulary matrix.
+        The loss is the same as the full path's.
         """
         if pixel_values is not None:
             if image_features is not None:
@@ -232,6 +239,8 @@ class LlavaModel(nn.Module):
             image_features = self.image_features(pixel_values)
         image_embeds = None if image_features is None else self.project(image_features)
         spliced = self.splice(input_ids, image_embeds, labels, padding_side="right")
+        if supervised_logits_only and spliced.labels is not None and self._keeps_logits:
+            return self._supervised_forward(spliced)
         out = self.llm(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
@@ -240,6 +249,29 @@ class LlavaModel(nn.Module):
         )
         logits = out.logits  # (B, L, V)
         loss = None if spliced.labels is None else causal_lm_loss(logits, spliced.labels)
+        return LlavaOutput(loss=loss, logits=logits)
+
+    @property
+    def _keeps_logits(self) -> bool:
+        """Whether the LLM's forward takes `logits_to_keep` (transformers >= 4.50 models)."""
+        return "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+
+    def _supervised_forward(self, spliced: Spliced) -> LlavaOutput:
+        labels = spliced.labels  # (B, L)
+        keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, L) positions that predict
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        out = self.llm(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
+        logits = out.logits  # (N_supervised, V)
+        if logits.shape[0] == 0:
+            return LlavaOutput(loss=spliced.inputs_embeds.sum() * 0.0, logits=logits)
+        targets = labels[:, 1:][keep[:, :-1]]  # (N_supervised,)
+        loss = F.cross_entropy(logits.float(), targets)
         return LlavaOutput(loss=loss, logits=logits)
 
 
