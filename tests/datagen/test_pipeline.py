@@ -264,3 +264,34 @@ def test_kill_9_mid_run_then_resume_loses_nothing_and_resends_nothing(tmp_path, 
         + summary(out)["per_type"]["conversation"].get("done", 0)
         == 10
     )
+
+
+def test_pairs_make_brief_samples_only(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("image\tcaption\na.png\tA black square.\nmissing.png\tA cat.\nb.png\t\n")
+    out = tmp_path / "brief.json"
+    assert (
+        main(["datagen", "--pairs", str(pairs), "--types", "brief,brief", "--out", str(out)]) == 0
+    )
+    (sample,) = json.loads(out.read_text())
+    assert (
+        sample["id"] == "a.png_brief" and sample["conversations"][1]["value"] == "A black square."
+    )
+    assert summary(out)["skipped"] == {"image missing on disk": 1, "empty caption": 1}
+    args = ["datagen", "--pairs", str(pairs), "--types", "brief,detail", "--teacher", "rules"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "--pairs has captions only: use --types brief" in capsys.readouterr().err
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    coco = make_coco(tmp_path / "coco", 1)
+    out = str(tmp_path / "o.json")
+    assert main(datagen_args(coco, Path(out), types=("complex",))) == 2
+    assert "needs a --teacher" in capsys.readouterr().err
+    assert main(datagen_args(coco, Path(out), "--teacher", "openai", types=("complex",))) == 2
+    assert "--teacher openai needs --model NAME" in capsys.readouterr().err
+    assert main(["datagen", "--coco", str(tmp_path), "--types", "poem", "--out", out]) == 2
+    assert "unknown --types poem" in capsys.readouterr().err
+    assert main(["datagen", "--coco", str(tmp_path), "--types", "brief", "--out", out]) == 2
+    assert "no annotations/ folder" in capsys.readouterr().err

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from vistune.datagen.pipeline import ALL_TYPES, DatagenConfig, run_datagen
     from vistune.datagen.store import Store
 
-    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    types = tuple(dict.fromkeys(t.strip() for t in args.types.split(",") if t.strip()))
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown or not types:
         raise VistuneError(f"unknown --types {','.join(unknown)}; valid: {', '.join(ALL_TYPES)}")
@@ -179,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
         raise EndpointError(
             f"{summary.aborted}. Wrote {summary.written} finished samples to {args.out}; "
             f"{summary.remaining} requests remain: rerun the same command to resume."
+        )
+    if summary.remaining:
+        print(
+            f"{summary.remaining} requests failed: rerun the same command to retry them",
+            file=sys.stderr,
         )
     print(f"wrote {summary.written} samples to {args.out} (store: {db})")
     return 0

@@ -56,6 +56,8 @@ class DatagenConfig:
         unknown = [t for t in self.types if t not in ALL_TYPES]
         if unknown or not self.types:
             raise ValueError(f"unknown types {unknown}; valid: {', '.join(ALL_TYPES)}")
+        if len(set(self.types)) != len(self.types):
+            raise ValueError(f"types repeat: {', '.join(self.types)}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.limit is not None and self.limit < 1:
