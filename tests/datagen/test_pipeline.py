@@ -17,6 +17,7 @@ from PIL import Image
 from vistune.cli import main
 from vistune.datagen.context import Box, ImageContext
 from vistune.datagen.naive import DETAIL_QUESTIONS
+from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.pipeline import (
     DatagenConfig,
     build_messages,
@@ -26,7 +27,7 @@ from vistune.datagen.pipeline import (
     screen_contexts,
 )
 from vistune.datagen.store import Key, Store, prompt_hash
-from vistune.datagen.teachers import OpenAITeacher
+from vistune.datagen.teachers import OpenAITeacher, Teacher
 
 from .conftest import messages_hash
 
@@ -295,3 +296,25 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert "unknown --types poem" in capsys.readouterr().err
     assert main(["datagen", "--coco", str(tmp_path), "--types", "brief", "--out", out]) == 2
     assert "no annotations/ folder" in capsys.readouterr().err
+
+
+class TruncatingTeacher(Teacher):
+    name = "fake"
+    concurrent = False
+
+    def respond(self, request):
+        if request.context.image_id == "1":
+            raise RejectedOutput("truncated", "8 new tokens", raw="Question: Why")
+        return "Question: Why?\nAnswer: Because."
+
+
+def test_answers_a_teacher_refuses_are_rejected_with_their_text(tmp_path):
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2)]
+    config = DatagenConfig(types=("complex",), workers=4, check_images=False)
+    with Store(tmp_path / "s.sqlite") as store:
+        result = run_datagen(contexts, TruncatingTeacher(), store, tmp_path / "o.json", config)
+    assert dict(result.per_type["complex"]) == {"done": 1, "rejected": 1, "rejected: truncated": 1}
+    (line,) = (tmp_path / "o.rejected.jsonl").read_text().splitlines()
+    assert json.loads(line)["response"] == "Question: Why" and ids(tmp_path / "o.json") == [
+        "2_complex"
+    ]

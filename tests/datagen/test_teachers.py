@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vistune.datagen.context import Box, ImageContext
-from vistune.datagen.parse import parse_description, parse_pairs, parse_response
+from vistune.datagen.parse import RejectedOutput, parse_description, parse_pairs, parse_response
 from vistune.datagen.pipeline import build_messages
 from vistune.datagen.teachers import (
     TEACHERS,
@@ -158,8 +158,12 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
     assert teacher.name == f"local:{tiny_lm_dir.name}" and not teacher.concurrent
     assert teacher._model is None  # loads on first use
     req = request("conversation")
-    text = teacher.respond(req)
-    assert text == teacher.respond(req)
+    with pytest.raises(RejectedOutput) as first:  # a random tiny LM never stops by itself
+        teacher.respond(req)
+    with pytest.raises(RejectedOutput) as second:
+        teacher.respond(req)
+    assert first.value.reason == "truncated" and first.value.raw == second.value.raw
+    text = first.value.raw
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
@@ -169,5 +173,6 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, do_sample=False, max_new_tokens=8, pad_token_id=1)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 8 and out[0, -1].item() != 2
     expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert text == expected

@@ -34,6 +34,7 @@ REASONS = {
     "format": "Question:/Answer: markers in a description",
     "meta_talk": "talks about its sources or itself instead of the picture",
     "box_leak": "box coordinates leak into the text",
+    "truncated": "the answer was cut off by the token limit",
 }
 
 _MARKER = re.compile(r"^[ \t>*_#-]*(question|answer)[*_ \t]*:[*_]*[ \t]*", re.I | re.M)
@@ -49,8 +50,10 @@ _BOX = re.compile(r"\bcoordinates?\b|\[\s*-?\d*\.?\d+\s*,\s*-?\d*\.?\d+|\b[01]\.
 class RejectedOutput(Exception):
     """Teacher output that fails validation; `reason` is a key of REASONS."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", raw: str | None = None) -> None:
         self.reason = reason
+        self.raw = raw
+        """The teacher's text, when the teacher itself rejects it (e.g. truncated)."""
         super().__init__(f"{reason}: {REASONS[reason]}" + (f" ({detail})" if detail else ""))
 
 

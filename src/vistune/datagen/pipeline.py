@@ -233,14 +233,18 @@ class _Run:
             }
         )
 
+    def rejected_answer(self, request: Request, key: Key, reason: str, raw: str | None) -> None:
+        """Commit a fresh answer that failed validation, keeping its text."""
+        self.store.finish(key, "rejected", response=raw, reason=reason)
+        self.count(key.type, "rejected", reason)
+        self.reject(request, key, reason, raw)
+
     def settle(self, request: Request, key: Key, raw: str) -> None:
         """Parse a fresh answer and commit it as done or rejected."""
         try:
             turns = parse_response(request.response_type, raw, request.question)
         except RejectedOutput as err:
-            self.store.finish(key, "rejected", response=raw, reason=err.reason)
-            self.count(key.type, "rejected", err.reason)
-            self.reject(request, key, err.reason, raw)
+            self.rejected_answer(request, key, err.reason, raw)
             return
         sample = {"id": f"{key.image_id}_{key.type}", "image": request.context.image,
                   "conversations": turns}  # fmt: skip
@@ -350,6 +354,9 @@ def _send(
 def _settle_future(run: _Run, future: Future, request: Request, key: Key) -> None:
     try:
         raw = future.result()
+    except RejectedOutput as err:  # the teacher itself refused its answer (truncated)
+        run.rejected_answer(request, key, err.reason, err.raw)
+        return
     except EndpointError as err:
         run.store.finish(key, "failed", reason=str(err))
         run.count(key.type, "failed")

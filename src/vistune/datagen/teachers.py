@@ -7,7 +7,8 @@ format (so one parser, `vistune.datagen.parse`, reads all of them):
 - `openai`: any OpenAI-compatible chat-completions endpoint through `ChatClient` (the
   paper's path; GPT-4-class APIs, vLLM, llama.cpp servers);
 - `local`: a Hugging Face causal LM in this process, greedy, through its chat template
-  (default: the packaged SmolLM2-135M-Instruct; loads on first use);
+  (default: the packaged SmolLM2-135M-Instruct; loads on first use); an answer cut off
+  by `max_new_tokens` is rejected as "truncated" (greedy would repeat it);
 - `rules`: a deterministic generator from the captions and boxes: counts, positions,
   sizes, relative positions and colours named in the captions. It is not an LLM and says
   so in its name, which is recorded in the store and the run summary.
@@ -26,6 +27,7 @@ from typing import Any
 
 from vistune.chat_client import ChatClient
 from vistune.datagen.context import Box, ImageContext
+from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.store import prompt_hash
 
 
@@ -114,7 +116,10 @@ class LocalTeacher(Teacher):
                     **enc, do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad
                 )  # (1, T + new)
             new = out[0, enc["input_ids"].shape[1] :]
-            return tok.decode(new, skip_special_tokens=True).strip()
+            text = tok.decode(new, skip_special_tokens=True).strip()
+        if len(new) >= self.max_new_tokens and new[-1].item() != tok.eos_token_id:
+            raise RejectedOutput("truncated", f"{self.max_new_tokens} new tokens", raw=text)
+        return text
 
     def close(self) -> None:
         self._model = None
