@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "weights": "weights",
     "train": "train",
     "features": "features",
+    "chat": "chat",
 }
 
 

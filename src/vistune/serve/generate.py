@@ -148,6 +148,13 @@ class Generator:
         params = inspect.signature(llm.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
+    def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
+        """Stops that are added/special tokens (e.g. "<|im_end|>") match by id, since
+        special tokens are skipped when decoding; the rest match on the text."""
+        added = getattr(self.tokenizer, "get_added_vocab", dict)()
+        text_stops = tuple(s for s in stops if s and s not in added)
+        return text_stops, {added[s] for s in stops if s in added}
+
     @torch.inference_mode()
     def _forward(
         self,
@@ -198,8 +205,8 @@ class Generator:
                 f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
             )
         batch = inputs_embeds.shape[0]
-        stops = tuple(s for s in (*stop, *config.stop) if s)
-        states = [_TextState(self.tokenizer, stops) for _ in range(batch)]
+        text_stops, stop_ids = self._split_stops((*stop, *config.stop))
+        states = [_TextState(self.tokenizer, text_stops) for _ in range(batch)]
         rng = torch.Generator(device=inputs_embeds.device)
         if config.seed is None:
             rng.seed()
@@ -222,6 +229,8 @@ class Generator:
                 reason = None
                 if token in self.eos:
                     reason = "eos"
+                elif token in stop_ids:
+                    reason = "stop"
                 else:
                     state.push(token)
                     if state.stopped:

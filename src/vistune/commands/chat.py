@@ -1,0 +1,132 @@
+"""`vistune chat`: talk to a model about an image.
+
+    vistune chat --model default --image photo.jpg --prompt "What is in the picture?"
+    vistune chat --model runs/finetune --image photo.jpg      # interactive, streamed
+
+Interactive commands: `/image PATH` switches images (and starts a new conversation, since
+the image belongs to the first turn, paper §3 / Table 2), `/image` alone drops the image,
+`/clear` starts over, `/exit` (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vistune.errors import VistuneError
+
+HELP = "Chat with a model about an image (one answer with --prompt, else interactive)."
+
+DTYPES = ("bf16", "fp32")
+INTERACTIVE_HELP = "/image PATH switches image, /clear starts over, /exit or Ctrl-D quits"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vistune.data.conversation import TEMPLATES
+
+    parser.add_argument(
+        "--model", default="default", help='model directory, or "default" (packaged base)'
+    )
+    parser.add_argument("--image", help="image file to talk about")
+    parser.add_argument("--prompt", help="ask one question, print the answer and exit")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
+    parser.add_argument(
+        "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="bf16", help="bf16 (faster on CPU) or fp32"
+    )
+    parser.add_argument("--seed", type=int, help="seed for sampling (temperature > 0)")
+
+
+def _generation_config(args: argparse.Namespace):
+    from vistune.config import GenerationConfig
+
+    try:
+        return GenerationConfig(
+            max_new_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as exc:  # a bad flag value is the user's to fix
+        raise VistuneError(str(exc).replace("max_new_tokens", "--max-tokens")) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vistune.data.image import load_image
+    from vistune.model import DEFAULT_SPEC, load_model
+    from vistune.serve.engine import Engine
+
+    config = _generation_config(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise VistuneError("the prompt is empty")
+    image = load_image(args.image) if args.image else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    model = load_model(args.model, dtype=dtype)
+    if not getattr(model, "projector_trained", True):
+        which = "the packaged base model" if args.model == DEFAULT_SPEC else args.model
+        print(
+            f"vistune: note: {which} has an untrained projector, so its answers ignore the image",
+            file=sys.stderr,
+        )
+    engine = Engine(model, dtype=dtype, template=args.template)
+    if args.prompt is not None:
+        print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
+        return 0
+    return _interactive(engine, image, config)
+
+
+def _interactive(engine, image, config) -> int:
+    """Read questions until /exit or EOF; stream each answer; keep the conversation."""
+    from vistune.data.image import load_image
+
+    print(f"vistune chat: {INTERACTIVE_HELP}", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/clear":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image") :].strip()
+            try:
+                image = load_image(path) if path else None
+            except VistuneError as err:
+                print(f"vistune: error: {err}", file=sys.stderr)
+                continue
+            history = []
+            print(f"(image: {path or 'none'}; new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {INTERACTIVE_HELP}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        history.append(
+            {"role": "assistant", "content": _stream_answer(engine, history, image, config)}
+        )
+
+
+def _stream_answer(engine, history: list[dict], image, config) -> str:
+    pieces = []
+    try:
+        for piece in engine.stream(history, image, config):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+    except KeyboardInterrupt:
+        print(" (interrupted)", end="")
+    print(flush=True)
+    return "".join(pieces)
