@@ -84,7 +84,7 @@ def test_missing_image_listed(bench, tmp_path):
 def fake_engine(monkeypatch):
     engine = FakeEngine()
     monkeypatch.setattr(answer, "require_engine", lambda: None)
-    monkeypatch.setattr(answer, "load_engine", lambda model: engine)
+    monkeypatch.setattr(answer, "load_engine", lambda model, batch_size=8: engine)
     return engine
 
 
@@ -127,3 +127,27 @@ def test_cli_without_engine_is_clear(bench, tmp_path, capsys, monkeypatch):
                    str(tmp_path / "a.jsonl")])  # fmt: skip
     assert rc == 2
     assert "needs the generation engine (vistune.serve.engine)" in capsys.readouterr().err
+
+
+def test_cli_answer_with_the_real_engine(bench, tmp_path, tiny_model):
+    """The real engine on the tiny model: the command's answers are the engine's answers to
+    the same requests, in question order."""
+    from vistune.data.image import load_image
+    from vistune.model.llava import LlavaModel
+    from vistune.serve.engine import Engine
+
+    q_path, questions = bench
+    model_dir = tiny_model.save(tmp_path / "model")
+    out = tmp_path / "answers.jsonl"
+    rc = cli.main(["eval", "answer", "--model", str(model_dir), "--questions", str(q_path),
+                   "--out", str(out), "--max-new-tokens", "5", "--batch-size", "5"])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    engine = Engine(LlavaModel.load(model_dir))
+    requests = [(answer.messages_for(q), load_image(tmp_path / q["image"]) if q["image"] else None)
+                for q in questions]  # fmt: skip
+    want = engine.answer_batch(requests, GenerationConfig(max_new_tokens=5, seed=0))
+    assert [r["text"] for r in rows] == [w.strip() for w in want]
+    assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["model_id"] == "model"
+    assert all(r["text"] for r in rows)  # the tiny model says something (not a vacuous match)

@@ -166,3 +166,20 @@ def test_scenes_answers_must_match(coco, tmp_path, write_jsonl, capsys):
                    "--answers", str(tmp_path / "a.jsonl")])  # fmt: skip
     assert rc == 2
     assert "does not match the questions; missing ids: 1, 2, 3" in capsys.readouterr().err
+
+
+def test_scenes_with_a_model(coco, tmp_path, tiny_model):
+    """--model answers the questions with the engine (tiny random model), then scores them."""
+    model_dir = tiny_model.save(tmp_path / "model")
+    out = tmp_path / "sc"
+    rc = cli.main(["eval", "scenes", "--coco", str(coco), "--images", "2", "--out", str(out),
+                   "--model", str(model_dir), "--max-new-tokens", "3"])  # fmt: skip
+    assert rc == 0
+    questions = _jsonl(out / "questions.jsonl")
+    answers = _jsonl(out / "answers.jsonl")
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["all"] == len(questions)
+    right = sum(scenes.matches(q["category"], q["answer"], a["text"])
+                for q, a in zip(questions, answers, strict=True))  # fmt: skip
+    assert report["accuracy"]["all"] == pytest.approx(100 * right / len(questions))

@@ -224,17 +224,6 @@ def test_duplicate_and_malformed_predictions(tmp_path, problems, capsys, sqa_fil
     assert f"predictions file is empty: {empty}" in capsys.readouterr().err
 
 
-def test_model_flag_without_engine_is_clear(sqa_files, tmp_path, capsys, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("vistune.serve.engine") is not None:
-        pytest.skip("the engine exists: --model generates (tested in test_scienceqa_generate)")
-    rc = _run(["--problems", str(sqa_files[0]), "--splits", str(sqa_files[1]), "--model",
-               str(tmp_path), "--out", str(tmp_path / "o")])  # fmt: skip
-    assert rc == 2
-    assert "needs the generation engine" in capsys.readouterr().err
-
-
 def test_cli_judge_ensemble(sqa_files, tmp_path, write_jsonl, scripted_judge):
     ours = write_jsonl(
         tmp_path / "o.jsonl", [{"question_id": k, "text": v} for k, v in OURS.items()]

@@ -222,7 +222,7 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                               temperature=args.answer_temperature,
                               seed=getattr(args, "seed", 0))  # fmt: skip
-    engine = load_engine(args.model)
+    engine = load_engine(args.model, args.batch_size)
     bar = _progress(len(questions), "answering")
     try:
         rows = answer_questions(engine, questions, images, out, config, Path(args.model).name,

@@ -39,13 +39,13 @@ def require_engine() -> None:
         )
 
 
-def load_engine(model: str | Path) -> AnswerEngine:
-    """`vistune.model.load_model(model)` wrapped in the serving engine (bf16)."""
+def load_engine(model: str | Path, batch_size: int = 8) -> AnswerEngine:
+    """`vistune.model.load_model(model)` (a folder or "default") in the serving engine (bf16)."""
     require_engine()
     from vistune.model import load_model
     from vistune.serve.engine import Engine
 
-    return Engine(load_model(model))
+    return Engine(load_model(model), batch_size=batch_size)
 
 
 def messages_for(question: dict) -> list[dict]:
