@@ -47,15 +47,23 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
-def _generation_flags(p: argparse.ArgumentParser) -> None:
+def _answer_flags(p: argparse.ArgumentParser) -> None:
+    """Generation settings for --model (seeded by --seed where the subcommand has one)."""
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    _add_answer(sub)
+    _add_judge(sub)
+    _add_scienceqa(sub)
+    _add_build(sub)
+    _add_scenes(sub)
+
+
+def _add_judge(sub: argparse._SubParsersAction) -> None:
     j = sub.add_parser("judge", help="LLaVA-Bench relative scores from a judge model")
     j.add_argument("--questions", type=Path, required=True, help="questions JSONL")
     j.add_argument("--context", type=Path, required=True, help="context JSONL (captions/boxes)")
@@ -77,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _client_flags(j, "")
 
+
+def _add_scienceqa(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("scienceqa", help="ScienceQA accuracy (Table 7), optionally ensembled")
     s.add_argument("--problems", type=Path, required=True, help="problems.json")
     s.add_argument("--splits", type=Path, required=True, help="pid_splits.json")
@@ -93,14 +103,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
     _client_flags(s, "judge-")
+    _answer_flags(s)
 
+
+def _add_answer(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("answer", help="answer a LLaVA-Bench question file with a model")
     a.add_argument("--model", required=True, help="model folder (or `default`)")
     a.add_argument("--questions", type=Path, required=True, help="questions JSONL")
     a.add_argument("--images", type=Path, help="image folder (default: the questions' folder)")
     a.add_argument("--out", type=Path, required=True, help="answers JSONL to write")
-    _generation_flags(a)
+    _answer_flags(a)
 
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build a LLaVA-Bench (COCO)-style benchmark with a teacher")
     b.add_argument("--coco", type=Path, required=True, help="COCO-layout folder")
     b.add_argument("--split", default="val")
@@ -111,6 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--out", type=Path, required=True, help="benchmark folder")
     _client_flags(b, "")
 
+
+def _add_scenes(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("scenes", help="exact-answer questions on held-out built-in scenes")
     c.add_argument("--coco", type=Path, required=True, help="a `vistune scenes` folder")
     c.add_argument("--split", default="val")
@@ -121,10 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how = c.add_mutually_exclusive_group()
     how.add_argument("--answers", type=Path, help="answers JSONL {question_id, text}")
     how.add_argument("--model", help="model folder to answer with")
-    for parser_ in (s, c):
-        parser_.add_argument("--batch-size", type=int, default=8, help="questions per batch")
-        parser_.add_argument("--max-new-tokens", type=int, default=512)
-        parser_.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
+    _answer_flags(c)
 
 
 def _config(args: argparse.Namespace) -> dict:
