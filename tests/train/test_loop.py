@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,3 +27,137 @@ def test_pretrain_trains_projector_only(tiny_data, tiny_model_dir, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert {"loss", "lr", "tokens_per_s", "samples_per_s", "padding_share"} <= set(log[0])
+
+
+def _llm(model_dir):
+    return load_file(str(model_dir / "llm" / "model.safetensors"))
+
+
+def test_bf16_pretrain_then_finetune_from_its_output(tiny_data, tiny_model_dir, tmp_path):
+    feats = tmp_path / "feats"
+    pre = TrainConfig(
+        **tiny_args(tiny_data, tmp_path / "pre", feats, tiny_model_dir, precision="bf16")
+    )
+    train(pre)
+    shards = sorted(p.name for p in feats.rglob("shard-*.npy"))
+    assert len(shards) == 1
+    # the frozen LLM trained in bf16 but is exported exactly as it came in
+    before, after = _llm(tiny_model_dir), _llm(tmp_path / "pre" / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((tmp_path / "pre" / "model" / "config.json").read_text())
+    assert config["model"]["template"] == "plain" and config["projector_trained"]
+
+    fine = TrainConfig(
+        **tiny_args(
+            tiny_data, tmp_path / "fine", feats, tmp_path / "pre", stage="finetune", lr=1e-3
+        )
+    )
+    result = train(fine)
+    assert sorted(p.name for p in feats.rglob("shard-*.npy")) == shards  # features reused
+    tuned = _llm(result.model_dir)
+    assert any(not torch.equal(before[k], tuned[k]) for k in before)
+    from vistune.model.llava import LlavaModel
+
+    loaded = LlavaModel.load(result.model_dir)
+    assert loaded.config.template == "vicuna_v0"
+    saved = json.loads((tmp_path / "fine" / "train_config.json").read_text())
+    assert saved["stage"] == "finetune" and saved["lr"] == 1e-3
+    assert (tmp_path / "fine" / "summary.json").is_file()
+
+
+def test_lora_finetune_merges_into_the_llm(tiny_data, tiny_model_dir, tmp_path):
+    cfg = TrainConfig(
+        **tiny_args(
+            tiny_data,
+            tmp_path / "lora",
+            tmp_path / "f",
+            tiny_model_dir,
+            stage="finetune",
+            lora_r=4,
+            lr=1e-2,
+            max_steps=3,
+        )
+    )
+    result = train(cfg)
+    before, after = _llm(tiny_model_dir), _llm(result.model_dir)
+    assert set(before) == set(after)  # plain LLM tensors: merged, no lora_A/lora_B left
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("proj" in k for k in changed)
+    split = TrainConfig(
+        **tiny_args(
+            tiny_data,
+            tmp_path / "split",
+            tmp_path / "f",
+            tiny_model_dir,
+            stage="finetune",
+            lora_r=4,
+            lr=1e-2,
+            max_steps=3,
+            lora_merge=False,
+        )
+    )
+    train(split)
+    assert (tmp_path / "split" / "adapter" / "adapter_config.json").is_file()
+    base = _llm(tmp_path / "split" / "model")
+    assert all(torch.equal(before[k], base[k]) for k in before)
+
+
+def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
+    from tests.train.conftest import write_dataset
+    from tests.train.test_dataset import BAD_ROWS
+    from vistune.errors import DataError
+
+    data = write_dataset(tmp_path / "d", n=8, extra_rows=BAD_ROWS)
+    corrupt = tmp_path / "d" / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    rows = json.loads(data.read_text())
+    rows.append(
+        {"id": "corrupt", "image": "corrupt.png", "conversations": rows[0]["conversations"]}
+    )
+    data.write_text(json.dumps(rows))
+    args = tiny_args(
+        data,
+        tmp_path / "out",
+        tmp_path / "f",
+        tiny_model_dir,
+        model_max_length=128,
+        template="vicuna_v0",
+    )
+    result = train(TrainConfig(**args))
+    assert result.samples == 8
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {
+        "missing_image": 1,
+        "empty_conversation": 1,
+        "image_without_placeholder": 1,
+        "placeholder_without_image": 1,
+        "too_long": 1,
+        "malformed": 1,
+        "bad_image": 1,
+    }
+    with pytest.raises(DataError, match="sample no-file"):
+        train(TrainConfig(**{**args, "out": str(tmp_path / "strict"), "strict": True}))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    from vistune.errors import VistuneError
+    from vistune.train import loop
+
+    original, calls = loop._micro_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        value = original(*args, **kwargs)
+        return float("nan") if len(calls) == 9 else value  # step 5, first micro-batch
+
+    monkeypatch.setattr(loop, "_micro_step", poisoned)
+    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir, save_every=2)
+    with pytest.raises(VistuneError, match=r"loss is nan at step 5.*step-00000004"):
+        train(TrainConfig(**args))
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000004"]
+    assert not (tmp_path / "out" / "model").exists()
+    with pytest.raises(VistuneError, match="already has checkpoints; add --resume"):
+        train(TrainConfig(**args))

@@ -28,6 +28,7 @@ from vistune.train.stages import STAGE_DEFAULTS, STAGES
 PRECISIONS = ("bf16", "fp32")
 DATA_FORMATS = ("llava", "scienceqa")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTIONS = ("auto", "eager", "sdpa")
 
 
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
@@ -123,6 +124,10 @@ class TrainConfig:
     """`auto` (CUDA if present, else CPU), `cpu` or `cuda`."""
     plot: bool = True
     """Write the loss curve PNG at the end."""
+    attention: str = "auto"
+    """LLM attention kernel: `auto` (eager on CPU, where it is faster for short sequences; sdpa on GPU), `eager`, `sdpa`."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default); 1 can be much faster on an oversubscribed CPU."""
 
     def __post_init__(self) -> None:
         _check_choice("stage", self.stage, tuple(STAGE_DEFAULTS))
@@ -132,6 +137,7 @@ class TrainConfig:
         _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("attention", self.attention, ATTENTIONS)
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -143,8 +149,8 @@ class TrainConfig:
         for name in (*positive, "save_every", "keep_last", "feature_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.lora_r < 0:
-            raise ValueError("max_steps and lora_r must be >= 0")
+        if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0:
+            raise ValueError("max_steps, lora_r and threads must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

@@ -10,14 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vistune.train.distributed import barrier
 from vistune.train.setup import apply_stage, build_model
 
 
-def finalize(model: Any, lora: bool, merge: bool, checkpointing: bool, out: Path) -> Any:
-    """Undo training-only wrappers: merge or split off LoRA, drop checkpointing."""
+def finalize(
+    model: Any, lora: bool, merge: bool, checkpointing: bool, attention: str, out: Path
+) -> Any:
+    """Undo training-only settings: merge or split off LoRA, checkpointing, attention."""
+    model.llm.set_attn_implementation(attention)
     if checkpointing:
         model.llm.gradient_checkpointing_disable()
     if lora:
@@ -44,9 +48,20 @@ def export_model(run: Any, say: Any) -> Path:
             model = build_model(cfg, say)
             apply_stage(model, cfg)
             TrainStep(model).load_state_dict(full)
+    elif info.is_main and model.llm.dtype != torch.float32:
+        # The frozen LLM trained in bf16: take the exact fp32 one from `init` again.
+        trained = {
+            n: p.detach().cpu()
+            for n, p in run.step_module.named_parameters()
+            if n in set(run.trainable)
+        }
+        model = build_model(cfg, say)
+        apply_stage(model, cfg)
+        TrainStep(model).load_state_dict(trained, strict=False)
+
     if info.is_main:
         lora = cfg.plan["llm"] == "lora"
-        finalize(model, lora, cfg.lora_merge, cfg.gradient_checkpointing, out)
+        finalize(model, lora, cfg.lora_merge, cfg.gradient_checkpointing, run.attention, out)
         model.save(out / "model")
     barrier(info)
     return out / "model"

@@ -126,6 +126,7 @@ class _Run:
     start: int
     trainable: list[str]
     fingerprint: str
+    attention: str
 
 
 def seed_everything(seed: int) -> None:
@@ -143,6 +144,8 @@ def train(
     """Run one stage as `cfg` says; returns where the model went and the final loss."""
     if not cfg.out:
         raise VistuneError("no output directory: set `out` or --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info = init_distributed(resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     try:
         run = _setup(cfg, info, say, on_features)
@@ -158,7 +161,12 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         raise VistuneError(f"{out} already has checkpoints; add --resume or pick another --out")
     seed_everything(cfg.seed)
     model = build_model(cfg, say)
-    apply_stage(model, cfg)
+    attention = model.llm.config._attn_implementation
+    apply_stage(model, cfg, info.device)
+    if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen":
+        # Frozen weights need no fp32 master copy: bf16 saves the per-step casts. The
+        # exported model is rebuilt from `init` with the trained projector (export.py).
+        model.llm.to(torch.bfloat16)
     samples, skipped, store = prepare_samples(
         cfg, model, info.is_main, lambda: barrier(info), on_features
     )
@@ -192,7 +200,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         say(f"resuming from {latest} (step {start})")
     wrapped = wrap(step_module, model.llm, info, cfg.fsdp and info.world > 1)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
     if start:
         load_optimizer(wrapped, optimizer, latest)
         ckpt.restore_rng(latest, state)
@@ -213,6 +221,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         start,
         trainable,
         fingerprint,
+        attention,
     )
 
 
