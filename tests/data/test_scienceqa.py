@@ -141,5 +141,5 @@ def test_bad_release(tmp_path, problems, splits, split, message):
 def test_empty_file(tmp_path):
     p, s = _write(tmp_path, {}, {})
     p.write_text("")
-    with pytest.raises(DataError, match="ScienceQA problems file is empty"):
+    with pytest.raises(DataError, match=r"problems.json: malformed JSON at line 1 column 1"):
         sqa.load_scienceqa(p, s, "test")

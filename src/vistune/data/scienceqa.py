@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vistune.data.formats import load_json
 from vistune.errors import DataError
 
 OPTIONS = "ABCDE"
@@ -122,6 +123,11 @@ def _problem(pid: str, raw: object, split: str, problems: Path) -> ScienceQAProb
     )
 
 
+def _listed(ids: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
 def _with_image(p: ScienceQAProblem, image_root: Path) -> ScienceQAProblem | None:
     for rel in (f"{p.pid}/{p.image}", f"{p.split}/{p.pid}/{p.image}"):
         if (image_root / rel).is_file():
@@ -138,11 +144,9 @@ def load_scienceqa(
     an unknown split, pids listed twice or absent from problems.json, and, with
     `image_root`, problems whose image file is not there.
     """
-    from vistune.eval.report import list_ids, read_json
-
     problems, splits = Path(problems), Path(splits)
-    all_problems = read_json(problems, "ScienceQA problems")
-    all_splits = read_json(splits, "ScienceQA splits")
+    all_problems = load_json(problems)
+    all_splits = load_json(splits)
     if not isinstance(all_problems, dict) or not isinstance(all_splits, dict):
         raise DataError(f"ScienceQA files must hold JSON objects: {problems}, {splits}")
     if split not in all_splits:
@@ -152,10 +156,10 @@ def load_scienceqa(
         raise DataError(f"split {split!r} in {splits} is empty")
     dups = [pid for pid, n in Counter(pids).items() if n > 1]
     if dups:
-        raise DataError(f"split {split!r} in {splits} lists pids twice: {list_ids(dups)}")
+        raise DataError(f"split {split!r} in {splits} lists pids twice: {_listed(dups)}")
     absent = [p for p in pids if p not in all_problems]
     if absent:
-        raise DataError(f"pids of split {split!r} missing from {problems}: {list_ids(absent)}")
+        raise DataError(f"pids of split {split!r} missing from {problems}: {_listed(absent)}")
     out = [_problem(pid, all_problems[pid], split, problems) for pid in pids]
     if image_root is None:
         return out
@@ -171,7 +175,7 @@ def load_scienceqa(
         else:
             resolved.append(found)
     if missing:
-        raise DataError(f"images missing under {image_root} for pids: {list_ids(missing)}")
+        raise DataError(f"images missing under {image_root} for pids: {_listed(missing)}")
     return resolved
 
 
