@@ -117,6 +117,9 @@ def test_missing_images_listed(release, tmp_path):
     (tmp_path / "images" / "8" / "image.png").unlink()
     with pytest.raises(DataError, match=r"images missing under .* for pids: 8$"):
         sqa.load_scienceqa(*release, "test", image_root=tmp_path / "images")
+    # lenient: kept for a loader that skips and counts rows without their image
+    _, p8 = sqa.load_scienceqa(*release, "test", tmp_path / "images", strict_images=False)
+    assert (p8.image_rel, p8.image_path) == ("8/image.png", None)
 
 
 @pytest.mark.parametrize(

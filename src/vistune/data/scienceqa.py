@@ -136,13 +136,19 @@ def _with_image(p: ScienceQAProblem, image_root: Path) -> ScienceQAProblem | Non
 
 
 def load_scienceqa(
-    problems: Path, splits: Path, split: str, image_root: Path | None = None
+    problems: Path,
+    splits: Path,
+    split: str,
+    image_root: Path | None = None,
+    strict_images: bool = True,
 ) -> list[ScienceQAProblem]:
     """The problems of one split, in pid_splits order.
 
     Raises DataError (naming the file and the offending pids) for a missing/malformed file,
     an unknown split, pids listed twice or absent from problems.json, and, with
-    `image_root`, problems whose image file is not there.
+    `image_root`, problems whose image file is not there. With `strict_images=False` those
+    are kept instead (image_rel `<pid>/<image>`, image_path None) for a training loader
+    that skips and counts rows whose image is missing.
     """
     problems, splits = Path(problems), Path(splits)
     all_problems = load_json(problems)
@@ -172,9 +178,8 @@ def load_scienceqa(
         found = _with_image(p, image_root)
         if found is None:
             missing.append(p.pid)
-        else:
-            resolved.append(found)
-    if missing:
+        resolved.append(found or p)
+    if missing and strict_images:
         raise DataError(f"images missing under {image_root} for pids: {_listed(missing)}")
     return resolved
 
