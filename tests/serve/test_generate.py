@@ -201,3 +201,10 @@ def test_bf16_autocast_runs_and_mostly_agrees(tiny_llm, tiny_tokenizer):
     ref = Generator(tiny_llm, tiny_tokenizer).run(x, ones(x), cfg)[0].token_ids
     amp = Generator(tiny_llm, tiny_tokenizer, autocast=torch.bfloat16).run(x, ones(x), cfg)[0]
     assert amp.token_ids[:2] == ref[:2]
+
+
+def test_special_token_stops_match_by_id(tiny_llm, tiny_builders):
+    chatml = tiny_builders.build_tiny_tokenizer()
+    texts, ids = Generator(tiny_llm, chatml)._split_stops(["<|im_end|>", "###", ""])
+    assert texts == ("###",)
+    assert ids == {chatml.convert_tokens_to_ids("<|im_end|>")}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vistune.config import GenerationConfig
+from vistune.serve import decoder
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -139,14 +140,28 @@ class Generator:
     """
 
     def __init__(
-        self, llm: torch.nn.Module, tokenizer: object, autocast: torch.dtype | None = None
+        self,
+        llm: torch.nn.Module,
+        tokenizer: object,
+        autocast: torch.dtype | None = None,
+        fast: bool = True,
     ) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.autocast = autocast
+        self.fast = fast and autocast is None and decoder.supports(llm)
+        self._decoder: decoder.LlamaDecoder | None = None
+        self._decoder_key: tuple = ()
         self.eos = eos_ids(llm, tokenizer)
         params = inspect.signature(llm.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _fast_decoder(self) -> decoder.LlamaDecoder:
+        """The fused decode step, rebuilt whenever the LLM's weights changed (training)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.llm.parameters())
+        if self._decoder is None or key != self._decoder_key:
+            self._decoder, self._decoder_key = decoder.LlamaDecoder(self.llm), key
+        return self._decoder
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
         """Stops that are added/special tokens (e.g. "<|im_end|>") match by id, since
@@ -219,31 +234,11 @@ class Generator:
         cache = DynamicCache(config=self.llm.config) if use_cache else None
         active = list(range(batch))  # rows still decoding, in batch order
         logits = self._forward(embeds, mask, positions, cache)  # (A, V)
+        fast = self._fast_decoder() if self.fast and cache is not None else None
+        kv = None if fast is None else fast.start(cache, mask, config.max_new_tokens)
         while True:
             tokens = _pick(logits, config, rng)  # (A,)
-            deltas = [""] * batch
-            done: list[Completion | None] = [None] * batch
-            keep: list[int] = []
-            for slot, row in enumerate(active):
-                token, state = int(tokens[slot]), states[row]
-                reason = None
-                if token in self.eos:
-                    reason = "eos"
-                elif token in stop_ids:
-                    reason = "stop"
-                else:
-                    state.push(token)
-                    if state.stopped:
-                        reason = "stop"
-                    elif len(state.ids) >= config.max_new_tokens:
-                        reason = "length"
-                if reason is not None:
-                    state.flush()
-                    deltas[row] = state.take(final=True)
-                    done[row] = Completion(state.text, list(state.ids), reason)
-                else:
-                    deltas[row] = state.take(final=False)
-                    keep.append(slot)
+            deltas, done, keep = self._advance(states, active, tokens, stop_ids, config)
             yield deltas, done
             if not keep:
                 return
@@ -251,19 +246,56 @@ class Generator:
                 index = torch.tensor(keep, device=tokens.device)
                 active = [active[i] for i in keep]
                 tokens, mask, positions = tokens[index], mask[index], positions[index]
-                if cache is not None:
+                if kv is not None:
+                    kv = fast.select(kv, index)
+                elif cache is not None:
                     cache.batch_select_indices(index)
                 else:
                     embeds = embeds[index]
-            new_embeds = self._embed(tokens)  # (A, 1, D)
             new_pos = positions[:, -1:] + 1  # (A, 1)
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             positions = torch.cat([positions, new_pos], dim=1)
-            if cache is not None:
-                logits = self._forward(new_embeds, mask, new_pos, cache)
+            if kv is not None:
+                logits = fast.step(kv, tokens, new_pos[:, 0])
+            elif cache is not None:
+                logits = self._forward(self._embed(tokens), mask, new_pos, cache)
             else:
-                embeds = torch.cat([embeds, new_embeds], dim=1)
+                embeds = torch.cat([embeds, self._embed(tokens)], dim=1)
                 logits = self._forward(embeds, mask, positions, None)
+
+    def _advance(
+        self,
+        states: list[_TextState],
+        active: list[int],
+        tokens: torch.Tensor,
+        stop_ids: set[int],
+        config: GenerationConfig,
+    ) -> tuple[list[str], list[Completion | None], list[int]]:
+        """Give each active row its token: (new text per row, finished rows, slots to keep)."""
+        deltas = [""] * len(states)
+        done: list[Completion | None] = [None] * len(states)
+        keep: list[int] = []
+        for slot, row in enumerate(active):
+            token, state = int(tokens[slot]), states[row]
+            reason = None
+            if token in self.eos:
+                reason = "eos"
+            elif token in stop_ids:
+                reason = "stop"
+            else:
+                state.push(token)
+                if state.stopped:
+                    reason = "stop"
+                elif len(state.ids) >= config.max_new_tokens:
+                    reason = "length"
+            if reason is None:
+                deltas[row] = state.take(final=False)
+                keep.append(slot)
+            else:
+                state.flush()
+                deltas[row] = state.take(final=True)
+                done[row] = Completion(state.text, list(state.ids), reason)
+        return deltas, done, keep
 
     def run(
         self,

@@ -1,0 +1,106 @@
+"""The fused Llama decode step reproduces transformers' forward (fp32 and bf16)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from vistune.config import GenerationConfig
+from vistune.serve.decoder import LlamaDecoder, supports
+from vistune.serve.generate import Generator, positions_from_mask
+
+
+def left_padded(llm, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(1, llm.config.vocab_size, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def reference_logits(llm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' forward over the whole sequence: last-position logits. # (B, V)"""
+    out = llm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def decoder_logits(llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Prefill `prompt` columns with transformers, then the rest one by one with the decoder."""
+    cache = DynamicCache(config=llm.config)
+    pos = positions_from_mask(mask)
+    llm(
+        input_ids=ids[:, :prompt],
+        attention_mask=mask[:, :prompt],
+        position_ids=pos[:, :prompt],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    dec = LlamaDecoder(llm)
+    state = dec.start(cache, mask[:, :prompt], extra=ids.shape[1] - prompt)
+    for t in range(prompt, ids.shape[1]):
+        logits = dec.step(state, ids[:, t], pos[:, t])
+    return logits
+
+
+def test_supports_llama_only(tiny_llm):
+    assert supports(tiny_llm)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    assert not supports(gpt2)
+    with pytest.raises(ValueError, match="llama"):
+        LlamaDecoder(gpt2)
+
+
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 7]])
+def test_decode_steps_match_transformers_fp32(tiny_llm, lengths):
+    ids, mask = left_padded(tiny_llm, lengths)
+    full = torch.cat([ids, ids[:, -4:]], dim=1)  # 4 decode steps after the prompt
+    full_mask = torch.cat([mask, torch.ones(len(lengths), 4, dtype=torch.long)], dim=1)
+    ref = reference_logits(tiny_llm, full, full_mask)
+    ours = decoder_logits(tiny_llm, full, full_mask, prompt=ids.shape[1])
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_steps_match_transformers_bf16(tiny_llm):
+    llm = copy.deepcopy(tiny_llm).to(torch.bfloat16)
+    ids, mask = left_padded(llm, [12])
+    full = torch.cat([ids, ids[:, :5]], dim=1)
+    full_mask = torch.ones_like(full)
+    ref = reference_logits(llm, full, full_mask)
+    ours = decoder_logits(llm, full, full_mask, prompt=12)
+    # Ours keeps the residual stream in fp32 where transformers rounds it to bf16 each layer.
+    assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert ours.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+def test_fast_and_plain_loops_give_the_same_tokens(tiny_llm, tiny_tokenizer):
+    ids, mask = left_padded(tiny_llm, [6, 10, 3], seed=1)
+    with torch.no_grad():
+        embeds = tiny_llm.get_input_embeddings()(ids)
+    cfg = GenerationConfig(max_new_tokens=16)
+    fast = Generator(tiny_llm, tiny_tokenizer).run(embeds, mask, cfg)
+    plain = Generator(tiny_llm, tiny_tokenizer, fast=False).run(embeds, mask, cfg)
+    assert Generator(tiny_llm, tiny_tokenizer).fast
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+
+
+def test_decoder_follows_weight_updates(tiny_llm, tiny_tokenizer):
+    llm = copy.deepcopy(tiny_llm)
+    gen = Generator(llm, tiny_tokenizer)
+    ids, mask = left_padded(llm, [8], seed=2)
+    with torch.no_grad():
+        embeds = llm.get_input_embeddings()(ids)
+    cfg = GenerationConfig(max_new_tokens=10)
+    before = gen.run(embeds, mask, cfg)[0].token_ids
+    with torch.no_grad():  # an optimizer step changes weights in place
+        for block in llm.model.layers:
+            block.mlp.up_proj.weight.mul_(-3.0)
+    after = gen.run(embeds, mask, cfg)[0].token_ids
+    plain = Generator(llm, tiny_tokenizer, fast=False).run(embeds, mask, cfg)[0].token_ids
+    assert after == plain and after != before
