@@ -234,14 +234,16 @@ class Generator:
         cache = DynamicCache(config=self.llm.config) if use_cache else None
         active = list(range(batch))  # rows still decoding, in batch order
         logits = self._forward(embeds, mask, positions, cache)  # (A, V)
-        fast = self._fast_decoder() if self.fast and cache is not None else None
-        kv = None if fast is None else fast.start(cache, mask, config.max_new_tokens)
+        fast, kv = None, None  # the fused decode step and its buffers, after the first token
         while True:
             tokens = _pick(logits, config, rng)  # (A,)
             deltas, done, keep = self._advance(states, active, tokens, stop_ids, config)
             yield deltas, done
             if not keep:
                 return
+            if self.fast and cache is not None and kv is None:
+                fast = self._fast_decoder()
+                kv = fast.start(cache, mask, config.max_new_tokens)
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=tokens.device)
                 active = [active[i] for i in keep]
