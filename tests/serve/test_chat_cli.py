@@ -63,7 +63,15 @@ def ask(engine, history, image) -> str:
 
 def test_one_shot_prints_the_answer(model_dir, engine, tmp_path, capsys):
     img = write_photo(tmp_path / "a.png", 0)
-    rc = main(chat("--model", str(model_dir), "--image", str(img), "--prompt", "What is it?"))
+    threads = torch.get_num_threads()
+    try:
+        rc = main(
+            chat("--model", str(model_dir), "--image", str(img), "--prompt", "What is it?",
+                 "--threads", "1")
+        )  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     out, err = capsys.readouterr()
     assert rc == 0
     expected = ask(
@@ -145,6 +153,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "missing file": (["--model", str(no_proj), *q], "projector"),
         "mismatched": (["--model", str(mismatched), *q], "mismatched"),
         "bad flag": ([*m, *q, "--temperature", "-1"], "temperature"),
+        "bad threads": ([*m, *q, "--threads", "-2"], "--threads"),
     }
 
 
@@ -160,6 +169,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "missing file",
         "mismatched",
         "bad flag",
+        "bad threads",
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, model_dir, tmp_path, capsys):
