@@ -1,0 +1,267 @@
+"""Training throughput of both stages vs a plain reference loop, and share of bf16 peak.
+
+    .venv/bin/python benchmarks/train.py --steps 3 --json /tmp/train_bench.json
+
+On the packaged default model (DINOv2 ViT-S/14 + SmolLM2-135M) and built-in scene data
+(rendered here with `vistune scenes` + the rules teacher unless --data-dir is given):
+
+- ours: `vistune.train.loop.train` itself (cached frozen features, length-grouped batches,
+  bf16 autocast, logits on supervised positions only, eager attention on the CPU, fused
+  AdamW; stage 1 keeps the frozen LLM in bf16). Feature extraction is a one-off per image
+  (reported separately), not part of the step time.
+- reference: a plain loop measured in the same run: LlavaModel.forward with pixel values
+  (the tower runs every step), fp32, shuffled batches padded to the longest, full logits,
+  transformers' default attention (sdpa), default AdamW.
+
+Both train the same parameters (stage 1: projector; stage 2: projector + LLM) on the same
+samples with the same batch size; the first step of each is warm-up and not counted.
+Throughput counts real tokens (text + image tokens, no padding) and samples per second.
+
+Model FLOPs per real token (the same useful work for both loops; tower excluded):
+  stage 2: 6*N_dec + 6*N_proj*(T/L) + 6*V*D*s + 6*n_layer*d*L/2 ... see flops_per_token()
+  stage 1: 4*N_dec + 6*N_proj*(T/L) + 4*V*D*s + 4*n_layer*d*L/2
+with N_dec the decoder's linear weights, N_proj the projector's, T image tokens, L the mean
+sequence length, s the share of supervised tokens, V*D the LM head, n_layer*d the attention
+(causal: half of the L x L scores). Stage 1 has no weight gradients for the frozen LLM
+(forward 2N + input gradients 2N). The peak is the best of large bf16 torch.matmul runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vistune.config import ModelConfig
+from vistune.data.dataset import build_samples
+from vistune.data.image import load_image
+from vistune.train.config import TrainConfig
+from vistune.train.loop import train
+from vistune.train.setup import read_rows
+
+
+def make_data(folder: Path, n: int) -> None:
+    cli = [sys.executable, "-m", "vistune.cli"]
+    subprocess.run(
+        [*cli, "scenes", "--n", str(n), "--out", str(folder)], check=True, capture_output=True
+    )
+    for types, name in (("brief", "brief.json"), ("conversation,detail,complex", "instruct.json")):
+        subprocess.run(
+            [
+                *cli,
+                "datagen",
+                "--coco",
+                str(folder),
+                "--split",
+                "train",
+                "--teacher",
+                "rules",
+                "--types",
+                types,
+                "--out",
+                str(folder / name),
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+
+def bf16_peak(seconds: float = 3.0) -> float:
+    """Best bf16 matmul FLOP/s over square sizes 1024..4096 (this CPU, these threads)."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        a @ b
+        reps, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - began))
+    return best
+
+
+def model_sizes(model) -> dict[str, float]:
+    llm = model.llm
+    decoder = llm.get_decoder()
+    n_dec = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    head = llm.get_output_embeddings().weight
+    cfg = llm.config
+    return {
+        "n_dec": n_dec,
+        "n_proj": sum(p.numel() for p in model.projector.parameters()),
+        "head": head.numel(),
+        "attn": cfg.num_hidden_layers * cfg.hidden_size,
+        "image_tokens": model.num_image_tokens,
+    }
+
+
+def flops_per_token(sizes: dict, stage: str, mean_len: float, supervised: float) -> float:
+    """Model FLOPs per real token (formula in the module docstring)."""
+    k = 6 if stage == "finetune" else 4  # frozen LLM: no weight gradients
+    proj = 6 * sizes["n_proj"] * sizes["image_tokens"] / mean_len
+    return (
+        k * sizes["n_dec"]
+        + proj
+        + k * sizes["head"] * supervised
+        + k * sizes["attn"] * mean_len / 2
+    )
+
+
+def reference(
+    stage: str, data: Path, root: Path, steps: int, batch: int, size: int, template: str
+) -> tuple[dict, object, list]:
+    """The plain loop: tower in the loop, fp32, random batches padded to the longest."""
+    from vistune.model.llava import LlavaModel
+    from vistune.weights import ensure_default_weights
+
+    weights = ensure_default_weights()
+    model = LlavaModel.from_parts(
+        weights.vision_dir, weights.llm_dir, ModelConfig(image_size=size, template=template)
+    )
+    model.vision.requires_grad_(False)
+    model.llm.requires_grad_(stage == "finetune")
+    model.llm.train()
+    samples, _ = build_samples(
+        read_rows(data), model.tokenizer, template, root, model.num_image_tokens, 1024
+    )
+    random.Random(0).shuffle(samples)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    tokens = count = 0
+    seconds = 0.0
+    for step in range(steps + 1):
+        items = samples[step * batch : (step + 1) * batch]
+        began = time.perf_counter()
+        pixels = model.image_processor([load_image(s.image) for s in items])
+        out = model(
+            [s.input_ids for s in items], labels=[s.labels for s in items], pixel_values=pixels
+        )
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step:  # the first step is warm-up
+            seconds += time.perf_counter() - began
+            tokens += sum(s.length for s in items)
+            count += len(items)
+    return (
+        {
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": count / seconds,
+            "attention": model.llm.config._attn_implementation,
+        },
+        model,
+        samples,
+    )
+
+
+def ours(
+    stage: str, data: Path, root: Path, work: Path, steps: int, batch: int, size: int, template: str
+) -> dict:
+    cfg = TrainConfig(
+        stage=stage,
+        data=str(data),
+        image_folder=str(root),
+        out=str(work / f"out-{stage}"),
+        init="default",
+        image_size=size,
+        template=template,
+        batch_size=batch,
+        per_device_batch=batch,
+        max_steps=steps + 1,
+        save_every=10_000,
+        plot=False,
+        features=str(work / "features"),
+        model_max_length=1024,
+        lr=1e-5,
+    )
+    began = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - began
+    records = [
+        json.loads(x) for x in (work / f"out-{stage}" / "log.jsonl").read_text().split("\n") if x
+    ]
+    measured = records[1:]
+    seconds = sum(r["seconds"] for r in measured)
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in measured) / seconds,
+        "samples_per_s": batch * len(measured) / seconds,
+        "padding_share": sum(r["padded_tokens"] - r["tokens"] for r in measured)
+        / sum(r["padded_tokens"] for r in measured),
+        "wall_s_with_setup": wall,
+    }
+
+
+def run_stage(args, stage: str, data: Path, root: Path, work: Path, peak: float) -> dict:
+    template = "plain" if stage == "pretrain" else "vicuna_v0"
+    batch = args.batch_pretrain if stage == "pretrain" else args.batch_finetune
+    mine = ours(stage, data, root, work, args.steps, batch, args.image_size, template)
+    ref, model, samples = reference(stage, data, root, args.steps, batch, args.image_size, template)
+    mean_len = sum(s.length for s in samples) / len(samples)
+    supervised = sum(s.targets for s in samples) / sum(s.length for s in samples)
+    fpt = flops_per_token(model_sizes(model), stage, mean_len, supervised)
+    return {
+        "ours": mine,
+        "reference": ref,
+        "speedup_samples": mine["samples_per_s"] / ref["samples_per_s"],
+        "flops_per_token": fpt,
+        "mean_length": mean_len,
+        "ours_share_of_peak": mine["tokens_per_s"] * fpt / peak,
+        "reference_share_of_peak": ref["tokens_per_s"] * fpt / peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per loop")
+    parser.add_argument("--batch-pretrain", type=int, default=16)
+    parser.add_argument("--batch-finetune", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--images", type=int, default=120, help="scenes to render")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="existing scenes dir with brief.json, instruct.json (else rendered into a temp dir)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = args.data_dir or work / "scenes"
+        if args.data_dir is None:
+            make_data(root, args.images)
+        peak = bf16_peak()
+        result = {
+            "threads": torch.get_num_threads(),
+            "bf16_peak_flops": peak,
+            "image_size": args.image_size,
+        }
+        for stage, name in (("pretrain", "brief.json"), ("finetune", "instruct.json")):
+            result[stage] = run_stage(args, stage, root / name, root, work, peak)
+            print(f"{stage}: {json.dumps(result[stage], indent=1)}", file=sys.stderr)
+        result["bf16_peak_flops_after"] = bf16_peak()
+    print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s ({result['threads']} threads)")
+    print("stage     loop       samples/s  tokens/s  share of peak")
+    for stage in ("pretrain", "finetune"):
+        r = result[stage]
+        for loop in ("reference", "ours"):
+            print(
+                f"{stage:9} {loop:10} {r[loop]['samples_per_s']:9.2f} "
+                f"{r[loop]['tokens_per_s']:9.0f} {r[f'{loop}_share_of_peak']:9.1%}"
+            )
+        print(f"{stage:9} speedup    {r['speedup_samples']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
