@@ -16,7 +16,8 @@ Instruct, `load_model("default")`), asked about skimage's astronaut photo. Rows:
 Time to first token (TTFT) = from the PIL image and messages to the first sampled token.
 Decode tokens/s = (N - 1) / (time for N tokens - TTFT). EOS and stop strings are off so
 every row generates exactly N tokens. Each figure is the median of --repeats runs after a
-warm-up run. `--write` puts the table into docs/PERFORMANCE.md's "## Generation" section.
+warm-up round; the setups take turns (round-robin) so that other jobs on a shared machine
+slow them alike. `--write` puts the table into docs/PERFORMANCE.md's "## Generation" section.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -54,16 +56,16 @@ def photo(name: str):
     return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 
-def time_engine(engine, image, n: int, repeats: int, generator=None) -> tuple[float, float]:
-    """(median TTFT s, median decode tokens/s) through Engine.prepare + the decode loop."""
+def engine_run(engine, image, n: int, generator=None) -> Callable[[], tuple[float, float]]:
+    """One timed request through Engine.prepare + the decode loop: (TTFT s, decode tok/s)."""
     from vistune.config import GenerationConfig
 
     gen = generator or engine.generator
     gen.eos = set()  # exactly n tokens per run
     config = GenerationConfig(max_new_tokens=n)
     messages = [{"role": "user", "content": QUESTION}]
-    ttfts, rates = [], []
-    for run in range(repeats + 1):
+
+    def run() -> tuple[float, float]:
         start = time.perf_counter()
         inputs = engine.prepare([(messages, image)])
         steps = gen.steps(inputs.inputs_embeds, inputs.attention_mask, config)
@@ -73,14 +75,13 @@ def time_engine(engine, image, n: int, repeats: int, generator=None) -> tuple[fl
         end = time.perf_counter()
         if count != n:
             raise RuntimeError(f"expected {n} tokens, got {count}")
-        if run:  # run 0 warms up
-            ttfts.append(first - start)
-            rates.append((n - 1) / (end - first))
-    return statistics.median(ttfts), statistics.median(rates)
+        return first - start, (n - 1) / (end - first)
+
+    return run
 
 
-def time_transformers(llm_dir: Path, length: int, n: int, repeats: int) -> tuple[float, float]:
-    """(median TTFT s, median decode tokens/s) of transformers' own generate in fp32."""
+def transformers_run(llm_dir: Path, length: int, n: int) -> Callable[[], tuple[float, float]]:
+    """transformers' own generate in fp32 on a text prompt of `length` tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
@@ -98,16 +99,15 @@ def time_transformers(llm_dir: Path, length: int, n: int, repeats: int) -> tuple
         assert out.shape[1] == length + tokens
         return time.perf_counter() - start
 
-    ttfts, rates = [], []
-    for run in range(repeats + 1):
+    def run() -> tuple[float, float]:
         one, full = generate(1), generate(n)
-        if run:
-            ttfts.append(one)
-            rates.append((n - 1) / (full - one))
-    return statistics.median(ttfts), statistics.median(rates)
+        return one, (n - 1) / (full - one)
+
+    return run
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Row], int]:
+    """Build every setup, then time them round-robin so load changes hit all alike."""
     from vistune.model import load_model
     from vistune.serve.engine import Engine
     from vistune.serve.generate import Generator
@@ -115,20 +115,32 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], int]:
 
     weights = ensure_default_weights()
     image = photo(args.image)
-    rows: list[Row] = []
+    n = args.tokens
     bf16 = Engine(load_model("default", dtype=torch.bfloat16), dtype=torch.bfloat16)
-    prompt_len = bf16.prepare([([{"role": "user", "content": QUESTION}], image)])
-    length = prompt_len.inputs_embeds.shape[1]
-    rows.append(Row("vistune bf16 (default)", *time_engine(bf16, image, args.tokens, args.repeats)))
-    del bf16
     fp32 = Engine(load_model("default", dtype=torch.float32), dtype=torch.float32)
-    rows.append(Row("vistune fp32", *time_engine(fp32, image, args.tokens, args.repeats)))
     amp = Generator(fp32.model.llm, fp32.tokenizer, autocast=torch.bfloat16)
-    timing = time_engine(fp32, image, args.tokens, args.repeats, generator=amp)
-    rows.append(Row("vistune fp32 + bf16 autocast", *timing))
-    del fp32, amp
-    timing = time_transformers(weights.llm_dir, length, args.tokens, args.repeats)
-    rows.append(Row("transformers generate fp32 (LLM only)", *timing))
+    messages = [{"role": "user", "content": QUESTION}]
+    length = bf16.prepare([(messages, image)]).inputs_embeds.shape[1]
+    setups = {
+        "vistune bf16 (default)": engine_run(bf16, image, n),
+        "vistune fp32": engine_run(fp32, image, n),
+        "vistune fp32 + bf16 autocast": engine_run(fp32, image, n, generator=amp),
+        "transformers generate fp32 (LLM only)": transformers_run(weights.llm_dir, length, n),
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    for repeat in range(args.repeats + 1):
+        for name, run in setups.items():
+            result = run()
+            if repeat:  # round 0 warms up
+                times[name].append(result)
+    rows = [
+        Row(
+            name,
+            statistics.median(t for t, _ in results),
+            statistics.median(r for _, r in results),
+        )
+        for name, results in times.items()
+    ]
     return rows, length
 
 
@@ -163,7 +175,7 @@ the same LLM weights (fp32, greedy, a text prompt of the same length), in the sa
 
 Prompt: {length} positions (the chat template, skimage's `{args.image}` photo as 256 image
 tokens, one question); {args.tokens} new tokens with EOS and stop strings off; median of
-{args.repeats} runs after a warm-up; first token counts image preprocessing, the vision
+{args.repeats} runs after a warm-up, the setups taking turns; first token counts image preprocessing, the vision
 tower, the projector, splicing and the prefill. `{torch.get_num_threads()}` torch thread(s).
 
 Measured on the development machine ({os.cpu_count()} shared CPU cores,
