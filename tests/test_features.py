@@ -115,3 +115,39 @@ def test_real_tower_store_matches_direct_features(tiny_model, tmp_path):
     torch.testing.assert_close(store.get(paths).float(), direct, atol=2e-3, rtol=2e-3)
     with pytest.raises(Exception, match="no features"):
         store.get([tmp_path / "unknown.png"])
+
+
+def test_features_command_fills_once(tiny_model, tmp_path, capsys):
+    import json
+
+    from vistune.cli import main
+
+    model_dir = tiny_model.save(tmp_path / "model")
+    paths = _images(tmp_path, 3)
+    rows = [
+        {
+            "id": str(i),
+            "image": p.name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nHi"},
+                {"from": "gpt", "value": "Hello"},
+            ],
+        }
+        for i, p in enumerate([*paths, paths[0], tmp_path / "gone.png"])
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    argv = [
+        "features",
+        "--data",
+        str(data),
+        "--init",
+        str(model_dir),
+        "--features",
+        str(tmp_path / "store"),
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "images: 3  computed: 3  already stored: 0  unreadable: 0  missing files: 1" in first
+    assert main(argv) == 0
+    assert "computed: 0  already stored: 3" in capsys.readouterr().out

@@ -65,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"vistune train: {message}", file=sys.stderr)
 
     def on_features(done: int, total: int) -> None:
-        bar = bars.setdefault(
-            "features",
-            tqdm(total=total, desc="features", unit="img", file=sys.stderr, disable=not main),
-        )
+        if "features" not in bars:
+            bars["features"] = tqdm(
+                total=total, desc="features", unit="img", file=sys.stderr, disable=not main
+            )
+        bar = bars["features"]
         bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
     def on_step(record: dict, total: int) -> None:
         if "steps" not in bars:

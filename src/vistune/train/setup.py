@@ -116,7 +116,9 @@ def load_rows(cfg: TrainConfig) -> list[Any]:
 
         problems = Path(cfg.data)
         splits = problems.parent / "pid_splits.json"
-        found = load_scienceqa(problems, splits, cfg.scienceqa_split, image_root(cfg))
+        found = load_scienceqa(
+            problems, splits, cfg.scienceqa_split, image_root(cfg), strict_images=False
+        )
         return [to_llava_sample(p, cfg.scienceqa_answer_format) for p in found]
     return read_rows(Path(cfg.data))
 
