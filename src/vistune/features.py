@@ -222,8 +222,25 @@ class FeatureStore:
         return out
 
 
+@dataclass
+class Encoder:
+    """Just what features need from a LlavaModel: the tower, its processor and settings
+    (so `vistune features` does not load a 13B LLM to run a 0.3B tower)."""
+
+    vision: torch.nn.Module
+    image_processor: object
+    config: object
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_tokens(self.config.image_size)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values)  # (N, T, Dv)
+
+
 def open_store(root: str | Path, model) -> FeatureStore:
-    """The store of `model`'s encoder (LlavaModel: vision tower + feature settings)."""
+    """The store of `model`'s encoder (a LlavaModel or an Encoder)."""
     config = model.config
     processor = model.image_processor
     settings = {

@@ -29,7 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vistune.features import open_store
-    from vistune.train.setup import build_model, feature_root, fill_features, image_root, load_rows
+    from vistune.train.setup import (
+        build_encoder,
+        feature_root,
+        fill_features,
+        image_root,
+        load_rows,
+    )
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = load_config(args.config, overrides)
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 missing += 1
     unique = list(dict.fromkeys(paths))
-    model = build_model(cfg, lambda m: print(m, file=sys.stderr))
+    model = build_encoder(cfg, lambda m: print(m, file=sys.stderr))
     store = open_store(feature_root(cfg), model)
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 

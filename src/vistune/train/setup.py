@@ -19,7 +19,7 @@ import torch
 from vistune.config import ModelConfig
 from vistune.data.dataset import Sample, build_samples, drop_samples
 from vistune.errors import DataError, VistuneError
-from vistune.features import FeatureStore, open_store, tower_features
+from vistune.features import Encoder, FeatureStore, open_store, tower_features
 from vistune.train.config import TrainConfig
 from vistune.train.stages import apply_plan
 
@@ -34,26 +34,54 @@ def model_dir_of(path: str | Path) -> Path:
     return path
 
 
+def _fresh_config(cfg: TrainConfig) -> ModelConfig:
+    return ModelConfig(
+        projector=cfg.projector,
+        vision_layer=cfg.vision_layer,
+        vision_select=cfg.vision_select,
+        image_aspect=cfg.image_aspect,
+        image_size=cfg.image_size,
+        template=cfg.template,
+    )
+
+
+def _default_parts(cfg: TrainConfig, say: Say) -> tuple[Path, Path]:
+    vision, llm = cfg.vision, cfg.llm
+    if not (vision and llm):
+        from vistune.weights import ensure_default_weights
+
+        default = ensure_default_weights(progress=say)
+        vision, llm = vision or default.vision_dir, llm or default.llm_dir
+    return Path(vision), Path(llm)
+
+
+def build_encoder(cfg: TrainConfig, say: Say) -> Encoder:
+    """The run's vision tower + processor + settings, without loading the LLM."""
+    from vistune.data.image import ImageProcessor
+    from vistune.model.checkpoint import read_model_dir
+    from vistune.model.vision import VisionTower
+
+    if cfg.init == "default":
+        vision_dir, config = _default_parts(cfg, say)[0], _fresh_config(cfg)
+    else:
+        info = read_model_dir(model_dir_of(cfg.init))
+        vision_dir, config = info.vision_dir, info.config
+    tower = VisionTower.from_pretrained(
+        vision_dir, layer=config.vision_layer, select=config.vision_select
+    )
+    processor = ImageProcessor.from_vision_dir(
+        vision_dir, size=config.image_size, aspect=config.image_aspect
+    )
+    return Encoder(tower, processor, config)
+
+
 def build_model(cfg: TrainConfig, say: Say) -> Any:
     """The LlavaModel a run starts from, fp32, with the run's template in its config."""
     from vistune.model.llava import LlavaModel
 
     if cfg.init == "default":
-        vision, llm = cfg.vision, cfg.llm
-        if not (vision and llm):
-            from vistune.weights import ensure_default_weights
-
-            default = ensure_default_weights(progress=say)
-            vision, llm = vision or default.vision_dir, llm or default.llm_dir
-        config = ModelConfig(
-            projector=cfg.projector,
-            vision_layer=cfg.vision_layer,
-            vision_select=cfg.vision_select,
-            image_aspect=cfg.image_aspect,
-            image_size=cfg.image_size,
-            template=cfg.template,
-        )
-        model = LlavaModel.from_parts(vision, llm, config, seed=cfg.seed)
+        vision, llm = _default_parts(cfg, say)
+        model = LlavaModel.from_parts(vision, llm, _fresh_config(cfg), seed=cfg.seed)
     else:
         model = LlavaModel.load(model_dir_of(cfg.init))
         model.config = dataclasses.replace(model.config, template=cfg.template)
