@@ -190,3 +190,22 @@ def test_debug_shows_the_traceback(model_dir, tmp_path, capsys):
         and "Traceback" in err
         and err.strip().splitlines()[-1].startswith("vistune: error:")
     )
+
+
+@pytest.mark.slow
+def test_default_model_answers_and_says_projector_is_untrained(default_weights, tmp_path, capsys):
+    from skimage import data
+
+    img = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(img)
+    rc = main(
+        ["chat", "--model", "default", "--image", str(img), "--max-tokens", "12",
+         "--prompt", "What is the capital of France? Answer with the city name."]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "Paris" in out
+    assert err.strip().splitlines() == [
+        "vistune: note: the packaged base model has an untrained projector, "
+        "so its answers ignore the image"
+    ]
