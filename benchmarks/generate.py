@@ -187,13 +187,16 @@ other jobs running), {date.today().isoformat()}:
 Goals: first token <= {TTFT_GOAL_S} s with 256 image tokens ({ttft_ok}: {ours.ttft_s:.3f} s);
 decode >= {DECODE_GOAL_RATIO}x transformers' generate ({decode_ok}: {ratio:.2f}x).
 
-Why it is faster: the LLM runs with bf16 weights (the prefill's matrix products use the
-CPU's bf16 units: about 3x faster than fp32); decode steps for Llama-family LLMs run in
-vistune.serve.decoder (the model's own weights, q/k/v and gate/up fused, `torch.mv` for one
-row, which in bf16 is about 2x fp32's `mm` while bf16 `mm` on one row is slower than fp32,
-and a pre-allocated KV cache instead of transformers' per-step concatenation). bf16
-autocast over fp32 weights is slower than plain fp32 for decode (a cast of every weight on
-every step), so the engine casts the weights once instead; `--dtype fp32` keeps fp32.
+Why it is faster: the LLM runs with bf16 weights (matrix products on the CPU's bf16/AMX
+units: the prefill is about 3x faster than in fp32), and for Llama-family LLMs the whole
+loop runs in vistune.serve.decoder: the model's own weights with q/k/v and gate/up fused,
+a pre-allocated KV cache (transformers' DynamicCache concatenates the whole cache every
+step), and for one-row decode steps `torch.mv` with an fp32 residual stream (in bf16,
+`torch.mv` is about 2x fp32's `mm`, while bf16 `mm` on one row is slower than fp32; decode
+is bound by reading the weights). bf16 autocast over fp32 weights is the slowest option for
+decode (every weight is cast on every step), so the engine casts the weights once instead;
+`vistune chat --dtype fp32` keeps fp32. Threads: on this shared 2-core machine, 2 torch
+threads run many times slower than 1 whenever other jobs are busy (`--threads 1`).
 """
 
 

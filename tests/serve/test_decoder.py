@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from vistune.config import GenerationConfig
 from vistune.serve.decoder import LlamaDecoder, supports
@@ -32,18 +32,12 @@ def reference_logits(llm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 @torch.inference_mode()
 def decoder_logits(llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Prefill `prompt` columns with transformers, then the rest one by one with the decoder."""
-    cache = DynamicCache(config=llm.config)
+    """Prefill `prompt` columns with the decoder in one pass, then the rest one by one."""
     pos = positions_from_mask(mask)
-    llm(
-        input_ids=ids[:, :prompt],
-        attention_mask=mask[:, :prompt],
-        position_ids=pos[:, :prompt],
-        past_key_values=cache,
-        use_cache=True,
-    )
     dec = LlamaDecoder(llm)
-    state = dec.start(cache, mask[:, :prompt], extra=ids.shape[1] - prompt)
+    state = dec.allocate(mask[:, :prompt], extra=ids.shape[1] - prompt)
+    embeds = llm.get_input_embeddings()(ids[:, :prompt])
+    logits = dec.forward(state, embeds, pos[:, :prompt], mask[:, :prompt])
     for t in range(prompt, ids.shape[1]):
         logits = dec.step(state, ids[:, t], pos[:, t])
     return logits
@@ -58,12 +52,20 @@ def test_supports_llama_only(tiny_llm):
 
 
 @pytest.mark.parametrize("lengths", [[9], [9, 5, 7]])
-def test_decode_steps_match_transformers_fp32(tiny_llm, lengths):
+def test_prefill_and_steps_match_transformers_fp32(tiny_llm, lengths):
     ids, mask = left_padded(tiny_llm, lengths)
+    width = ids.shape[1]
+    torch.testing.assert_close(
+        decoder_logits(tiny_llm, ids, mask, prompt=width),
+        reference_logits(tiny_llm, ids, mask),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     full = torch.cat([ids, ids[:, -4:]], dim=1)  # 4 decode steps after the prompt
     full_mask = torch.cat([mask, torch.ones(len(lengths), 4, dtype=torch.long)], dim=1)
     ref = reference_logits(tiny_llm, full, full_mask)
-    ours = decoder_logits(tiny_llm, full, full_mask, prompt=ids.shape[1])
+    ours = decoder_logits(tiny_llm, full, full_mask, prompt=width)
+    assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 

@@ -7,7 +7,7 @@ and transformers' `DynamicCache` re-concatenates the whole KV cache every step (
 step). So after the prefill (transformers' own forward, where bf16 matmuls are fast) the
 decode steps run here: the same maths read from the LLM's own modules (weights shared,
 q/k/v and gate/up fused once), `torch.mv` for a single row, a pre-allocated KV cache and
-the model's own rotary embedding module. The residual stream stays in fp32.
+the model's own rotary embedding module. In decode steps the residual stream stays in fp32.
 
 The LLM's classes are neither subclassed nor patched; `supports(llm)` says which models the
 step reproduces (tests compare its logits with the transformers forward), others decode
@@ -40,20 +40,20 @@ def supports(llm: torch.nn.Module) -> bool:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm (LlamaRMSNorm's maths) on fp32 x, one fused op. # (B, D)"""
-    return F.rms_norm(x, weight.shape, weight, eps)
+    """RMSNorm with LlamaRMSNorm's maths (in fp32), returned in x's dtype. # (..., D)"""
+    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 (B, Din) @ w.T (Dout, Din) in w's dtype -> fp32 (B, Dout); mv for one row."""
+    """x (..., Din) @ w.T (Dout, Din) in w's dtype, returned in x's dtype; mv for one row."""
     xw = x.to(w.dtype)
-    if x.shape[0] == 1:
-        return torch.mv(w, xw[0]).float()[None]
-    return F.linear(xw, w).float()
+    if x.numel() == x.shape[-1]:
+        return torch.mv(w, xw.reshape(-1)).to(x.dtype).view(*x.shape[:-1], -1)
+    return F.linear(xw, w).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (transformers' apply_rotary_pos_emb). x (B, H, 1, hd)."""
+    """Rotary embedding (transformers' apply_rotary_pos_emb). x (B, H, T, hd)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -107,25 +107,20 @@ class LlamaDecoder:
             o=att.o_proj.weight,
             gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             down=mlp.down_proj.weight,
-            norm_in=block.input_layernorm.weight.float(),
+            norm_in=block.input_layernorm.weight.float(),  # norms compute in fp32
             norm_post=block.post_attention_layernorm.weight.float(),
             eps=block.input_layernorm.variance_epsilon,
         )
 
-    def start(self, cache: object, attention_mask: torch.Tensor, extra: int) -> DecodeState:
-        """Copy a transformers cache after the prefill into buffers with `extra` free slots."""
+    def allocate(self, attention_mask: torch.Tensor, extra: int) -> DecodeState:
+        """Empty KV buffers for a (B, L) prompt plus `extra` generated tokens."""
         batch, length = attention_mask.shape
-        keys, values = [], []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values  # (B, Hkv, L, hd)
-            buf_k = k.new_zeros(batch, self.kv_heads, length + extra, self.head_dim)
-            buf_v = torch.zeros_like(buf_k)
-            buf_k[:, :, :length], buf_v[:, :, :length] = k, v
-            keys.append(buf_k)
-            values.append(buf_v)
-        mask = torch.zeros(batch, length + extra, dtype=torch.bool, device=attention_mask.device)
-        mask[:, :length] = attention_mask.bool()
-        return DecodeState(keys, values, mask, length)
+        shape = (batch, self.kv_heads, length + extra, self.head_dim)
+        device = attention_mask.device
+        keys = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        mask = torch.zeros(batch, length + extra, dtype=torch.bool, device=device)
+        return DecodeState(keys, values, mask, 0)
 
     @staticmethod
     def select(state: DecodeState, index: torch.Tensor) -> DecodeState:
@@ -137,38 +132,76 @@ class LlamaDecoder:
             state.length,
         )
 
+    def _attention_mask(self, state: DecodeState, new: torch.Tensor) -> torch.Tensor | None:
+        """Bool (B, 1, T, S) mask for T new positions over S = filled + T keys; None means
+        plain causal (no padding, empty cache). A padding query sees only itself, so its
+        row is never all-masked (that would make NaNs that leak through the KV cache)."""
+        t0, steps = state.length, new.shape[1]
+        if t0 == 0 and bool(new.all()):
+            return None
+        keys = state.mask[:, None, None, : t0 + steps]  # (B, 1, 1, S)
+        if steps == 1:
+            return keys
+        key_pos = torch.arange(t0 + steps, device=new.device)
+        query_pos = torch.arange(t0, t0 + steps, device=new.device)[:, None]
+        causal = key_pos[None] <= query_pos  # (T, S)
+        return (keys & causal) | (key_pos[None] == query_pos)
+
     @torch.inference_mode()
-    def step(
-        self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor
+    def forward(
+        self,
+        state: DecodeState,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        new_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Feed one token per row (B,) at `positions` (B,); return float32 logits (B, V)."""
-        batch, t = tokens.shape[0], state.length
-        if t >= state.mask.shape[1]:
+        """Run T new positions (B, T, D) at `positions` (B, T) through the LLM, appending
+        their keys/values to `state`; float32 logits of the last position. # (B, V)"""
+        batch, steps = embeds.shape[:2]
+        t0, t1 = state.length, state.length + embeds.shape[1]
+        if t1 > state.mask.shape[1]:
             raise ValueError("the decode buffers are full")
-        h = self.embed(tokens).float()  # (B, D)
-        cos, sin = self.rotary(h[:, None], positions[:, None])  # (B, 1, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, hd)
-        state.mask[:, t] = True
-        mask = state.mask[:, None, None, : t + 1]  # (B, 1, 1, t+1)
+        new = (
+            torch.ones(batch, steps, dtype=torch.bool, device=embeds.device)
+            if new_mask is None
+            else new_mask.bool()
+        )
+        state.mask[:, t0:t1] = new
+        attn_mask = self._attention_mask(state, new)
+        # One row per step: keep the residual stream in fp32 (the casts are tiny). A prefill
+        # works in the weights' dtype, as transformers does: casting (T, D) activations
+        # around every matrix product costs more than the bf16 products save.
+        h = embeds.to(torch.float32 if steps == 1 else self.dtype)  # (B, T, D)
+        cos, sin = self.rotary(h, positions)  # (B, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
         hd, nq, nkv = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms(h, layer.norm_in, layer.eps)
-            qkv = _mm(x, layer.qkv)  # (B, (H + 2 Hkv) hd)
-            qk = _rope(qkv[:, : nq + nkv].view(batch, -1, 1, hd), cos, sin)  # (B, H+Hkv, 1, hd)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            qkv = _mm(x, layer.qkv)  # (B, T, (H + 2 Hkv) hd)
+            qk = qkv[..., : nq + nkv].view(batch, steps, -1, hd).transpose(1, 2)
+            qk = _rope(qk, cos, sin)  # (B, H + Hkv, T, hd)
             keys, values = state.keys[i], state.values[i]
-            keys[:, :, t : t + 1] = k
-            values[:, :, t : t + 1] = qkv[:, nq + nkv :].view(batch, self.kv_heads, 1, hd)
+            keys[:, :, t0:t1] = qk[:, self.heads :]
+            values[:, :, t0:t1] = qkv[..., nq + nkv :].view(batch, steps, -1, hd).transpose(1, 2)
             att = F.scaled_dot_product_attention(
-                q.to(keys.dtype),
-                keys[:, :, : t + 1],
-                values[:, :, : t + 1],
-                attn_mask=mask,
+                qk[:, : self.heads].to(keys.dtype),
+                keys[:, :, :t1],
+                values[:, :, :t1],
+                attn_mask=attn_mask,
+                is_causal=attn_mask is None and steps > 1,
                 enable_gqa=self.heads != self.kv_heads,
-            )  # (B, H, 1, hd)
-            h = h + _mm(att.reshape(batch, nq).float(), layer.o)
+            )  # (B, H, T, hd)
+            h = h + _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)
             x = _rms(h, layer.norm_post, layer.eps)
-            gate, up = _mm(x, layer.gate_up).chunk(2, dim=-1)  # (B, I) each
+            gate, up = _mm(x, layer.gate_up).chunk(2, dim=-1)  # (B, T, I) each
             h = h + _mm(F.silu(gate) * up, layer.down)
-        state.length = t + 1
-        return _mm(_rms(h, self.norm, self.norm_eps), self.lm_head)  # (B, V)
+        state.length = t1
+        return _mm(_rms(h[:, -1], self.norm, self.norm_eps), self.lm_head).float()  # (B, V)
+
+    def step(
+        self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Feed one token per row (B,) at `positions` (B,); float32 logits (B, V)."""
+        with torch.inference_mode():
+            embeds = self.embed(tokens[:, None])  # (B, 1, D)
+        return self.forward(state, embeds, positions[:, None])

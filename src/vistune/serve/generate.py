@@ -231,19 +231,21 @@ class Generator:
         embeds = inputs_embeds.to(dtype)  # (B, L, D)
         mask = attention_mask.long()  # (B, L)
         positions = positions_from_mask(mask)  # (B, L)
-        cache = DynamicCache(config=self.llm.config) if use_cache else None
         active = list(range(batch))  # rows still decoding, in batch order
-        logits = self._forward(embeds, mask, positions, cache)  # (A, V)
-        fast, kv = None, None  # the fused decode step and its buffers, after the first token
+        cache, fast, kv = None, None, None
+        if use_cache and self.fast:  # Llama family: vistune.serve.decoder end to end
+            fast = self._fast_decoder()
+            kv = fast.allocate(mask, config.max_new_tokens)
+            logits = fast.forward(kv, embeds, positions, mask)  # (A, V)
+        else:
+            cache = DynamicCache(config=self.llm.config) if use_cache else None
+            logits = self._forward(embeds, mask, positions, cache)  # (A, V)
         while True:
             tokens = _pick(logits, config, rng)  # (A,)
             deltas, done, keep = self._advance(states, active, tokens, stop_ids, config)
             yield deltas, done
             if not keep:
                 return
-            if self.fast and cache is not None and kv is None:
-                fast = self._fast_decoder()
-                kv = fast.start(cache, mask, config.max_new_tokens)
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=tokens.device)
                 active = [active[i] for i in keep]
