@@ -1,17 +1,18 @@
-"""A fast single-token decode step for Llama-family LLMs (SmolLM2, Llama, Mistral-like).
+"""The LLM forward for generation on Llama-family LLMs (SmolLM2, Llama, Mistral-like).
 
 Why: on the CPU a decode step is a chain of matrix-*vector* products, bound by memory
 bandwidth and kernel choice. Measured here (docs/PERFORMANCE.md) PyTorch's `mm` for one
 row in bf16 is slower than fp32, while `torch.mv` in bf16 is ~2x faster than fp32's `mm`;
 and transformers' `DynamicCache` re-concatenates the whole KV cache every step (12% of a
-step). So after the prefill (transformers' own forward, where bf16 matmuls are fast) the
-decode steps run here: the same maths read from the LLM's own modules (weights shared,
-q/k/v and gate/up fused once), `torch.mv` for a single row, a pre-allocated KV cache and
-the model's own rotary embedding module. In decode steps the residual stream stays in fp32.
+fp32 step). So generation runs here: the same maths as transformers' Llama, read from the
+LLM's own modules (weights shared; q/k/v and gate/up fused once), a KV cache allocated once
+for prompt + new tokens, `torch.mv` for a single row, and the model's own rotary module.
+The prompt goes through in one pass (prefill) with a causal + left-padding mask; decode
+steps keep the residual stream in fp32.
 
-The LLM's classes are neither subclassed nor patched; `supports(llm)` says which models the
-step reproduces (tests compare its logits with the transformers forward), others decode
-through transformers' forward.
+The LLM's classes are neither subclassed nor patched; `supports(llm)` says which models
+this reproduces (tests compare its logits with transformers' forward, fp32 and bf16);
+other LLMs generate through transformers' forward (vistune.serve.generate).
 """
 
 from __future__ import annotations
