@@ -99,16 +99,19 @@ def test_micro_batches_split_one_global_batch_over_ranks():
     assert sorted(i for r in ranks for m in r for i in m) == sorted(batch)
 
 
-def test_length_grouping_reduces_padding():
-    lengths = [10 * (i % 7) + 5 for i in range(64)]
+@pytest.mark.parametrize("global_batch, micro", [(16, 4), (4, 4)])
+def test_length_grouping_reduces_padding(global_batch, micro):
+    lengths = [10 * (i % 7) + 5 for i in range(256)]
 
     def share(group: bool) -> float:
         pads = totals = 0
-        for batch in global_batches(lengths, 16, 0, 0, group):
-            micro = [[lengths[i] for i in m] for m in micro_batches(batch, 4, 1, 0)]
-            pad, total = padding_share(micro)
+        batches = global_batches(lengths, global_batch, 0, 0, group)
+        assert sorted(i for b in batches for i in b) == list(range(256))
+        for batch in batches:
+            parts = [[lengths[i] for i in m] for m in micro_batches(batch, micro, 1, 0)]
+            pad, total = padding_share(parts)
             pads, totals = pads + pad, totals + total
         return pads / totals
 
-    assert share(True) < 0.5 * share(False)
+    assert share(True) < 0.25 * share(False)
     assert padding_share([[3, 5], [2]]) == (2, 12)

@@ -161,3 +161,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert not (tmp_path / "out" / "model").exists()
     with pytest.raises(VistuneError, match="already has checkpoints; add --resume"):
         train(TrainConfig(**args))
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_data, tiny_model_dir, tmp_path):
+    from vistune.model.llava import LlavaModel
+    from vistune.train.setup import apply_stage
+
+    model = LlavaModel.load(tiny_model_dir)
+    apply_stage(model, TrainConfig(stage="finetune", gradient_checkpointing=True))
+    assert model.llm.is_activation_checkpointing
+    weights = []
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        args = tiny_args(
+            tiny_data,
+            out,
+            tmp_path / "f",
+            tiny_model_dir,
+            stage="finetune",
+            max_steps=2,
+            lr=1e-3,
+            gradient_checkpointing=checkpointing,
+        )
+        train(TrainConfig(**args))
+        weights.append(_llm(out / "model"))
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)

@@ -169,21 +169,33 @@ def drop_samples(samples: list[Sample], bad_images: set[Path]) -> tuple[list[Sam
 
 
 def global_batches(
-    lengths: list[int], global_batch: int, epoch: int, seed: int, group_by_length: bool = True
+    lengths: list[int],
+    global_batch: int,
+    epoch: int,
+    seed: int,
+    group_by_length: bool = True,
+    mega: int = 16,
 ) -> list[list[int]]:
     """The epoch's global batches of sample indices (the last incomplete one is dropped).
 
     The shuffle depends on (seed, epoch) only, so resuming at (epoch, step) needs no state.
-    With grouping, each global batch is sorted by length, longest first.
+    With grouping (HF's get_length_grouped_indices, mega-batch of `mega` global batches):
+    the shuffled order is cut into mega-batches, each sorted by length and cut into global
+    batches of similar lengths, which are then shuffled; each global batch is sorted
+    longest first for its micro-batches. None of this depends on the number of processes.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    batches = [
-        order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)
-    ]
-    if group_by_length:
-        batches = [sorted(b, key=lambda i: (-lengths[i], i)) for b in batches]
-    return batches
+    usable = len(order) - len(order) % global_batch
+    if not group_by_length:
+        return [order[i : i + global_batch] for i in range(0, usable, global_batch)]
+    batches: list[list[int]] = []
+    span = global_batch * max(1, mega)
+    for start in range(0, usable, span):
+        chunk = sorted(order[start : min(start + span, usable)], key=lambda i: (-lengths[i], i))
+        batches += [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
 
 
 def micro_batches(batch: list[int], per_device: int, world: int, rank: int) -> list[list[int]]:

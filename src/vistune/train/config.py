@@ -95,7 +95,9 @@ class TrainConfig:
     model_max_length: int = 2048
     """Longest sequence counting image tokens; text is cut from the end, never the image."""
     group_by_length: bool = True
-    """Sort each global batch by length before cutting micro-batches (less padding)."""
+    """Batch samples of similar length together (less padding; HF's group_by_length)."""
+    length_group: int = 16
+    """Global batches per length-sorted mega-batch when grouping (HF uses 50)."""
     lora_r: int = 0
     """LoRA rank for the LLM in finetune (0: train the LLM's full weights)."""
     lora_alpha: float = 16.0
@@ -146,7 +148,7 @@ class TrainConfig:
         if (self.vision or self.llm) and self.init != "default":
             raise ValueError("vision/llm build a fresh model: use them with init 'default'")
         positive = ("epochs", "batch_size", "per_device_batch", "model_max_length")
-        for name in (*positive, "save_every", "keep_last", "feature_batch"):
+        for name in (*positive, "save_every", "keep_last", "feature_batch", "length_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0:

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from vistune.train.distributed import barrier
 from vistune.train.setup import apply_stage, build_model
+from vistune.train.step import TrainStep
 
 
 def finalize(
@@ -23,7 +24,9 @@ def finalize(
     """Undo training-only settings: merge or split off LoRA, checkpointing, attention."""
     model.llm.set_attn_implementation(attention)
     if checkpointing:
-        model.llm.gradient_checkpointing_disable()
+        llm = model.llm
+        disable = getattr(llm, "activation_checkpointing_disable", None)
+        (disable or llm.gradient_checkpointing_disable)()
     if lora:
         if merge:
             model.llm = model.llm.merge_and_unload()
@@ -36,8 +39,6 @@ def finalize(
 
 def export_model(run: Any, say: Any) -> Path:
     """Write `<out>/model` (rank 0) and return its path; every rank calls this."""
-    from vistune.train.loop import TrainStep
-
     cfg, info = run.cfg, run.info
     out = Path(cfg.out)
     model = run.model

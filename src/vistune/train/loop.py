@@ -29,11 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from vistune.data.conversation import IGNORE_INDEX
 from vistune.data.dataset import Sample, global_batches, micro_batches
 from vistune.errors import DataError, VistuneError
 from vistune.train import checkpoint as ckpt
@@ -55,45 +53,9 @@ from vistune.train.setup import (
     prepare_samples,
     resolve_device,
 )
+from vistune.train.step import TrainStep
 
 Say = Callable[[str], None]
-
-
-class TrainStep(nn.Module):
-    """One micro-batch: project cached features, splice, run the LLM, summed token CE.
-
-    Logits are computed only at supervised positions (the LM head over the vocabulary is
-    the costliest single matmul per token). This module is what DDP / FSDP wrap, so every
-    parameter access goes through the wrapper's hooks.
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: list[list[int]], labels: list[list[int]], features: torch.Tensor | None
-    ) -> torch.Tensor:
-        model = self.model
-        anchor = None
-        if features is not None and features.shape[0]:
-            embeds = model.project(features)  # (M, T, D)
-        else:  # keep the projector in the graph so DDP sees its (zero) gradient
-            embeds = None
-            probe = torch.zeros(1, 1, model.vision.hidden_size, device=model.device)
-            anchor = model.project(probe).sum() * 0.0
-        spliced = model.splice(input_ids, embeds, labels)
-        hidden = model.llm.get_decoder()(
-            inputs_embeds=spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
-            position_ids=spliced.position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, L, D)
-        targets = spliced.labels[:, 1:]  # (B, L-1)
-        mask = targets != IGNORE_INDEX
-        logits = model.llm.get_output_embeddings()(hidden[:, :-1][mask])  # (N, V)
-        ce = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-        return ce if anchor is None else ce + anchor
 
 
 @dataclass
@@ -163,7 +125,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     model = build_model(cfg, say)
     attention = model.llm.config._attn_implementation
     apply_stage(model, cfg, info.device)
-    if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen":
+    if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen" and not cfg.fsdp:
         # Frozen weights need no fp32 master copy: bf16 saves the per-step casts. The
         # exported model is rebuilt from `init` with the trained projector (export.py).
         model.llm.to(torch.bfloat16)
@@ -198,6 +160,11 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         step_module.load_state_dict(tensors, strict=False)
         start = int(state["step"])
         say(f"resuming from {latest} (step {start})")
+    elif cfg.resume:
+        say(f"no checkpoint in {out}: starting at step 0")
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if limit and cfg.model_max_length > limit:
+        say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
     wrapped = wrap(step_module, model.llm, info, cfg.fsdp and info.world > 1)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
@@ -301,7 +268,12 @@ def _loop(run: _Run, say: Say, on_step) -> TrainResult:
             epoch, position = divmod(step, run.steps_per_epoch)
             if epoch != epoch_of:
                 batches = global_batches(
-                    lengths, cfg.batch_size, epoch, cfg.seed, cfg.group_by_length
+                    lengths,
+                    cfg.batch_size,
+                    epoch,
+                    cfg.seed,
+                    cfg.group_by_length,
+                    cfg.length_group,
                 )
                 epoch_of = epoch
             record = _one_step(run, step, batches[position])

@@ -114,9 +114,11 @@ def apply_stage(model: Any, cfg: TrainConfig, device: torch.device | None = None
         )
         model.llm = get_peft_model(model.llm, lora)
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if plan["llm"] != "train":
             model.llm.enable_input_require_grads()
     model.vision.eval()
