@@ -106,3 +106,26 @@ def test_decoder_follows_weight_updates(tiny_llm, tiny_tokenizer):
     after = gen.run(embeds, mask, cfg)[0].token_ids
     plain = Generator(llm, tiny_tokenizer, fast=False).run(embeds, mask, cfg)[0].token_ids
     assert after == plain and after != before
+
+
+def test_lora_wrapped_llm_falls_back_to_transformers(tiny_llm, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    llm = copy.deepcopy(tiny_llm)
+    gen = Generator(llm, tiny_tokenizer)
+    ids, mask = left_padded(llm, [7], seed=3)
+    with torch.no_grad():
+        embeds = llm.get_input_embeddings()(ids)
+    cfg = GenerationConfig(max_new_tokens=8)
+    gen.run(embeds, mask, cfg)
+    assert gen._decoder is not None
+    peft = get_peft_model(llm, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():  # a trained adapter: nonzero B
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    assert not supports(llm)
+    out = gen.run(embeds, mask, cfg)[0].token_ids
+    assert gen._decoder is None
+    ref = Generator(llm, tiny_tokenizer, fast=False).run(embeds, mask, cfg)[0].token_ids
+    assert out == ref

@@ -37,12 +37,23 @@ def supports(llm: torch.nn.Module) -> bool:
         and getattr(cfg, "sliding_window", None) is None
         and getattr(cfg, "pretraining_tp", 1) == 1
     )
-    return plain and hasattr(llm, "model") and hasattr(llm, "lm_head")
+    if not (plain and hasattr(llm, "model") and hasattr(llm, "lm_head")):
+        return False
+    # Plain nn.Linear only: a LoRA-wrapped projection's .weight lacks its adapter's delta.
+    linears = [llm.lm_head]
+    for block in getattr(llm.model, "layers", []):
+        att, mlp = block.self_attn, block.mlp
+        linears += [att.q_proj, att.k_proj, att.v_proj, att.o_proj]
+        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return all(type(m) is torch.nn.Linear for m in linears)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with LlamaRMSNorm's maths (in fp32), returned in x's dtype. # (..., D)"""
-    return F.rms_norm(x.float(), weight.shape, weight, eps).to(x.dtype)
+    """RMSNorm with LlamaRMSNorm's maths (in fp32), returned in x's dtype. # (..., D)
+
+    Written out: for one row this is several times faster than F.rms_norm's dispatch."""
+    x32 = x.float()
+    return (weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -134,19 +145,21 @@ class LlamaDecoder:
         )
 
     def _attention_mask(self, state: DecodeState, new: torch.Tensor) -> torch.Tensor | None:
-        """Bool (B, 1, T, S) mask for T new positions over S = filled + T keys; None means
-        plain causal (no padding, empty cache). A padding query sees only itself, so its
-        row is never all-masked (that would make NaNs that leak through the KV cache)."""
+        """Additive float (B, 1, T, S) mask for T new positions over S = filled + T keys, or
+        None: plain causal for a prompt without padding, nothing for one step without.
+        A padding query sees only itself, so its row is never all-masked (that would make
+        NaNs that leak through the KV cache)."""
         t0, steps = state.length, new.shape[1]
-        if t0 == 0 and bool(new.all()):
-            return None
         keys = state.mask[:, None, None, : t0 + steps]  # (B, 1, 1, S)
-        if steps == 1:
-            return keys
-        key_pos = torch.arange(t0 + steps, device=new.device)
-        query_pos = torch.arange(t0, t0 + steps, device=new.device)[:, None]
-        causal = key_pos[None] <= query_pos  # (T, S)
-        return (keys & causal) | (key_pos[None] == query_pos)
+        if (steps == 1 or t0 == 0) and bool(keys.all()):
+            return None
+        allowed = keys
+        if steps > 1:
+            key_pos = torch.arange(t0 + steps, device=new.device)
+            query_pos = torch.arange(t0, t0 + steps, device=new.device)[:, None]
+            allowed = (keys & (key_pos[None] <= query_pos)) | (key_pos[None] == query_pos)
+        zero = torch.zeros((), dtype=self.dtype, device=new.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)  # (B, 1, T, S)
 
     @torch.inference_mode()
     def forward(
@@ -189,7 +202,7 @@ class LlamaDecoder:
                 keys[:, :, :t1],
                 values[:, :, :t1],
                 attn_mask=attn_mask,
-                is_causal=attn_mask is None and steps > 1,
+                is_causal=attn_mask is None and steps > 1 and t0 == 0,
                 enable_gqa=self.heads != self.kv_heads,
             )  # (B, H, T, hd)
             h = h + _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)

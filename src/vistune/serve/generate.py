@@ -156,11 +156,14 @@ class Generator:
         params = inspect.signature(llm.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def _fast_decoder(self) -> decoder.LlamaDecoder:
-        """The fused decode step, rebuilt whenever the LLM's weights changed (training)."""
+    def _fast_decoder(self) -> decoder.LlamaDecoder | None:
+        """The fused Llama forward, rebuilt whenever the LLM's weights changed (training);
+        None when the LLM is not (or no longer, e.g. LoRA-wrapped) a plain Llama."""
         key = tuple((p.data_ptr(), p._version) for p in self.llm.parameters())
-        if self._decoder is None or key != self._decoder_key:
-            self._decoder, self._decoder_key = decoder.LlamaDecoder(self.llm), key
+        if key != self._decoder_key:
+            ok = decoder.supports(self.llm)
+            self._decoder = decoder.LlamaDecoder(self.llm) if ok else None
+            self._decoder_key = key
         return self._decoder
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
@@ -232,9 +235,9 @@ class Generator:
         mask = attention_mask.long()  # (B, L)
         positions = positions_from_mask(mask)  # (B, L)
         active = list(range(batch))  # rows still decoding, in batch order
-        cache, fast, kv = None, None, None
-        if use_cache and self.fast:  # Llama family: vistune.serve.decoder end to end
-            fast = self._fast_decoder()
+        cache, kv = None, None
+        fast = self._fast_decoder() if use_cache and self.fast else None
+        if fast is not None:  # Llama family: vistune.serve.decoder end to end
             kv = fast.allocate(mask, config.max_new_tokens)
             logits = fast.forward(kv, embeds, positions, mask)  # (A, V)
         else:
