@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "scenes": "scenes",
     "mix": "mix",
     "weights": "weights",
+    "demo": "demo",
     "train": "train",
     "features": "features",
     "chat": "chat",
