@@ -1,6 +1,6 @@
 """Training throughput of both stages vs a plain reference loop, and share of bf16 peak.
 
-    .venv/bin/python benchmarks/train.py --steps 3 --json /tmp/train_bench.json
+    .venv/bin/python benchmarks/train.py --threads 1 --json /tmp/train_bench.json
 
 On the packaged default model (DINOv2 ViT-S/14 + SmolLM2-135M) and built-in scene data
 (rendered here with `vistune scenes` + the rules teacher unless --data-dir is given):
@@ -115,7 +115,14 @@ def flops_per_token(sizes: dict, stage: str, mean_len: float, supervised: float)
 
 
 def reference(
-    stage: str, data: Path, root: Path, steps: int, batch: int, size: int, template: str
+    stage: str,
+    data: Path,
+    root: Path,
+    steps: int,
+    batch: int,
+    micro: int,
+    size: int,
+    template: str,
 ) -> tuple[dict, object, list]:
     """The plain loop: tower in the loop, fp32, random batches padded to the longest."""
     from vistune.model.llava import LlavaModel
@@ -137,32 +144,41 @@ def reference(
     tokens = count = 0
     seconds = 0.0
     for step in range(steps + 1):
-        items = samples[step * batch : (step + 1) * batch]
         began = time.perf_counter()
-        pixels = model.image_processor([load_image(s.image) for s in items])
-        out = model(
-            [s.input_ids for s in items], labels=[s.labels for s in items], pixel_values=pixels
-        )
-        out.loss.backward()
+        for start in range(step * batch, (step + 1) * batch, micro):
+            items = samples[start : start + micro]
+            pixels = model.image_processor([load_image(s.image) for s in items])
+            out = model(
+                [s.input_ids for s in items],
+                labels=[s.labels for s in items],
+                pixel_values=pixels,
+            )
+            (out.loss * len(items) / batch).backward()
+            if step:
+                tokens += sum(s.length for s in items)
+                count += len(items)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step:  # the first step is warm-up
             seconds += time.perf_counter() - began
-            tokens += sum(s.length for s in items)
-            count += len(items)
-    return (
-        {
-            "tokens_per_s": tokens / seconds,
-            "samples_per_s": count / seconds,
-            "attention": model.llm.config._attn_implementation,
-        },
-        model,
-        samples,
-    )
+    result = {
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": count / seconds,
+        "attention": model.llm.config._attn_implementation,
+    }
+    return result, model, samples
 
 
 def ours(
-    stage: str, data: Path, root: Path, work: Path, steps: int, batch: int, size: int, template: str
+    stage: str,
+    data: Path,
+    root: Path,
+    work: Path,
+    steps: int,
+    batch: int,
+    micro: int,
+    size: int,
+    template: str,
 ) -> dict:
     cfg = TrainConfig(
         stage=stage,
@@ -173,7 +189,7 @@ def ours(
         image_size=size,
         template=template,
         batch_size=batch,
-        per_device_batch=batch,
+        per_device_batch=micro,
         max_steps=steps + 1,
         save_every=10_000,
         plot=False,
@@ -200,9 +216,11 @@ def ours(
 
 def run_stage(args, stage: str, data: Path, root: Path, work: Path, peak: float) -> dict:
     template = "plain" if stage == "pretrain" else "vicuna_v0"
-    batch = args.batch_pretrain if stage == "pretrain" else args.batch_finetune
-    mine = ours(stage, data, root, work, args.steps, batch, args.image_size, template)
-    ref, model, samples = reference(stage, data, root, args.steps, batch, args.image_size, template)
+    batch, micro = args.pretrain_batch if stage == "pretrain" else args.finetune_batch
+    mine = ours(stage, data, root, work, args.steps, batch, micro, args.image_size, template)
+    ref, model, samples = reference(
+        stage, data, root, args.steps, batch, micro, args.image_size, template
+    )
     mean_len = sum(s.length for s in samples) / len(samples)
     supervised = sum(s.targets for s in samples) / sum(s.length for s in samples)
     fpt = flops_per_token(model_sizes(model), stage, mean_len, supervised)
@@ -219,9 +237,20 @@ def run_stage(args, stage: str, data: Path, root: Path, work: Path, peak: float)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per loop")
-    parser.add_argument("--batch-pretrain", type=int, default=16)
-    parser.add_argument("--batch-finetune", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2, help="measured steps per loop")
+    pair = lambda text: tuple(int(x) for x in text.split("x"))  # noqa: E731
+    parser.add_argument(
+        "--pretrain-batch",
+        type=pair,
+        default=(32, 16),
+        help="global x per-step micro-batch (configs/scenes: 32x16)",
+    )
+    parser.add_argument(
+        "--finetune-batch",
+        type=pair,
+        default=(16, 8),
+        help="global x per-step micro-batch (configs/scenes: 16x8)",
+    )
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--images", type=int, default=120, help="scenes to render")
     parser.add_argument(

@@ -148,20 +148,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     step_module = TrainStep(model)
     trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
     fingerprint = data_fingerprint(samples)
-    start = 0
-    state: dict[str, Any] = {}
-    if cfg.resume and latest is not None:
-        tensors, state = ckpt.load_checkpoint(latest)
-        if state.get("fingerprint") != fingerprint:
-            raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
-        missing = sorted(set(trainable) - set(tensors))
-        if missing:
-            raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
-        step_module.load_state_dict(tensors, strict=False)
-        start = int(state["step"])
-        say(f"resuming from {latest} (step {start})")
-    elif cfg.resume:
-        say(f"no checkpoint in {out}: starting at step 0")
+    state = _load_resume(cfg, latest, step_module, trainable, fingerprint, say)
+    start = int(state.get("step", 0))
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit and cfg.model_max_length > limit:
         say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
@@ -190,6 +178,31 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         fingerprint,
         attention,
     )
+
+
+def _load_resume(
+    cfg: TrainConfig,
+    latest: Path | None,
+    step_module: TrainStep,
+    trainable: list[str],
+    fingerprint: str,
+    say: Say,
+) -> dict[str, Any]:
+    """Trainable weights from the newest checkpoint (when resuming); its state dict."""
+    if not cfg.resume:
+        return {}
+    if latest is None:
+        say(f"no checkpoint in {cfg.out}: starting at step 0")
+        return {}
+    tensors, state = ckpt.load_checkpoint(latest)
+    if state.get("fingerprint") != fingerprint:
+        raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
+    missing = sorted(set(trainable) - set(tensors))
+    if missing:
+        raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
+    step_module.load_state_dict(tensors, strict=False)
+    say(f"resuming from {latest} (step {state['step']})")
+    return state
 
 
 def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> float:
