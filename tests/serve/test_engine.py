@@ -130,3 +130,10 @@ def test_strip_stream():
     assert "".join(out) == "".join(pieces).strip() == "Hello world"
     assert all(out)
     assert list(strip_stream(iter([" ", "\n"]))) == []
+
+
+def test_stream_checks_messages_when_called(engine):
+    from vistune.errors import DataError
+
+    with pytest.raises(DataError):
+        engine.stream([{"role": "assistant", "content": "hi"}], None, CFG)  # not iterated

@@ -70,11 +70,12 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(xw, w).to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (transformers' apply_rotary_pos_emb). x (B, H, T, hd)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, transformers' apply_rotary_pos_emb with rotate_half's minus sign
+    moved into `signed_sin` (cat(-sin1, sin2)). x (B, H, T, hd)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos).addcmul_(swapped, signed_sin)
 
 
 @dataclass
@@ -191,8 +192,10 @@ class LlamaDecoder:
         # One row per step: keep the residual stream in fp32 (the casts are tiny). A prefill
         # works in the weights' dtype, as transformers does: casting (T, D) activations
         # around every matrix product costs more than the bf16 products save.
-        h = embeds.to(torch.float32 if steps == 1 else self.dtype)  # (B, T, D)
+        h = embeds.to(torch.float32 if steps == 1 else self.dtype, copy=True)  # (B, T, D)
         cos, sin = self.rotary(h, positions)  # (B, T, hd)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
         hd, nq, nkv = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
@@ -211,10 +214,10 @@ class LlamaDecoder:
                 is_causal=attn_mask is None and steps > 1 and t0 == 0,
                 enable_gqa=self.heads != self.kv_heads,
             )  # (B, H, T, hd)
-            h = h + _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)
+            h += _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)
             x = _rms(h, layer.norm_post, layer.eps)
             gate, up = _mm(x, layer.gate_up).chunk(2, dim=-1)  # (B, T, I) each
-            h = h + _mm(F.silu(gate) * up, layer.down)
+            h += _mm(F.silu(gate).mul_(up), layer.down)
         state.length = t1
         return _mm(_rms(h[:, -1], self.norm, self.norm_eps), self.lm_head).float()  # (B, V)
 

@@ -140,12 +140,15 @@ class Engine:
         image: Image.Image | None = None,
         config: GenerationConfig = DEFAULT_CONFIG,
     ) -> Iterator[str]:
-        """The same answer as `answer`, as text pieces while they are generated."""
+        """The same answer as `answer`, as text pieces while they are generated.
+
+        The prompt is checked (and the image encoded) now, so bad messages raise here,
+        before the caller starts sending anything; generation runs as pieces are taken."""
         inputs = self.prepare([(messages, image)])
         pieces = self.generator.stream(
             inputs.inputs_embeds, inputs.attention_mask, config, self.stop
         )
-        yield from strip_stream(pieces)
+        return strip_stream(pieces)
 
     def answer_batch(
         self, requests: Sequence[Request], config: GenerationConfig = DEFAULT_CONFIG
