@@ -44,8 +44,9 @@ DECODE_GOAL_RATIO = 1.5
 @dataclass
 class Row:
     name: str
-    ttft_s: float
-    decode_tps: float
+    ttft_s: float  # median
+    decode_tps: float  # median
+    ttft_best_s: float  # fastest run: the least disturbed by other jobs
 
 
 def photo(name: str):
@@ -137,6 +138,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], int]:
             name,
             statistics.median(t for t, _ in results),
             statistics.median(r for _, r in results),
+            min(t for t, _ in results),
         )
         for name, results in times.items()
     ]
@@ -146,12 +148,14 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], int]:
 def table(rows: list[Row]) -> str:
     ref = rows[-1]
     lines = [
-        "| setup | first token (s) | decode tok/s | decode vs transformers |",
-        "| --- | ---: | ---: | ---: |",
+        "| setup | first token (s) | fastest first token (s) | decode tok/s | decode vs transformers |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = r.decode_tps / ref.decode_tps
-        lines.append(f"| {r.name} | {r.ttft_s:.3f} | {r.decode_tps:.1f} | {ratio:.2f}x |")
+        lines.append(
+            f"| {r.name} | {r.ttft_s:.3f} | {r.ttft_best_s:.3f} | {r.decode_tps:.1f} | {ratio:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -183,8 +187,9 @@ AVX-512 BF16/AMX), torch {torch.__version__}, {torch.get_num_threads()} torch th
 
 {table(rows)}
 
-Goals: first token <= {TTFT_GOAL_S} s with 256 image tokens ({ttft_ok}: {ours.ttft_s:.3f} s);
-decode >= {DECODE_GOAL_RATIO}x transformers' generate ({decode_ok}: {ratio:.2f}x).
+Goals (judged on the medians): first token <= {TTFT_GOAL_S} s with 256 image tokens
+({ttft_ok}: {ours.ttft_s:.3f} s, fastest run {ours.ttft_best_s:.3f} s); decode >=
+{DECODE_GOAL_RATIO}x transformers' generate ({decode_ok}: {ratio:.2f}x).
 
 Where the time goes (torch.profiler, 1 thread, bf16): a decode step takes about 43 ms, of
 which 32 ms is `torch.mv` reading the 268 MB of bf16 weights (about 8 GB/s: decode is
