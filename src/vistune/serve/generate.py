@@ -119,6 +119,16 @@ def _pick(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) 
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
+def _seeded_rng(seed: int | None, device: torch.device) -> torch.Generator:
+    """The sampling RNG: seeded for reproducible samples, else from fresh entropy."""
+    rng = torch.Generator(device=device)
+    if seed is None:
+        rng.seed()
+    else:
+        rng.manual_seed(seed)
+    return rng
+
+
 def eos_ids(llm: torch.nn.Module, tokenizer: object) -> set[int]:
     """Every id that ends a sequence: the tokenizer's EOS and the LLM generation config's."""
     ids: set[int] = set()
@@ -225,11 +235,7 @@ class Generator:
         batch = inputs_embeds.shape[0]
         text_stops, stop_ids = self._split_stops((*stop, *config.stop))
         states = [_TextState(self.tokenizer, text_stops) for _ in range(batch)]
-        rng = torch.Generator(device=inputs_embeds.device)
-        if config.seed is None:
-            rng.seed()
-        else:
-            rng.manual_seed(config.seed)
+        rng = _seeded_rng(config.seed, inputs_embeds.device)
         dtype = self.llm.get_input_embeddings().weight.dtype
         embeds = inputs_embeds.to(dtype)  # (B, L, D)
         mask = attention_mask.long()  # (B, L)
