@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise VistuneError("the prompt is empty")
     image = load_image(args.image) if args.image else None
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.model == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
+        from vistune.weights import ensure_default_weights
+
+        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
     model = load_model(args.model, dtype=dtype)
     if not getattr(model, "projector_trained", True):
         which = "the packaged base model" if args.model == DEFAULT_SPEC else args.model
