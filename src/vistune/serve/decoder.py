@@ -1,4 +1,4 @@
-"""The LLM forward for generation on Llama-family LLMs (SmolLM2, Llama, Mistral-like).
+"""The LLM forward for generation on Llama-architecture LLMs (SmolLM2, Llama, Vicuna).
 
 Why: on the CPU a decode step is a chain of matrix-*vector* products, bound by memory
 bandwidth and kernel choice. Measured here (docs/PERFORMANCE.md) PyTorch's `mm` for one
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama",)
+"""Tested against transformers' forward; other architectures use the generic path."""
 
 
 def supports(llm: torch.nn.Module) -> bool:
@@ -109,7 +110,7 @@ class LlamaDecoder:
 
     def __init__(self, llm: torch.nn.Module) -> None:
         if not supports(llm):
-            raise ValueError(f"LlamaDecoder supports {', '.join(SUPPORTED_TYPES)} models")
+            raise ValueError(f"LlamaDecoder supports plain {', '.join(SUPPORTED_TYPES)} models")
         cfg, model = llm.config, llm.model
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
