@@ -16,7 +16,8 @@ FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize")
 
 
-def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
+    """Raise ValueError naming the valid choices when `value` is not one of them."""
     if value not in valid:
         raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
 
@@ -39,9 +40,9 @@ class ModelConfig:
     """Conversation template used for training and chat (see vistune.data.conversation)."""
 
     def __post_init__(self) -> None:
-        _check_choice("projector", self.projector, PROJECTORS)
-        _check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
-        _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
+        check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 

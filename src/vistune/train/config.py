@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from vistune.config import FEATURE_SELECTS, IMAGE_ASPECTS, PROJECTORS
+from vistune.config import FEATURE_SELECTS, IMAGE_ASPECTS, PROJECTORS, check_choice
 from vistune.errors import DataError
 from vistune.train.stages import STAGE_DEFAULTS, STAGES
 
@@ -29,11 +29,6 @@ PRECISIONS = ("bf16", "fp32")
 DATA_FORMATS = ("llava", "scienceqa")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "eager", "sdpa")
-
-
-def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)
@@ -132,14 +127,14 @@ class TrainConfig:
     """torch CPU threads (0: torch's default); 1 can be much faster on an oversubscribed CPU."""
 
     def __post_init__(self) -> None:
-        _check_choice("stage", self.stage, tuple(STAGE_DEFAULTS))
-        _check_choice("data_format", self.data_format, DATA_FORMATS)
-        _check_choice("projector", self.projector, PROJECTORS)
-        _check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
-        _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("stage", self.stage, tuple(STAGE_DEFAULTS))
+        check_choice("data_format", self.data_format, DATA_FORMATS)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
+        check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("attention", self.attention, ATTENTIONS)
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
