@@ -40,6 +40,8 @@ def supports(llm: torch.nn.Module) -> bool:
     )
     if not (plain and hasattr(llm, "model") and hasattr(llm, "lm_head")):
         return False
+    if not getattr(llm.model, "layers", None):  # e.g. a peft wrapper around the LLM
+        return False
     # Plain nn.Linear only: a LoRA-wrapped projection's .weight lacks its adapter's delta.
     linears = [llm.lm_head]
     for block in getattr(llm.model, "layers", []):

@@ -125,6 +125,8 @@ class TrainConfig:
     """LLM attention kernel: `auto` (eager on CPU, where it is faster for short sequences; sdpa on GPU), `eager`, `sdpa`."""
     threads: int = 0
     """torch CPU threads (0: torch's default); 1 can be much faster on an oversubscribed CPU."""
+    cpu_kernels: bool = True
+    """On the CPU, train plain Llama-family LLMs through vistune's own forward/backward (train/llama_cpu.py; not with LoRA, FSDP or gradient checkpointing); false: transformers' modules."""
 
     def __post_init__(self) -> None:
         check_choice("stage", self.stage, tuple(STAGE_DEFAULTS))

@@ -166,7 +166,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     model.to(info.device)
-    step_module = TrainStep(model)
+    sharded = cfg.fsdp and info.world > 1  # FSDP's DTensor weights: transformers' forward
+    step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
     trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
     fingerprint = data_fingerprint(samples)
     state = _load_resume(cfg, latest, step_module, trainable, fingerprint, say)
@@ -174,7 +175,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit and cfg.model_max_length > limit:
         say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
-    wrapped = wrap(step_module, model.llm, info, cfg.fsdp and info.world > 1)
+    wrapped = wrap(step_module, model.llm, info, sharded)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
     if start:
@@ -268,6 +269,7 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
     params = [p for p in run.wrapped.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     run.optimizer.step()
+    run.step_module.weights_changed()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
     epochs = (step + 1) / run.steps_per_epoch

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vistune.train import llama_cpu
 
 
 def batch_inputs(
@@ -26,6 +27,8 @@ def batch_inputs(
     labels: list[list[int]],
     image_embeds: torch.Tensor | None,
     embed: nn.Embedding,
+    sparse: bool = False,
+    multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (inputs_embeds (B, L, D), attention_mask, labels, position_ids (B, L)).
 
@@ -34,7 +37,8 @@ def batch_inputs(
     """
     weight = embed.weight
     flat = [t for ids in input_ids for t in ids if t != IMAGE_TOKEN_ID]
-    text = embed(torch.tensor(flat, dtype=torch.long, device=weight.device))  # (N, D)
+    ids = torch.tensor(flat, dtype=torch.long, device=weight.device)
+    text = F.embedding(ids, weight, embed.padding_idx, sparse=sparse)  # (N, D)
     rows = [text]
     tokens = 0
     if image_embeds is not None and image_embeds.shape[0]:
@@ -43,7 +47,7 @@ def batch_inputs(
     rows.append(text.new_zeros(1, text.shape[-1]))
     table = torch.cat(rows)  # (N + M*T + 1, D)
     sizes = [len(ids) + ids.count(IMAGE_TOKEN_ID) * (tokens - 1) for ids in input_ids]
-    batch, length = len(input_ids), max(sizes)
+    batch, length = len(input_ids), -(-max(sizes) // multiple) * multiple
     index = np.full((batch, length), table.shape[0] - 1, dtype=np.int64)
     target = np.full((batch, length), IGNORE_INDEX, dtype=np.int64)
     text_at, image_at = 0, len(flat)
@@ -72,9 +76,26 @@ def batch_inputs(
 class TrainStep(nn.Module):
     """Summed token cross entropy of one micro-batch (the caller divides by the count)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, fast: bool | None = None) -> None:
+        """`fast`: run the LLM through vistune.train.llama_cpu (None: wherever it can)."""
         super().__init__()
         self.model = model
+        if fast is None:
+            fast = llama_cpu.usable(model.llm, model.device)
+        self.fast = fast
+        # Tied LM head: the embedding's rows can come back as a sparse gradient, which the
+        # autograd engine adds into the head's dense one (no second vocab x width buffer).
+        head = model.llm.get_output_embeddings()
+        self.sparse = fast and head is not None and head.weight is self.embed_weight
+        self.weights = llama_cpu.WeightCache()
+
+    def weights_changed(self) -> None:
+        """Call after each optimizer step: the LLM's cached weight copies are stale."""
+        self.weights.invalidate()
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.llm.get_input_embeddings().weight
 
     def forward(
         self, input_ids: list[list[int]], labels: list[list[int]], features: torch.Tensor | None
@@ -89,8 +110,21 @@ class TrainStep(nn.Module):
             anchor = model.project(probe).sum() * 0.0
         llm = model.llm
         inputs, mask, targets, positions = batch_inputs(
-            input_ids, labels, embeds, llm.get_input_embeddings()
+            input_ids,
+            labels,
+            embeds,
+            llm.get_input_embeddings(),
+            self.sparse,
+            llama_cpu.LENGTH_MULTIPLE if self.fast else 1,
         )
+        if self.fast:
+            dtype = (
+                torch.get_autocast_dtype("cpu")
+                if torch.is_autocast_enabled("cpu")
+                else torch.float32
+            )
+            ce = llama_cpu.decoder_loss(llm, inputs, positions, targets, dtype, self.weights)
+            return ce if anchor is None else ce + anchor
         hidden = llm.get_decoder()(
             inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state  # (B, L, D)

@@ -1,0 +1,564 @@
+"""Hand-written forward and backward of a Llama decoder for training on the CPU.
+
+Why: at LLaVA's lengths a small LLM's training step on the CPU is dominated by work around
+its matmuls, not the matmuls (docs/PERFORMANCE.md, "Training"). Measured here on a
+SmolLM2-135M stage-2 step through transformers' modules under bf16 autocast:
+- eager attention: its batched matmuls run on transposed views in the backward (~150
+  GFLOP/s instead of ~1000 for the same sizes laid out contiguously), beside fp32 casts and
+  masks of every score tensor; CPU SDPA's flash backward is no faster at these lengths;
+- a weight gradient `grad.T @ input` on a transposed view runs at half the speed of the
+  same product on a contiguous transpose;
+- RMSNorm, rotary and SiLU as chains of element-wise ops over fp32 casts of activations;
+- the fp32 log-softmax over the 49K vocabulary, materialised for every supervised token.
+
+So for plain Llama-family LLMs (`vistune.serve.decoder.supports`) a training micro-batch
+runs here: one autograd Function per decoder layer with q/k/v and gate/up fused, grouped
+query attention as contiguous batched matmuls (the query heads sharing a key/value head
+are stacked, so each product is G times taller) with a causal mask, and the final norm,
+LM head and cross entropy in one Function over row chunks (bf16 logits, fp32 log-sum-exp,
+the softmax gradient written straight into the logits' buffer). The maths is transformers'
+Llama forward (tests compare losses and every gradient with it, fp32 and bf16).
+
+Precision: the parameters stay as they are (fp32 master weights when training in bf16);
+with `dtype=torch.bfloat16` every matmul runs in bf16 on weights cast once per step,
+the residual stream and the norms stay fp32, the softmaxes accumulate in fp32 and weight
+gradients are returned in the parameters' dtype: the same roundings as bf16 autocast.
+
+Batches are right-padded (vistune.train.step.batch_inputs), so the causal mask alone keeps
+real tokens from seeing padding; padding positions compute something and get no gradient.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from vistune.serve.decoder import supports
+
+LENGTH_MULTIPLE = 16
+"""Batches padded to a multiple of this length. oneDNN builds (JIT-compiles) a kernel for
+every new matrix shape, about 10 ms each here; with every batch's length new, that was
+~10% of a step. Rounded lengths repeat, so their kernels come from its cache."""
+ROW_MULTIPLE = 128
+"""The LM head's rows (supervised tokens) are padded to a multiple of this, for the same
+reason."""
+
+_CAUSAL: dict[tuple, torch.Tensor] = {}
+
+
+def usable(llm: nn.Module, device: torch.device) -> bool:
+    """Whether a micro-batch of `llm` can train through this module.
+
+    Plain Llama blocks with plain nn.Linear projections (not LoRA-wrapped), on the CPU, with
+    transformers' gradient checkpointing off (this path keeps its own activations).
+    """
+    if device.type != "cpu" or not supports(llm):
+        return False
+    checkpointing = (
+        llm.is_activation_checkpointing  # transformers >= 5.x
+        if hasattr(type(llm), "is_activation_checkpointing")
+        else getattr(llm, "is_gradient_checkpointing", False)
+    )
+    if checkpointing:
+        return False
+    cfg = llm.config
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) in ("default", None)
+
+
+def _causal(groups: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (G*L, L) mask: row g*L + i may see keys 0..i."""
+    key = (groups, length, dtype)
+    mask = _CAUSAL.get(key)
+    if mask is None:
+        i = torch.arange(length)
+        blocked = i[None, :] > i[:, None]  # (L, L)
+        mask = torch.zeros(length, length, dtype=dtype).masked_fill_(blocked, float("-inf"))
+        mask = mask.repeat(groups, 1).contiguous()
+        if len(_CAUSAL) > 64:
+            _CAUSAL.clear()
+        _CAUSAL[key] = mask
+    return mask
+
+
+class WeightCache:
+    """The weights cast (and q/k/v, gate/up concatenated) for the matmuls, shared by the
+    micro-batches of one optimizer step.
+
+    Call `invalidate()` whenever the weights change (after each optimizer step): fused
+    optimizers update parameters in place without bumping their version counters, so the
+    cache cannot see it by itself. A refresh writes into the same buffers (no new pages)."""
+
+    def __init__(self) -> None:
+        self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._generation = 0
+
+    def invalidate(self) -> None:
+        self._generation += 1
+
+    def get(self, dtype: torch.dtype, *params: torch.Tensor) -> torch.Tensor:
+        """cat(params) in `dtype` (a lone parameter already in `dtype`: itself)."""
+        if len(params) == 1 and params[0].dtype == dtype:
+            return params[0]
+        stamp = (self._generation, tuple(p._version for p in params))
+        found = self._copies.get(params[0])
+        if found is not None and found[0] == stamp and found[1].dtype == dtype:
+            return found[1]
+        with torch.no_grad():
+            if found is not None and found[1].dtype == dtype:
+                out = found[1]
+                torch.cat(params, out=out) if len(params) > 1 else out.copy_(params[0])
+            else:
+                out = torch.cat(params).to(dtype)
+        self._copies[params[0]] = (stamp, out)
+        return out
+
+
+def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaRMSNorm in fp32: (h * r) * w and r = 1/sqrt(mean(h^2) + eps). # (N, D), (N, 1)"""
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * r) * w, r
+
+
+def _rms_backward(
+    dy: torch.Tensor, h: torch.Tensor, r: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of _rms for h (fp32) and, summed over rows, w. dy any float dtype."""
+    xhat = h * r  # (N, D) fp32
+    dxhat = dy.float() * w
+    c = (dxhat * xhat).mean(-1, keepdim=True)
+    return (dxhat - xhat * c) * r, (dy.float() * xhat).sum(0)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb with rotate_half's sign moved into ssin = cat(-sin1, sin2)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * ssin
+
+
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
+    """Transpose of _rope: dx = dy * cos + swap(dy * ssin) (the half swap is its own inverse)."""
+    half = dy.shape[-1] // 2
+    t = dy * ssin
+    return dy * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1)
+
+
+class Glue:
+    """The element-wise work between the matmuls of one model (heads, head size, norm eps
+    and compute dtype fixed), each function one pass over its tensors once compiled.
+
+    Compiled with the batch's sizes symbolic and the model's own sizes constants, which
+    keeps the loops vectorised (all-symbolic kernels were ~7% slower per step here). b and
+    L are read from `cos` (B, L, hd)."""
+
+    def __init__(self, nh: int, nk: int, hd: int, eps: float, dtype: torch.dtype) -> None:
+        self.nh, self.nk, self.hd, self.g, self.eps, self.dtype = nh, nk, hd, nh // nk, eps, dtype
+
+    def norm_in(self, h, w):
+        """-> x (N, D) in dtype, r (N, 1)."""
+        x, r = _rms(h, w, self.eps)
+        return x.to(self.dtype), r
+
+    def split_heads(self, q, kv, cos, ssin, scale: torch.Tensor):
+        """q rows (N, H hd), k/v rows (N, 2 Hkv hd) -> rotated q (B*Hkv, G*L, hd) times the
+        attention scale, k, v (B*Hkv, L, hd). A key/value head's G query heads are stacked
+        along the rows (head h = kv * G + g, as transformers' repeat_kv pairs them)."""
+        b, length = cos.shape[0], cos.shape[1]
+        nk, g, hd = self.nk, self.g, self.hd
+        q = q.view(b, length, nk, g, hd).permute(0, 2, 3, 1, 4)
+        k = kv[:, : nk * hd].view(b, length, nk, hd).transpose(1, 2)
+        v = kv[:, nk * hd :].view(b, length, nk, hd).transpose(1, 2)
+        q = _rope(q, cos[:, None, None], ssin[:, None, None]) * scale
+        k = _rope(k, cos[:, None], ssin[:, None])
+        return (
+            q.contiguous().view(b * nk, g * length, hd),
+            k.contiguous().view(b * nk, length, hd),
+            v.contiguous().view(b * nk, length, hd),
+        )
+
+    def merge_heads(self, att, cos):
+        """(B*Hkv, G*L, hd) -> (N, H*hd) rows."""
+        b, length = cos.shape[0], cos.shape[1]
+        att = att.view(b, self.nk, self.g, length, self.hd).permute(0, 3, 1, 2, 4)
+        return att.contiguous().view(b * length, self.nh * self.hd)
+
+    def residual_norm(self, h, ao, w):
+        """h2 = h + ao; -> h2 (fp32), x2 (dtype), r2."""
+        h2 = h + ao
+        x, r = _rms(h2, w, self.eps)
+        return h2, x.to(self.dtype), r
+
+    def swiglu(self, gu):
+        """silu(gate) * up of fused (N, 2I) rows. # (N, I)"""
+        inter = gu.shape[1] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
+
+    def add(self, h, d):
+        return h + d
+
+    def logsumexp(self, logits):
+        """fp32 log-sum-exp of (C, V) logits rows. # (C,)"""
+        return torch.logsumexp(logits.float(), dim=-1)
+
+    def ce_grad(self, logits, lse, targets, scale):
+        """(softmax(logits) - onehot(targets)) * scale, in the logits' dtype. # (C, V)"""
+        p = torch.exp(logits.float() - lse[:, None])
+        vocab = torch.arange(logits.shape[1], device=logits.device)
+        hit = (vocab[None, :] == targets[:, None]).float()
+        return ((p - hit) * scale).to(logits.dtype)
+
+    def swiglu_backward(self, dm, gu):
+        """d gate, d up of swiglu, as two (N, I) tensors (one kernel; a concatenated
+        output makes it ~1.6x slower)."""
+        inter = gu.shape[1] // 2
+        gate, up = gu[:, :inter].float(), gu[:, inter:].float()
+        sig = torch.sigmoid(gate)
+        dm = dm.float()
+        dgate = dm * up * sig * (1 + gate * (1 - sig))
+        return dgate.to(gu.dtype), (dm * gate * sig).to(gu.dtype)
+
+    def norm_backward(self, dx, h, r, w, dres):
+        """Gradient into the residual stream: dres + d_rms(h), also in dtype; d weight."""
+        dh, dw = _rms_backward(dx, h, r, w)
+        dh = dh + dres
+        return dh, dh.to(self.dtype), dw
+
+    def split_grad(self, datt, cos):
+        """Transpose of merge_heads: (N, H*hd) -> (B*Hkv, G*L, hd)."""
+        b, length = cos.shape[0], cos.shape[1]
+        datt = datt.view(b, length, self.nk, self.g, self.hd).permute(0, 2, 3, 1, 4)
+        return datt.contiguous().view(b * self.nk, self.g * length, self.hd)
+
+    def merge_grads(self, dq, dk, dv, cos, ssin, scale: torch.Tensor):
+        """Transpose of split_heads: rotary backward into fused (N, (H + 2Hkv) hd) rows."""
+        b, length = cos.shape[0], cos.shape[1]
+        nk, g, hd = self.nk, self.g, self.hd
+        dq = dq.view(b, nk, g, length, hd) * scale
+        dq = _rope_backward(dq, cos[:, None, None], ssin[:, None, None])
+        dk = _rope_backward(dk.view(b, nk, length, hd), cos[:, None], ssin[:, None])
+        dv = dv.view(b, nk, length, hd)
+        rows = [
+            dq.permute(0, 3, 1, 2, 4).reshape(b, length, nk * g * hd),
+            dk.transpose(1, 2).reshape(b, length, nk * hd),
+            dv.transpose(1, 2).reshape(b, length, nk * hd),
+        ]
+        return torch.cat(rows, dim=-1).view(b * length, -1)
+
+
+_ROWS = (0,)
+_BL = (0, 1)
+_STEPS: dict[str, dict[int, tuple[int, ...]]] = {
+    "norm_in": {0: _ROWS},
+    "split_heads": {0: _ROWS, 1: _ROWS, 2: _BL, 3: _BL},
+    "merge_heads": {0: _BL, 1: _BL},
+    "residual_norm": {0: _ROWS, 1: _ROWS},
+    "swiglu": {0: _ROWS},
+    "add": {0: _ROWS, 1: _ROWS},
+    "logsumexp": {0: _ROWS},
+    "ce_grad": {0: _ROWS, 1: _ROWS, 2: _ROWS},
+    "swiglu_backward": {0: _ROWS, 1: _ROWS},
+    "norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
+    "split_grad": {0: _ROWS, 1: _BL},
+    "merge_grads": {0: _BL, 1: _BL, 2: _BL, 3: _BL, 4: _BL},
+}
+"""Each glue function's batch-dependent sizes (argument -> dims: rows, batch, length), the
+ones compiled as symbols; the model's sizes (width, heads, vocabulary) stay constants."""
+_GLUE: dict[tuple, Glue] = {}
+_COMPILE = True
+
+
+def set_compile(enabled: bool) -> None:
+    """Fuse the glue with torch.compile (the default) or run it as eager ops."""
+    global _COMPILE
+    _COMPILE = enabled
+
+
+class _Compiled:
+    """A glue function through torch.compile, falling back to the eager function for good
+    (with one warning) if compiling fails: no C++ compiler, dynamo's recompile limit (the
+    functions are shared by every model size and dtype in a process), an unsupported op."""
+
+    def __init__(self, method, dynamic: dict[int, tuple[int, ...]]) -> None:
+        self.eager, self.dynamic = method, dynamic
+        # A copy of the code object gets its own compile cache: dynamo's recompile limit
+        # counts per code object, and every Glue shares the class's methods.
+        func = method.__func__
+        own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__)
+        self.fn = torch.compile(types.MethodType(own, method.__self__), fullgraph=True)
+
+    def __call__(self, *args):
+        if self.fn is self.eager:
+            return self.eager(*args)
+        # Symbolic from the first call: one kernel for every batch shape, so a run resumed
+        # mid-way computes bit for bit what the uninterrupted run did.
+        for index, dims in self.dynamic.items():
+            for dim in dims:
+                if args[index].shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(args[index], dim)
+        try:
+            return self.fn(*args)
+        except Exception as err:  # noqa: BLE001 - any compile failure: run eagerly
+            name = getattr(self.eager, "__name__", "glue")
+            warnings.warn(
+                f"vistune.train.llama_cpu: torch.compile failed for {name} ({type(err).__name__}:"
+                f" {str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.fn = self.eager
+            return self.eager(*args)
+
+
+def glue(nh: int, nk: int, hd: int, eps: float, dtype: torch.dtype) -> Glue:
+    """The (cached) Glue of these sizes, its functions compiled when compiling is on."""
+    key = (nh, nk, hd, eps, dtype, _COMPILE)
+    found = _GLUE.get(key)
+    if found is None:
+        found = Glue(nh, nk, hd, eps, dtype)
+        if _COMPILE:
+            for name, dynamic in _STEPS.items():
+                setattr(found, name, _Compiled(getattr(found, name), dynamic))
+        _GLUE[key] = found
+    return found
+
+
+def _wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy.T @ x for dy (N, O), x (N, I). # (O, I)"""
+    return dy.t() @ x
+
+
+@dataclass
+class Shapes:
+    batch: int
+    length: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal GQA of scaled queries. q (BK, G*L, hd), k/v (BK, L, hd) -> out (BK, G*L, hd),
+    probs (BK, G*L, L)."""
+    mask = _causal(s.groups, s.length, q.dtype)
+    scores = torch.bmm(q, k.transpose(1, 2)).add_(mask)  # 2x faster than baddbmm here
+    probs = torch.softmax(scores, dim=-1)  # bf16 in, fp32 accumulation inside
+    return torch.bmm(probs, v), probs
+
+
+def _attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    probs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of _attention for the scaled q (the caller applies the scale), k, v."""
+    dv = torch.bmm(probs.transpose(1, 2), dout)  # (BK, L, hd)
+    dprobs = torch.bmm(dout, v.transpose(1, 2))  # (BK, G*L, L)
+    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+    return torch.bmm(dscores, k), torch.bmm(dscores.transpose(1, 2), q), dv
+
+
+_TRAINED = (8, 9, 10, 11, 13, 14, 15)
+"""_Layer.forward's argument positions of the projection weights."""
+
+
+class _Layer(torch.autograd.Function):
+    """One LlamaDecoderLayer: h (N, D) residual stream -> h' (N, D)."""
+
+    @staticmethod
+    def forward(  # noqa: PLR0913 - the weights are the Function's inputs
+        ctx,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        ssin: torch.Tensor,
+        shapes: Shapes,
+        k_: Glue,
+        cache: WeightCache,
+        scale: float,
+        n_in: torch.Tensor,
+        wq: torch.Tensor,
+        wk: torch.Tensor,
+        wv: torch.Tensor,
+        wo: torch.Tensor,
+        n_post: torch.Tensor,
+        wg: torch.Tensor,
+        wu: torch.Tensor,
+        wd: torch.Tensor,
+    ) -> torch.Tensor:
+        s = shapes
+        dtype = k_.dtype
+        wqkv = cache.get(dtype, wq, wk, wv)  # (H*hd + 2*Hkv*hd, D)
+        wo_c, wd_c = cache.get(dtype, wo), cache.get(dtype, wd)
+        wgu = cache.get(dtype, wg, wu)  # (2I, D)
+        x1, r1 = k_.norm_in(h, n_in)
+        # q and k/v as two products: one (N, (H + 2Hkv) hd) product is ~1.6x slower here
+        nq = wq.shape[0]
+        q, kv = x1 @ wqkv[:nq].t(), x1 @ wqkv[nq:].t()
+        scale_t = torch.tensor(scale, dtype=dtype)
+        q, k, v = k_.split_heads(q, kv, cos, ssin, scale_t)
+        att, probs = _attention(q, k, v, s)
+        att = k_.merge_heads(att, cos)  # (N, H*hd)
+        h2, x2, r2 = k_.residual_norm(h, att @ wo_c.t(), n_post)
+        gu = x2 @ wgu.t()  # (N, 2I)
+        m = k_.swiglu(gu)
+        out = k_.add(h2, m @ wd_c.t())
+        ctx.save_for_backward(h, r1, x1, q, k, v, probs, att, h2, r2, x2, gu, m, cos, ssin)
+        ctx.weights = (wqkv, wo_c, wgu, wd_c, n_in, n_post)
+        ctx.scale, ctx.glue = scale_t, k_
+        ctx.splits = (wq.shape[0], wk.shape[0])
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        h, r1, x1, q, k, v, probs, att, h2, r2, x2, gu, m, cos, ssin = ctx.saved_tensors
+        wqkv, wo_c, wgu, wd_c, n_in, n_post = ctx.weights
+        scale, k_ = ctx.scale, ctx.glue
+        need_w = any(ctx.needs_input_grad[i] for i in _TRAINED)
+        dtype = wqkv.dtype
+        w: dict[str, torch.Tensor] = {}
+        # MLP
+        dy = dout.to(dtype)
+        if need_w:
+            w["d"] = _wgrad(dy, m)
+        dgate, dup = k_.swiglu_backward(dy @ wd_c, gu)  # (N, I) each
+        inter = dgate.shape[1]
+        if need_w:
+            w["g"], w["u"] = _wgrad(dgate, x2), _wgrad(dup, x2)
+        dx2 = torch.addmm(dgate @ wgu[:inter], dup, wgu[inter:])
+        dh2, dy, dn_post = k_.norm_backward(dx2, h2, r2, n_post, dout)
+        # attention
+        if need_w:
+            w["o"] = _wgrad(dy, att)
+        datt = k_.split_grad(dy @ wo_c, cos)
+        dq, dk, dv = _attention_backward(datt, q, k, v, probs)
+        dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
+        if need_w:
+            w["qkv"] = _wgrad(dqkv, x1)
+        dh, _, dn_in = k_.norm_backward(dqkv @ wqkv, h, r1, n_in, dh2)
+        nq, nkv = ctx.splits
+        pdt = n_in.dtype
+        out: list[torch.Tensor | None] = [dh, None, None, None, None, None, None]
+        out.append(dn_in.to(pdt) if ctx.needs_input_grad[7] else None)
+        if need_w:
+            out += [x.to(pdt) for x in w["qkv"].split([nq, nkv, nkv])] + [w["o"].to(pdt)]
+        else:
+            out += [None] * 4
+        out.append(dn_post.to(pdt) if ctx.needs_input_grad[12] else None)
+        if need_w:
+            out += [w["g"].to(pdt), w["u"].to(pdt), w["d"].to(pdt)]
+        else:
+            out += [None] * 3
+        return tuple(out)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Final RMSNorm + LM head + summed token cross entropy of rows h (N, D), in row chunks:
+    bf16 logits (kept for the backward, which overwrites them with their gradient) and an
+    fp32 log-sum-exp per row, as `cross_entropy(logits.float(), targets, reduction="sum")`."""
+
+    @staticmethod
+    def forward(ctx, h, targets, norm, head, k_: Glue, cache: WeightCache, chunk: int):
+        n = h.shape[0]
+        rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+        hp = F.pad(h, (0, 0, 0, rows - n))  # zero rows: no loss, no gradient (below)
+        xc, r = k_.norm_in(hp, norm)
+        w = cache.get(k_.dtype, head)  # (V, D)
+        logits = torch.empty(rows, w.shape[0], dtype=k_.dtype)  # (R, V)
+        lse = torch.empty(rows, dtype=torch.float32)
+        for a in range(0, rows, chunk):
+            part = torch.mm(xc[a : a + chunk], w.t(), out=logits[a : a + chunk])
+            lse[a : a + chunk] = k_.logsumexp(part)
+        picked = logits[:n].gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(hp, r, xc, targets, lse, norm)
+        ctx.logits, ctx.w, ctx.glue, ctx.chunk = logits, w, k_, chunk
+        return (lse[:n] - picked).sum()
+
+    @staticmethod
+    def backward(ctx, dtotal):
+        hp, r, xc, targets, lse, norm = ctx.saved_tensors
+        logits, w, k_, chunk = ctx.logits, ctx.w, ctx.glue, ctx.chunk
+        ctx.logits = None
+        n = targets.shape[0]
+        scale = dtotal.float().reshape(())
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            part = logits[a:b]
+            part.copy_(k_.ce_grad(part, lse[a:b], targets[a:b], scale))
+        logits[n:] = 0
+        dx = logits @ w  # (R, D)
+        dhead = _wgrad(logits, xc) if ctx.needs_input_grad[3] else None
+        dh, dnorm = _rms_backward(dx, hp, r, norm)
+        pdt = norm.dtype
+        dnorm = dnorm.to(pdt) if ctx.needs_input_grad[2] else None
+        dhead = None if dhead is None else dhead.to(pdt)
+        return dh[:n], None, dnorm, dhead, None, None, None
+
+
+def decoder_loss(
+    llm: nn.Module,
+    inputs: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype,
+    cache: WeightCache | None = None,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """Summed next-token CE of right-padded `inputs` (B, L, D) against `targets` (B, L)
+    (IGNORE_INDEX where unsupervised), through `llm`'s decoder, final norm and LM head,
+    with every matmul in `dtype`. `cache` keeps the weights' copies across the micro-batches
+    of a step (invalidate it after every optimizer step); None casts them on every call."""
+    from vistune.data.conversation import IGNORE_INDEX
+
+    cfg, model = llm.config, llm.model
+    b, length, _ = inputs.shape
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    shapes = Shapes(b, length, heads, kv, hd)
+    k_ = glue(heads, kv, hd, model.norm.variance_epsilon, dtype)
+    cache = cache or WeightCache()
+    with torch.no_grad():
+        cos, sin = model.rotary_emb(inputs, positions)  # (B, L, hd)
+        half = hd // 2
+        ssin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
+        cos = cos.to(dtype)
+    h = inputs.float().reshape(b * length, -1)
+    with torch.autocast("cpu", enabled=False):
+        for block in model.layers:
+            att, mlp = block.self_attn, block.mlp
+            h = _Layer.apply(
+                h,
+                cos,
+                ssin,
+                shapes,
+                k_,
+                cache,
+                att.scaling,
+                block.input_layernorm.weight,
+                att.q_proj.weight,
+                att.k_proj.weight,
+                att.v_proj.weight,
+                att.o_proj.weight,
+                block.post_attention_layernorm.weight,
+                mlp.gate_proj.weight,
+                mlp.up_proj.weight,
+                mlp.down_proj.weight,
+            )
+        shifted = targets[:, 1:]
+        keep = (shifted != IGNORE_INDEX).reshape(-1)
+        rows = h.view(b, length, -1)[:, :-1].reshape(-1, h.shape[-1])[keep]
+        return _HeadLoss.apply(
+            rows, shifted.reshape(-1)[keep], model.norm.weight, llm.lm_head.weight, k_, cache, chunk
+        )
