@@ -229,6 +229,11 @@ class Glue:
         dh = dh + dres
         return dh, dh.to(self.dtype), dw
 
+    def first_norm_backward(self, dx, h, r, w, dres):
+        """norm_backward for a layer's input norm: no dtype copy (nothing multiplies it)."""
+        dh, dw = _rms_backward(dx, h, r, w)
+        return dh + dres, dw
+
     def split_grad(self, datt, cos):
         """Transpose of merge_heads: (N, H*hd) -> (B*Hkv, G*L, hd)."""
         b, length = cos.shape[0], cos.shape[1]
@@ -264,6 +269,7 @@ _STEPS: dict[str, dict[int, tuple[int, ...]]] = {
     "ce_grad": {0: _ROWS, 1: _ROWS, 2: _ROWS},
     "swiglu_backward": {0: _ROWS, 1: _ROWS},
     "norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
+    "first_norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
     "split_grad": {0: _ROWS, 1: _BL},
     "merge_grads": {0: _BL, 1: _BL, 2: _BL, 3: _BL, 4: _BL},
 }
@@ -432,7 +438,9 @@ class _Layer(torch.autograd.Function):
         # MLP
         dy = dout.to(dtype)
         if need_w:
-            w["d"] = _wgrad(dy, m)
+            # (m.T @ dy).T: the transposed product with 1536 output rows instead of 576 runs
+            # ~1.5x faster; the transpose is folded into the copy to the weight's dtype
+            w["d"] = _wgrad(m, dy).t()
         dgate, dup = k_.swiglu_backward(dy @ wd_c, gu)  # (N, I) each
         inter = dgate.shape[1]
         if need_w:
@@ -447,7 +455,7 @@ class _Layer(torch.autograd.Function):
         dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
         if need_w:
             w["qkv"] = _wgrad(dqkv, x1)
-        dh, _, dn_in = k_.norm_backward(dqkv @ wqkv, h, r1, n_in, dh2)
+        dh, dn_in = k_.first_norm_backward(dqkv @ wqkv, h, r1, n_in, dh2)
         nq, nkv = ctx.splits
         pdt = n_in.dtype
         out: list[torch.Tensor | None] = [dh, None, None, None, None, None, None]
@@ -458,7 +466,8 @@ class _Layer(torch.autograd.Function):
             out += [None] * 4
         out.append(dn_post.to(pdt) if ctx.needs_input_grad[12] else None)
         if need_w:
-            out += [w["g"].to(pdt), w["u"].to(pdt), w["d"].to(pdt)]
+            wd_grad = torch.empty(w["d"].shape, dtype=pdt).copy_(w["d"])
+            out += [w["g"].to(pdt), w["u"].to(pdt), wd_grad]
         else:
             out += [None] * 3
         return tuple(out)

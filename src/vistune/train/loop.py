@@ -6,7 +6,8 @@
 
 Each optimizer step takes one global batch (length-grouped, see vistune.data.dataset),
 runs this process's micro-batches under bf16 autocast (fp32 master weights) with gradient
-accumulation, and applies AdamW at the warmup + cosine learning rate. The vision tower is
+accumulation, and applies AdamW at the warmup + cosine learning rate. On the CPU, a
+Llama-family LLM runs through vistune.train.llama_cpu (see vistune.train.step). The vision tower is
 not in the loop: image features come from the frozen feature store. The loss is the token
 cross entropy of the supervised answer tokens (eq. 3), normalised by the count of
 supervised tokens in the global batch, so any split over processes and micro-batches gives
