@@ -151,7 +151,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 "--batch-size",
                 "16",
                 "--per-device-batch",
-                "8",
+                "16",
                 "--lr",
                 "2e-5",
                 *common_train,
