@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
-from vistune.train import llama_cpu
+from vistune.train import llama_cpu, llama_glue
 from vistune.train.step import TrainStep, batch_inputs
 
 LENGTHS = [11, 7, 9]
@@ -133,11 +133,11 @@ def test_eager_glue_equals_compiled_glue():
         return llama_cpu.decoder_loss(llm, x, positions, targets, torch.float32)
 
     compiled = _grads(llm, inputs, run)
-    llama_cpu.set_compile(False)
+    llama_glue.set_compile(False)
     try:
         eager = _grads(llm, inputs, run)
     finally:
-        llama_cpu.set_compile(True)
+        llama_glue.set_compile(True)
     torch.testing.assert_close(eager[0], compiled[0], rtol=1e-6, atol=1e-5)
     for name in compiled[1]:
         torch.testing.assert_close(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6)

@@ -6,18 +6,20 @@ SmolLM2-135M stage-2 step through transformers' modules under bf16 autocast:
 - eager attention: its batched matmuls run on transposed views in the backward (~150
   GFLOP/s instead of ~1000 for the same sizes laid out contiguously), beside fp32 casts and
   masks of every score tensor; CPU SDPA's flash backward is no faster at these lengths;
-- a weight gradient `grad.T @ input` on a transposed view runs at half the speed of the
-  same product on a contiguous transpose;
 - RMSNorm, rotary and SiLU as chains of element-wise ops over fp32 casts of activations;
-- the fp32 log-softmax over the 49K vocabulary, materialised for every supervised token.
+- the fp32 log-softmax over the 49K vocabulary, materialised for every supervised token;
+- oneDNN JIT-compiling a kernel (~10 ms) for every new matrix shape, and every batch
+  length is new.
 
 So for plain Llama-family LLMs (`vistune.serve.decoder.supports`) a training micro-batch
 runs here: one autograd Function per decoder layer with q/k/v and gate/up fused, grouped
 query attention as contiguous batched matmuls (the query heads sharing a key/value head
-are stacked, so each product is G times taller) with a causal mask, and the final norm,
-LM head and cross entropy in one Function over row chunks (bf16 logits, fp32 log-sum-exp,
-the softmax gradient written straight into the logits' buffer). The maths is transformers'
-Llama forward (tests compare losses and every gradient with it, fp32 and bf16).
+are stacked, so each product is G times taller) with a causal mask, the element-wise work
+between the matmuls compiled (vistune.train.llama_glue), and the final norm, LM head and
+cross entropy in one Function over row chunks (bf16 logits, fp32 log-sum-exp, the softmax
+gradient written straight into the logits' buffer). Lengths are padded to a multiple of
+16 so shapes repeat. The maths is transformers' Llama forward (tests compare losses and
+every gradient with it, fp32 and bf16).
 
 Precision: the parameters stay as they are (fp32 master weights when training in bf16);
 with `dtype=torch.bfloat16` every matmul runs in bf16 on weights cast once per step,
@@ -30,8 +32,6 @@ real tokens from seeing padding; padding positions compute something and get no 
 
 from __future__ import annotations
 
-import types
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from vistune.serve.decoder import supports
+from vistune.train.llama_glue import Glue, glue, rms_backward
 
 LENGTH_MULTIPLE = 16
 """Batches padded to a multiple of this length. oneDNN builds (JIT-compiles) a kernel for
@@ -118,220 +119,6 @@ class WeightCache:
                 out = torch.cat(params).to(dtype)
         self._copies[params[0]] = (stamp, out)
         return out
-
-
-def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LlamaRMSNorm in fp32: (h * r) * w and r = 1/sqrt(mean(h^2) + eps). # (N, D), (N, 1)"""
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * r) * w, r
-
-
-def _rms_backward(
-    dy: torch.Tensor, h: torch.Tensor, r: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of _rms for h (fp32) and, summed over rows, w. dy any float dtype."""
-    xhat = h * r  # (N, D) fp32
-    dxhat = dy.float() * w
-    c = (dxhat * xhat).mean(-1, keepdim=True)
-    return (dxhat - xhat * c) * r, (dy.float() * xhat).sum(0)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb with rotate_half's sign moved into ssin = cat(-sin1, sin2)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * ssin
-
-
-def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
-    """Transpose of _rope: dx = dy * cos + swap(dy * ssin) (the half swap is its own inverse)."""
-    half = dy.shape[-1] // 2
-    t = dy * ssin
-    return dy * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1)
-
-
-class Glue:
-    """The element-wise work between the matmuls of one model (heads, head size, norm eps
-    and compute dtype fixed), each function one pass over its tensors once compiled.
-
-    Compiled with the batch's sizes symbolic and the model's own sizes constants, which
-    keeps the loops vectorised (all-symbolic kernels were ~7% slower per step here). b and
-    L are read from `cos` (B, L, hd)."""
-
-    def __init__(self, nh: int, nk: int, hd: int, eps: float, dtype: torch.dtype) -> None:
-        self.nh, self.nk, self.hd, self.g, self.eps, self.dtype = nh, nk, hd, nh // nk, eps, dtype
-
-    def norm_in(self, h, w):
-        """-> x (N, D) in dtype, r (N, 1)."""
-        x, r = _rms(h, w, self.eps)
-        return x.to(self.dtype), r
-
-    def split_heads(self, q, kv, cos, ssin, scale: torch.Tensor):
-        """q rows (N, H hd), k/v rows (N, 2 Hkv hd) -> rotated q (B*Hkv, G*L, hd) times the
-        attention scale, k, v (B*Hkv, L, hd). A key/value head's G query heads are stacked
-        along the rows (head h = kv * G + g, as transformers' repeat_kv pairs them)."""
-        b, length = cos.shape[0], cos.shape[1]
-        nk, g, hd = self.nk, self.g, self.hd
-        q = q.view(b, length, nk, g, hd).permute(0, 2, 3, 1, 4)
-        k = kv[:, : nk * hd].view(b, length, nk, hd).transpose(1, 2)
-        v = kv[:, nk * hd :].view(b, length, nk, hd).transpose(1, 2)
-        q = _rope(q, cos[:, None, None], ssin[:, None, None]) * scale
-        k = _rope(k, cos[:, None], ssin[:, None])
-        return (
-            q.contiguous().view(b * nk, g * length, hd),
-            k.contiguous().view(b * nk, length, hd),
-            v.contiguous().view(b * nk, length, hd),
-        )
-
-    def merge_heads(self, att, cos):
-        """(B*Hkv, G*L, hd) -> (N, H*hd) rows."""
-        b, length = cos.shape[0], cos.shape[1]
-        att = att.view(b, self.nk, self.g, length, self.hd).permute(0, 3, 1, 2, 4)
-        return att.contiguous().view(b * length, self.nh * self.hd)
-
-    def residual_norm(self, h, ao, w):
-        """h2 = h + ao; -> h2 (fp32), x2 (dtype), r2."""
-        h2 = h + ao
-        x, r = _rms(h2, w, self.eps)
-        return h2, x.to(self.dtype), r
-
-    def swiglu(self, gu):
-        """silu(gate) * up of fused (N, 2I) rows. # (N, I)"""
-        inter = gu.shape[1] // 2
-        return F.silu(gu[:, :inter]) * gu[:, inter:]
-
-    def add(self, h, d):
-        return h + d
-
-    def logsumexp(self, logits):
-        """fp32 log-sum-exp of (C, V) logits rows. # (C,)"""
-        return torch.logsumexp(logits.float(), dim=-1)
-
-    def ce_grad(self, logits, lse, targets, scale):
-        """(softmax(logits) - onehot(targets)) * scale, in the logits' dtype. # (C, V)"""
-        p = torch.exp(logits.float() - lse[:, None])
-        vocab = torch.arange(logits.shape[1], device=logits.device)
-        hit = (vocab[None, :] == targets[:, None]).float()
-        return ((p - hit) * scale).to(logits.dtype)
-
-    def swiglu_backward(self, dm, gu):
-        """d gate, d up of swiglu, as two (N, I) tensors (one kernel; a concatenated
-        output makes it ~1.6x slower)."""
-        inter = gu.shape[1] // 2
-        gate, up = gu[:, :inter].float(), gu[:, inter:].float()
-        sig = torch.sigmoid(gate)
-        dm = dm.float()
-        dgate = dm * up * sig * (1 + gate * (1 - sig))
-        return dgate.to(gu.dtype), (dm * gate * sig).to(gu.dtype)
-
-    def norm_backward(self, dx, h, r, w, dres):
-        """Gradient into the residual stream: dres + d_rms(h), also in dtype; d weight."""
-        dh, dw = _rms_backward(dx, h, r, w)
-        dh = dh + dres
-        return dh, dh.to(self.dtype), dw
-
-    def first_norm_backward(self, dx, h, r, w, dres):
-        """norm_backward for a layer's input norm: no dtype copy (nothing multiplies it)."""
-        dh, dw = _rms_backward(dx, h, r, w)
-        return dh + dres, dw
-
-    def split_grad(self, datt, cos):
-        """Transpose of merge_heads: (N, H*hd) -> (B*Hkv, G*L, hd)."""
-        b, length = cos.shape[0], cos.shape[1]
-        datt = datt.view(b, length, self.nk, self.g, self.hd).permute(0, 2, 3, 1, 4)
-        return datt.contiguous().view(b * self.nk, self.g * length, self.hd)
-
-    def merge_grads(self, dq, dk, dv, cos, ssin, scale: torch.Tensor):
-        """Transpose of split_heads: rotary backward into fused (N, (H + 2Hkv) hd) rows."""
-        b, length = cos.shape[0], cos.shape[1]
-        nk, g, hd = self.nk, self.g, self.hd
-        dq = dq.view(b, nk, g, length, hd) * scale
-        dq = _rope_backward(dq, cos[:, None, None], ssin[:, None, None])
-        dk = _rope_backward(dk.view(b, nk, length, hd), cos[:, None], ssin[:, None])
-        dv = dv.view(b, nk, length, hd)
-        rows = [
-            dq.permute(0, 3, 1, 2, 4).reshape(b, length, nk * g * hd),
-            dk.transpose(1, 2).reshape(b, length, nk * hd),
-            dv.transpose(1, 2).reshape(b, length, nk * hd),
-        ]
-        return torch.cat(rows, dim=-1).view(b * length, -1)
-
-
-_ROWS = (0,)
-_BL = (0, 1)
-_STEPS: dict[str, dict[int, tuple[int, ...]]] = {
-    "norm_in": {0: _ROWS},
-    "split_heads": {0: _ROWS, 1: _ROWS, 2: _BL, 3: _BL},
-    "merge_heads": {0: _BL, 1: _BL},
-    "residual_norm": {0: _ROWS, 1: _ROWS},
-    "swiglu": {0: _ROWS},
-    "add": {0: _ROWS, 1: _ROWS},
-    "logsumexp": {0: _ROWS},
-    "ce_grad": {0: _ROWS, 1: _ROWS, 2: _ROWS},
-    "swiglu_backward": {0: _ROWS, 1: _ROWS},
-    "norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
-    "first_norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
-    "split_grad": {0: _ROWS, 1: _BL},
-    "merge_grads": {0: _BL, 1: _BL, 2: _BL, 3: _BL, 4: _BL},
-}
-"""Each glue function's batch-dependent sizes (argument -> dims: rows, batch, length), the
-ones compiled as symbols; the model's sizes (width, heads, vocabulary) stay constants."""
-_GLUE: dict[tuple, Glue] = {}
-_COMPILE = True
-
-
-def set_compile(enabled: bool) -> None:
-    """Fuse the glue with torch.compile (the default) or run it as eager ops."""
-    global _COMPILE
-    _COMPILE = enabled
-
-
-class _Compiled:
-    """A glue function through torch.compile, falling back to the eager function for good
-    (with one warning) if compiling fails: no C++ compiler, dynamo's recompile limit (the
-    functions are shared by every model size and dtype in a process), an unsupported op."""
-
-    def __init__(self, method, dynamic: dict[int, tuple[int, ...]]) -> None:
-        self.eager, self.dynamic = method, dynamic
-        # A copy of the code object gets its own compile cache: dynamo's recompile limit
-        # counts per code object, and every Glue shares the class's methods.
-        func = method.__func__
-        own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__)
-        self.fn = torch.compile(types.MethodType(own, method.__self__), fullgraph=True)
-
-    def __call__(self, *args):
-        if self.fn is self.eager:
-            return self.eager(*args)
-        # Symbolic from the first call: one kernel for every batch shape, so a run resumed
-        # mid-way computes bit for bit what the uninterrupted run did.
-        for index, dims in self.dynamic.items():
-            for dim in dims:
-                if args[index].shape[dim] > 1:
-                    torch._dynamo.maybe_mark_dynamic(args[index], dim)
-        try:
-            return self.fn(*args)
-        except Exception as err:  # noqa: BLE001 - any compile failure: run eagerly
-            name = getattr(self.eager, "__name__", "glue")
-            warnings.warn(
-                f"vistune.train.llama_cpu: torch.compile failed for {name} ({type(err).__name__}:"
-                f" {str(err).splitlines()[0] if str(err) else ''}); running it eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.fn = self.eager
-            return self.eager(*args)
-
-
-def glue(nh: int, nk: int, hd: int, eps: float, dtype: torch.dtype) -> Glue:
-    """The (cached) Glue of these sizes, its functions compiled when compiling is on."""
-    key = (nh, nk, hd, eps, dtype, _COMPILE)
-    found = _GLUE.get(key)
-    if found is None:
-        found = Glue(nh, nk, hd, eps, dtype)
-        if _COMPILE:
-            for name, dynamic in _STEPS.items():
-                setattr(found, name, _Compiled(getattr(found, name), dynamic))
-        _GLUE[key] = found
-    return found
 
 
 def _wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -509,7 +296,7 @@ class _HeadLoss(torch.autograd.Function):
         logits[n:] = 0
         dx = logits @ w  # (R, D)
         dhead = _wgrad(logits, xc) if ctx.needs_input_grad[3] else None
-        dh, dnorm = _rms_backward(dx, hp, r, norm)
+        dh, dnorm = rms_backward(dx, hp, r, norm)
         pdt = norm.dtype
         dnorm = dnorm.to(pdt) if ctx.needs_input_grad[2] else None
         dhead = None if dhead is None else dhead.to(pdt)
