@@ -1,0 +1,78 @@
+"""Stage-2 steady-state throughput and a profile of one step (for work on the training speed).
+
+    .venv/bin/python benchmarks/train_profile.py --data-dir DIR [--micro 16] [--profile]
+
+DIR holds scenes + instruct.json as benchmarks/train.py renders them (its --data-dir). The
+script builds the stage-2 run as `vistune train` does, runs the first `--steps` global
+batches once (torch.compile and oneDNN build their kernels for these shapes), then runs
+the same batches again and prints the tokens/s of that second pass: the speed of a long
+run whose batch shapes have all been seen. `--profile` prints the torch profiler's table
+for one more step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vistune.data.dataset import global_batches
+from vistune.train import loop
+from vistune.train.config import TrainConfig
+from vistune.train.distributed import init_distributed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--micro", type=int, default=16, help="per-device micro-batch")
+    parser.add_argument("--steps", type=int, default=6, help="global batches per pass")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(
+            stage="finetune",
+            data=str(args.data_dir / "instruct.json"),
+            image_folder=str(args.data_dir),
+            out=str(Path(tmp) / "out"),
+            init="default",
+            image_size=112,
+            template="vicuna_v0",
+            batch_size=16,
+            per_device_batch=args.micro,
+            max_steps=1000,
+            save_every=10_000,
+            plot=False,
+            features=str(Path(tmp) / "features"),
+            model_max_length=1024,
+            lr=1e-5,
+        )
+        info = init_distributed(torch.device("cpu"))
+        loop.keep_large_buffers()
+        run = loop._setup(cfg, info, lambda _m: None, None)
+        lengths = [s.length for s in run.samples]
+        batches = global_batches(lengths, 16, 0, cfg.seed, cfg.group_by_length, cfg.length_group)
+        batches = batches[: args.steps]
+        for step, batch in enumerate(batches):
+            record = loop._one_step(run, step, batch)
+            print(f"first pass  step {step}: {record['tokens_per_s']:6.0f} tokens/s")
+        tokens = seconds = 0.0
+        for step, batch in enumerate(batches):
+            record = loop._one_step(run, len(batches) + step, batch)
+            tokens += record["tokens"]
+            seconds += record["seconds"]
+        print(f"second pass: {tokens / seconds:.0f} tokens/s over {tokens:.0f} tokens")
+        if args.profile:
+            from torch.profiler import profile
+
+            with profile() as prof:
+                loop._one_step(run, 2 * len(batches), batches[-1])
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+if __name__ == "__main__":
+    main()
