@@ -121,9 +121,9 @@ class WeightCache:
         return out
 
 
-def _wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dy.T @ x for dy (N, O), x (N, I). # (O, I)"""
-    return dy.t() @ x
+def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.T as a new contiguous tensor in `dtype` (a weight gradient from its transpose)."""
+    return torch.empty(t.shape[::-1], dtype=dtype).copy_(t.t())
 
 
 @dataclass
@@ -169,7 +169,14 @@ _TRAINED = (8, 9, 10, 11, 13, 14, 15)
 
 
 class _Layer(torch.autograd.Function):
-    """One LlamaDecoderLayer: h (N, D) residual stream -> h' (N, D)."""
+    """One LlamaDecoderLayer: h (N, D) residual stream -> h' (N, D).
+
+    Weight gradients are products over the N rows, dy.T @ x. oneDNN runs that product with
+    a transposed operand at ~1000 GFLOP/s here and an untransposed one (xt @ dy, xt = x.T
+    contiguous) at ~2000, so when the weights train the forward also writes each matmul
+    input transposed (one more output of the glue kernel that makes it) and keeps that
+    instead of the input; the backward multiplies it and copies the (small) transposed
+    result into the parameter's gradient."""
 
     @staticmethod
     def forward(  # noqa: PLR0913 - the weights are the Function's inputs
@@ -193,22 +200,30 @@ class _Layer(torch.autograd.Function):
     ) -> torch.Tensor:
         s = shapes
         dtype = k_.dtype
+        train = any(w.requires_grad for w in (wq, wk, wv, wo, wg, wu, wd))
         wqkv = cache.get(dtype, wq, wk, wv)  # (H*hd + 2*Hkv*hd, D)
         wo_c, wd_c = cache.get(dtype, wo), cache.get(dtype, wd)
         wgu = cache.get(dtype, wg, wu)  # (2I, D)
-        x1, r1 = k_.norm_in(h, n_in)
+        if train:
+            x1, x1t, r1 = k_.norm_in_t(h, n_in)
+        else:
+            (x1, r1), x1t = k_.norm_in(h, n_in), None
         # q and k/v as two products: one (N, (H + 2Hkv) hd) product is ~1.6x slower here
         nq = wq.shape[0]
         q, kv = x1 @ wqkv[:nq].t(), x1 @ wqkv[nq:].t()
         scale_t = torch.tensor(scale, dtype=dtype)
         q, k, v = k_.split_heads(q, kv, cos, ssin, scale_t)
         att, probs = _attention(q, k, v, s)
-        att = k_.merge_heads(att, cos)  # (N, H*hd)
-        h2, x2, r2 = k_.residual_norm(h, att @ wo_c.t(), n_post)
+        if train:
+            att, attt = k_.merge_heads_t(att, cos)  # (N, H*hd), (H*hd, N)
+            h2, x2, x2t, r2 = k_.residual_norm_t(h, att @ wo_c.t(), n_post)
+        else:
+            att, attt = k_.merge_heads(att, cos), None
+            (h2, x2, r2), x2t = k_.residual_norm(h, att @ wo_c.t(), n_post), None
         gu = x2 @ wgu.t()  # (N, 2I)
         m = k_.swiglu(gu)
         out = k_.add(h2, m @ wd_c.t())
-        ctx.save_for_backward(h, r1, x1, q, k, v, probs, att, h2, r2, x2, gu, m, cos, ssin)
+        ctx.save_for_backward(h, r1, x1t, q, k, v, probs, attt, h2, r2, x2t, gu, m, cos, ssin)
         ctx.weights = (wqkv, wo_c, wgu, wd_c, n_in, n_post)
         ctx.scale, ctx.glue = scale_t, k_
         ctx.splits = (wq.shape[0], wk.shape[0])
@@ -216,48 +231,59 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        h, r1, x1, q, k, v, probs, att, h2, r2, x2, gu, m, cos, ssin = ctx.saved_tensors
+        h, r1, x1t, q, k, v, probs, attt, h2, r2, x2t, gu, m, cos, ssin = ctx.saved_tensors
         wqkv, wo_c, wgu, wd_c, n_in, n_post = ctx.weights
         scale, k_ = ctx.scale, ctx.glue
         need_w = any(ctx.needs_input_grad[i] for i in _TRAINED)
         dtype = wqkv.dtype
-        w: dict[str, torch.Tensor] = {}
+        w: dict[str, torch.Tensor] = {}  # weight gradients, transposed except "d"
         # MLP
-        dy = dout.to(dtype)
         if need_w:
-            # (m.T @ dy).T: the transposed product with 1536 output rows instead of 576 runs
-            # ~1.5x faster; the transpose is folded into the copy to the weight's dtype
-            w["d"] = _wgrad(m, dy).t()
+            dy, dyt = k_.cast_t(dout)
+            w["d"] = dyt @ m  # (D, I): down_proj's gradient, not transposed
+        else:
+            dy = dout.to(dtype)
         dgate, dup = k_.swiglu_backward(dy @ wd_c, gu)  # (N, I) each
         inter = dgate.shape[1]
         if need_w:
-            w["g"], w["u"] = _wgrad(dgate, x2), _wgrad(dup, x2)
+            w["g"], w["u"] = x2t @ dgate, x2t @ dup  # (D, I)
         dx2 = torch.addmm(dgate @ wgu[:inter], dup, wgu[inter:])
         dh2, dy, dn_post = k_.norm_backward(dx2, h2, r2, n_post, dout)
         # attention
         if need_w:
-            w["o"] = _wgrad(dy, att)
+            w["o"] = attt @ dy  # (H*hd, D)
         datt = k_.split_grad(dy @ wo_c, cos)
         dq, dk, dv = _attention_backward(datt, q, k, v, probs)
         dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
         if need_w:
-            w["qkv"] = _wgrad(dqkv, x1)
+            w["qkv"] = x1t @ dqkv  # (D, (H + 2Hkv) hd)
         dh, dn_in = k_.first_norm_backward(dqkv @ wqkv, h, r1, n_in, dh2)
         nq, nkv = ctx.splits
         pdt = n_in.dtype
         out: list[torch.Tensor | None] = [dh, None, None, None, None, None, None]
         out.append(dn_in.to(pdt) if ctx.needs_input_grad[7] else None)
         if need_w:
-            out += [x.to(pdt) for x in w["qkv"].split([nq, nkv, nkv])] + [w["o"].to(pdt)]
+            qkv = w["qkv"].split([nq, nkv, nkv], dim=1)
+            out += [_transposed(x, pdt) for x in qkv] + [_transposed(w["o"], pdt)]
         else:
             out += [None] * 4
         out.append(dn_post.to(pdt) if ctx.needs_input_grad[12] else None)
         if need_w:
-            wd_grad = torch.empty(w["d"].shape, dtype=pdt).copy_(w["d"])
-            out += [w["g"].to(pdt), w["u"].to(pdt), wd_grad]
+            out += [_transposed(w["g"], pdt), _transposed(w["u"], pdt), w["d"].to(pdt)]
         else:
             out += [None] * 3
         return tuple(out)
+
+
+def _head_grad(xct: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The LM head's gradient dlogits.T @ xc (V, D) in `dtype`, from xct = xc.T (D, R): as
+    untransposed products over blocks of 1024 vocabulary columns (see _Layer), each block
+    transposed into the result while it is in cache (145 ms -> 115 ms for 1920 rows)."""
+    vocab, block = dlogits.shape[1], 1024
+    out = torch.empty(vocab, xct.shape[0], dtype=dtype)
+    for a in range(0, vocab, block):
+        out[a : a + block].copy_((xct @ dlogits[:, a : a + block]).t())
+    return out
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -270,7 +296,10 @@ class _HeadLoss(torch.autograd.Function):
         n = h.shape[0]
         rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
         hp = F.pad(h, (0, 0, 0, rows - n))  # zero rows: no loss, no gradient (below)
-        xc, r = k_.norm_in(hp, norm)
+        if head.requires_grad:  # the head's gradient multiplies xc transposed (see _Layer)
+            xc, xct, r = k_.norm_in_t(hp, norm)
+        else:
+            (xc, r), xct = k_.norm_in(hp, norm), None
         w = cache.get(k_.dtype, head)  # (V, D)
         logits = torch.empty(rows, w.shape[0], dtype=k_.dtype)  # (R, V)
         lse = torch.empty(rows, dtype=torch.float32)
@@ -278,28 +307,26 @@ class _HeadLoss(torch.autograd.Function):
             part = torch.mm(xc[a : a + chunk], w.t(), out=logits[a : a + chunk])
             lse[a : a + chunk] = k_.logsumexp(part)
         picked = logits[:n].gather(1, targets[:, None]).squeeze(1).float()
-        ctx.save_for_backward(hp, r, xc, targets, lse, norm)
+        ctx.save_for_backward(hp, r, xct, targets, lse, norm)
         ctx.logits, ctx.w, ctx.glue, ctx.chunk = logits, w, k_, chunk
         return (lse[:n] - picked).sum()
 
     @staticmethod
     def backward(ctx, dtotal):
-        hp, r, xc, targets, lse, norm = ctx.saved_tensors
+        hp, r, xct, targets, lse, norm = ctx.saved_tensors
         logits, w, k_, chunk = ctx.logits, ctx.w, ctx.glue, ctx.chunk
         ctx.logits = None
         n = targets.shape[0]
         scale = dtotal.float().reshape(())
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            part = logits[a:b]
-            part.copy_(k_.ce_grad(part, lse[a:b], targets[a:b], scale))
+            k_.ce_grad(logits[a:b], lse[a:b], targets[a:b], scale)
         logits[n:] = 0
         dx = logits @ w  # (R, D)
-        dhead = _wgrad(logits, xc) if ctx.needs_input_grad[3] else None
+        dhead = _head_grad(xct, logits, norm.dtype) if ctx.needs_input_grad[3] else None
         dh, dnorm = rms_backward(dx, hp, r, norm)
         pdt = norm.dtype
         dnorm = dnorm.to(pdt) if ctx.needs_input_grad[2] else None
-        dhead = None if dhead is None else dhead.to(pdt)
         return dh[:n], None, dnorm, dhead, None, None, None
 
 
