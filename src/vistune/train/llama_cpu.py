@@ -143,24 +143,40 @@ def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal GQA of scaled queries. q (BK, G*L, hd), k/v (BK, L, hd) -> out (BK, G*L, hd),
-    probs (BK, G*L, L)."""
-    mask = _causal(s.groups, s.length, q.dtype)
-    scores = torch.bmm(q, k.transpose(1, 2)).add_(mask)  # 2x faster than baddbmm here
-    probs = torch.softmax(scores, dim=-1)  # bf16 in, fp32 accumulation inside
-    return torch.bmm(probs, v), probs
+    log-sum-exp of each query's scores (BK, G*L) fp32.
+
+    PyTorch's flash attention kernel for the CPU: it skips the masked blocks and never
+    writes the scores, 2.5x faster here than bmm + mask + softmax + bmm. Its own backward is
+    slower than _attention_backward, which recomputes the probabilities from `lse`."""
+    b, hd = s.batch, s.head_dim
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.view(b, s.heads, s.length, hd),
+        k.view(b, s.kv_heads, s.length, hd),
+        v.view(b, s.kv_heads, s.length, hd),
+        0.0,
+        True,
+        scale=1.0,
+    )  # (B, H, L, hd): head kv * G + g, as q's rows are stacked
+    return out.view(q.shape), lse.reshape(q.shape[:2])  # lse is stored (B, L, H)
 
 
-def _attention_backward(
+def _attention_backward(  # noqa: PLR0913
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    probs: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    k_: Glue,
+    s: Shapes,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of _attention for the scaled q (the caller applies the scale), k, v."""
-    dv = torch.bmm(probs.transpose(1, 2), dout)  # (BK, L, hd)
+    mask = _causal(s.groups, s.length, q.dtype)
+    scores = torch.bmm(q, k.transpose(1, 2))  # (BK, G*L, L)
     dprobs = torch.bmm(dout, v.transpose(1, 2))  # (BK, G*L, L)
-    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+    rows = k_.attention_rows(dout, out)
+    probs, dscores = k_.attention_grad(scores, dprobs, mask, lse, rows)
+    dv = torch.bmm(probs.transpose(1, 2), dout)  # (BK, L, hd)
     return torch.bmm(dscores, k), torch.bmm(dscores.transpose(1, 2), q), dv
 
 
@@ -213,25 +229,25 @@ class _Layer(torch.autograd.Function):
         q, kv = x1 @ wqkv[:nq].t(), x1 @ wqkv[nq:].t()
         scale_t = torch.tensor(scale, dtype=dtype)
         q, k, v = k_.split_heads(q, kv, cos, ssin, scale_t)
-        att, probs = _attention(q, k, v, s)
+        o, lse = _attention(q, k, v, s)
         if train:
-            att, attt = k_.merge_heads_t(att, cos)  # (N, H*hd), (H*hd, N)
+            att, attt = k_.merge_heads_t(o, cos)  # (N, H*hd), (H*hd, N)
             h2, x2, x2t, r2 = k_.residual_norm_t(h, att @ wo_c.t(), n_post)
         else:
-            att, attt = k_.merge_heads(att, cos), None
+            att, attt = k_.merge_heads(o, cos), None
             (h2, x2, r2), x2t = k_.residual_norm(h, att @ wo_c.t(), n_post), None
         gu = x2 @ wgu.t()  # (N, 2I)
         m = k_.swiglu(gu)
         out = k_.add(h2, m @ wd_c.t())
-        ctx.save_for_backward(h, r1, x1t, q, k, v, probs, attt, h2, r2, x2t, gu, m, cos, ssin)
+        ctx.save_for_backward(h, r1, x1t, q, k, v, o, lse, attt, h2, r2, x2t, gu, m, cos, ssin)
         ctx.weights = (wqkv, wo_c, wgu, wd_c, n_in, n_post)
-        ctx.scale, ctx.glue = scale_t, k_
+        ctx.scale, ctx.glue, ctx.shapes = scale_t, k_, s
         ctx.splits = (wq.shape[0], wk.shape[0])
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        h, r1, x1t, q, k, v, probs, attt, h2, r2, x2t, gu, m, cos, ssin = ctx.saved_tensors
+        h, r1, x1t, q, k, v, o, lse, attt, h2, r2, x2t, gu, m, cos, ssin = ctx.saved_tensors
         wqkv, wo_c, wgu, wd_c, n_in, n_post = ctx.weights
         scale, k_ = ctx.scale, ctx.glue
         need_w = any(ctx.needs_input_grad[i] for i in _TRAINED)
@@ -253,7 +269,7 @@ class _Layer(torch.autograd.Function):
         if need_w:
             w["o"] = attt @ dy  # (H*hd, D)
         datt = k_.split_grad(dy @ wo_c, cos)
-        dq, dk, dv = _attention_backward(datt, q, k, v, probs)
+        dq, dk, dv = _attention_backward(datt, q, k, v, o, lse, k_, ctx.shapes)
         dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
         if need_w:
             w["qkv"] = x1t @ dqkv  # (D, (H + 2Hkv) hd)

@@ -85,6 +85,20 @@ class Glue:
             v.contiguous().view(b * nk, length, hd),
         )
 
+    def attention_rows(self, dout, out):
+        """sum(dprobs * probs) of each query row of attention, as dout . out. # (BK, G*L, 1)
+
+        Its own kernel: computed inside attention_grad, it made inductor write the fp32
+        probabilities out and read them back."""
+        return (dout.float() * out.float()).sum(-1, keepdim=True)
+
+    def attention_grad(self, scores, dprobs, mask, lse, rows):
+        """Probabilities from the scores and their log-sum-exp, and the scores' gradient
+        (softmax backward). # (BK, G*L, L) twice"""
+        probs = torch.exp(scores.float() + mask - lse[..., None])  # masked: exp(-inf) = 0
+        probs = probs.to(self.dtype)  # (used twice, inductor would store it; in fp32 2x slower)
+        return probs, (probs.float() * (dprobs.float() - rows)).to(self.dtype)
+
     def merge_heads(self, att, cos):
         """(B*Hkv, G*L, hd) -> (N, H*hd) rows."""
         b, length = cos.shape[0], cos.shape[1]
@@ -181,10 +195,13 @@ class Glue:
 
 _ROWS = (0,)
 _BL = (0, 1)
+_ALL = (0, 1, 2)
 _STEPS: dict[str, dict[int, tuple[int, ...]]] = {
     "norm_in": {0: _ROWS},
     "norm_in_t": {0: _ROWS},
     "split_heads": {0: _ROWS, 1: _ROWS, 2: _BL, 3: _BL},
+    "attention_rows": {0: _BL, 1: _BL},
+    "attention_grad": {0: _ALL, 1: _ALL, 2: _BL, 3: _BL, 4: _BL},
     "merge_heads": {0: _BL, 1: _BL},
     "merge_heads_t": {0: _BL, 1: _BL},
     "residual_norm": {0: _ROWS, 1: _ROWS},
