@@ -192,7 +192,8 @@ class _Layer(torch.autograd.Function):
     contiguous) at ~2000, so when the weights train the forward also writes each matmul
     input transposed (one more output of the glue kernel that makes it) and keeps that
     instead of the input; the backward multiplies it and copies the (small) transposed
-    result into the parameter's gradient."""
+    result into the parameter's gradient. (down_proj's gradient takes dy transposed
+    instead, o_proj's multiplies both operands transposed: measured fastest for those.)"""
 
     @staticmethod
     def forward(  # noqa: PLR0913 - the weights are the Function's inputs
@@ -252,7 +253,7 @@ class _Layer(torch.autograd.Function):
         scale, k_ = ctx.scale, ctx.glue
         need_w = any(ctx.needs_input_grad[i] for i in _TRAINED)
         dtype = wqkv.dtype
-        w: dict[str, torch.Tensor] = {}  # weight gradients, transposed except "d"
+        w: dict[str, torch.Tensor] = {}  # weight gradients, transposed except "d" and "o"
         # MLP
         if need_w:
             dy, dyt = k_.cast_t(dout)
@@ -267,7 +268,9 @@ class _Layer(torch.autograd.Function):
         dh2, dy, dn_post = k_.norm_backward(dx2, h2, r2, n_post, dout)
         # attention
         if need_w:
-            w["o"] = attt @ dy  # (H*hd, D)
+            # (D, H*hd) as a product of two transposed operands: for this square shape
+            # it runs ~1.4x faster than attt @ dy (and needs no transposed copy)
+            w["o"] = dy.t() @ attt.t()
         datt = k_.split_grad(dy @ wo_c, cos)
         dq, dk, dv = _attention_backward(datt, q, k, v, o, lse, k_, ctx.shapes)
         dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
@@ -280,7 +283,7 @@ class _Layer(torch.autograd.Function):
         out.append(dn_in.to(pdt) if ctx.needs_input_grad[7] else None)
         if need_w:
             qkv = w["qkv"].split([nq, nkv, nkv], dim=1)
-            out += [_transposed(x, pdt) for x in qkv] + [_transposed(w["o"], pdt)]
+            out += [_transposed(x, pdt) for x in qkv] + [w["o"].to(pdt)]
         else:
             out += [None] * 4
         out.append(dn_post.to(pdt) if ctx.needs_input_grad[12] else None)
