@@ -143,6 +143,19 @@ def test_eager_glue_equals_compiled_glue():
         torch.testing.assert_close(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6)
 
 
+def test_head_gradient_in_vocabulary_blocks_equals_one_product():
+    """_head_grad multiplies 1024-column blocks untransposed and transposes each into the
+    result: the same numbers as dlogits.T @ xc, including a last, partial block."""
+    torch.manual_seed(0)
+    rows, vocab, width = 40, 2 * 1024 + 300, 16
+    xc = torch.randn(rows, width).to(torch.bfloat16)
+    dlogits = torch.randn(rows, vocab).to(torch.bfloat16)
+    got = llama_cpu._head_grad(xc.t().contiguous(), dlogits, torch.float32)
+    assert got.shape == (vocab, width) and got.dtype == torch.float32 and got.is_contiguous()
+    want = dlogits.float().t() @ xc.float()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # bf16 products
+
+
 def test_weight_copies_last_until_invalidated():
     cache = llama_cpu.WeightCache()
     w, v = torch.randn(8, 4), torch.randn(2, 4)

@@ -13,12 +13,13 @@ SmolLM2-135M stage-2 step through transformers' modules under bf16 autocast:
 
 So for plain Llama-family LLMs (`vistune.serve.decoder.supports`) a training micro-batch
 runs here: one autograd Function per decoder layer with q/k/v and gate/up fused, grouped
-query attention as contiguous batched matmuls (the query heads sharing a key/value head
-are stacked, so each product is G times taller) with a causal mask, the element-wise work
-between the matmuls compiled (vistune.train.llama_glue), and the final norm, LM head and
-cross entropy in one Function over row chunks (bf16 logits, fp32 log-sum-exp, the softmax
-gradient written straight into the logits' buffer). Lengths are padded to a multiple of
-16 so shapes repeat. The maths is transformers' Llama forward (tests compare losses and
+query attention through PyTorch's CPU flash kernel forward and our backward (contiguous
+batched matmuls, the query heads sharing a key/value head stacked so each product is G
+times taller), weight gradients as products without a transposed operand (see _Layer),
+the element-wise work between the matmuls compiled (vistune.train.llama_glue), and the
+final norm, LM head and cross entropy in one Function over row chunks (bf16 logits, fp32
+log-sum-exp, the softmax gradient written straight into the logits' buffer). Lengths are
+padded to a multiple of 16 so shapes repeat. The maths is transformers' Llama forward (tests compare losses and
 every gradient with it, fp32 and bf16).
 
 Precision: the parameters stay as they are (fp32 master weights when training in bf16);
