@@ -143,6 +143,27 @@ def test_eager_glue_equals_compiled_glue():
         torch.testing.assert_close(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6)
 
 
+def test_attention_without_the_flash_kernel_gives_the_same_result(monkeypatch):
+    """Where torch has no CPU flash kernel, batched matmuls give the same output and
+    log-sum-exp (and so the same backward), with one warning."""
+    torch.manual_seed(0)
+    shapes = llama_cpu.Shapes(batch=2, length=13, heads=4, kv_heads=2, head_dim=8)
+    q = torch.randn(2 * 2, 2 * 13, 8)
+    k, v = torch.randn(4, 13, 8), torch.randn(4, 13, 8)
+    flash = llama_cpu._attention(q, k, v, shapes)
+
+    def missing(*_args, **_kwargs):
+        raise NotImplementedError("no flash attention")
+
+    monkeypatch.setattr(llama_cpu, "_FLASH", {"usable": True})
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", missing)
+    with pytest.warns(RuntimeWarning, match="no CPU flash attention"):
+        plain = llama_cpu._attention(q, k, v, shapes)
+    assert llama_cpu._FLASH["usable"] is False
+    for got, want in zip(plain, flash, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_head_gradient_in_vocabulary_blocks_equals_one_product():
     """_head_grad multiplies 1024-column blocks untransposed and transposes each into the
     result: the same numbers as dlogits.T @ xc, including a last, partial block."""

@@ -33,6 +33,7 @@ real tokens from seeing padding; padding positions compute something and get no 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,11 @@ class Shapes:
         return self.heads // self.kv_heads
 
 
+_FLASH = {"usable": True}
+"""Whether PyTorch's CPU flash attention kernel runs here (older torch builds lack it or
+its grouped-query support); set False for good after its first failure."""
+
+
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,18 +153,34 @@ def _attention(
     log-sum-exp of each query's scores (BK, G*L) fp32.
 
     PyTorch's flash attention kernel for the CPU: it skips the masked blocks and never
-    writes the scores, 2.5x faster here than bmm + mask + softmax + bmm. Its own backward is
-    slower than _attention_backward, which recomputes the probabilities from `lse`."""
+    writes the scores, 2.5x faster here than bmm + mask + softmax + bmm (the fallback,
+    with one warning, where the kernel is missing). Its own backward is slower than
+    _attention_backward, which recomputes the probabilities from `lse`."""
     b, hd = s.batch, s.head_dim
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.view(b, s.heads, s.length, hd),
-        k.view(b, s.kv_heads, s.length, hd),
-        v.view(b, s.kv_heads, s.length, hd),
-        0.0,
-        True,
-        scale=1.0,
-    )  # (B, H, L, hd): head kv * G + g, as q's rows are stacked
-    return out.view(q.shape), lse.reshape(q.shape[:2])  # lse is stored (B, L, H)
+    if _FLASH["usable"]:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.view(b, s.heads, s.length, hd),
+                k.view(b, s.kv_heads, s.length, hd),
+                v.view(b, s.kv_heads, s.length, hd),
+                0.0,
+                True,
+                scale=1.0,
+            )  # (B, H, L, hd): head kv * G + g, as q's rows are stacked
+            return out.view(q.shape), lse.reshape(q.shape[:2])  # lse is stored (B, L, H)
+        except (AttributeError, NotImplementedError, RuntimeError) as err:
+            _FLASH["usable"] = False
+            warnings.warn(
+                f"vistune.train.llama_cpu: no CPU flash attention here ({type(err).__name__});"
+                " using batched matmuls",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    scores = torch.bmm(q, k.transpose(1, 2)).float()  # (BK, G*L, L)
+    scores += _causal(s.groups, s.length, torch.float32)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).to(q.dtype)
+    return torch.bmm(probs, v), lse
 
 
 def _attention_backward(  # noqa: PLR0913
