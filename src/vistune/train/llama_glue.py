@@ -63,9 +63,8 @@ class Glue:
 
     def norm_in_t(self, h, w):
         """norm_in, with x's transpose (D, N) as well: the layout a weight gradient
-        multiplies fastest (vistune.train.llama_cpu._wgrad_t)."""
-        x, r = _rms(h, w, self.eps)
-        x = x.to(self.dtype)
+        multiplies fastest (vistune.train.llama_cpu._Layer). One kernel, both outputs."""
+        x, r = Glue.norm_in(self, h, w)
         return x, x.t().contiguous(), r
 
     def split_heads(self, q, kv, cos, ssin, scale: torch.Tensor):
@@ -108,10 +107,8 @@ class Glue:
     def merge_heads_t(self, att, cos):
         """merge_heads, with the rows' transpose (H*hd, N) as well."""
         b, length = cos.shape[0], cos.shape[1]
-        att = att.view(b, self.nk, self.g, length, self.hd)
-        rows = att.permute(0, 3, 1, 2, 4).contiguous().view(b * length, self.nh * self.hd)
-        cols = att.permute(1, 2, 4, 0, 3).contiguous().view(self.nh * self.hd, b * length)
-        return rows, cols
+        cols = att.view(b, self.nk, self.g, length, self.hd).permute(1, 2, 4, 0, 3)
+        return Glue.merge_heads(self, att, cos), cols.contiguous().view(-1, b * length)
 
     def residual_norm(self, h, ao, w):
         """h2 = h + ao; -> h2 (fp32), x2 (dtype), r2."""
@@ -121,9 +118,7 @@ class Glue:
 
     def residual_norm_t(self, h, ao, w):
         """residual_norm, with x2's transpose (D, N) as well."""
-        h2 = h + ao
-        x, r = _rms(h2, w, self.eps)
-        x = x.to(self.dtype)
+        h2, x, r = Glue.residual_norm(self, h, ao, w)
         return h2, x, x.t().contiguous(), r
 
     def swiglu(self, gu):
