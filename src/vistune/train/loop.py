@@ -46,7 +46,13 @@ from vistune.train.distributed import (
     shutdown,
     wrap,
 )
-from vistune.train.optim import build_optimizer, load_optimizer, lr_at, optimizer_state
+from vistune.train.optim import (
+    build_optimizer,
+    clip_and_step,
+    load_optimizer,
+    lr_at,
+    optimizer_state,
+)
 from vistune.train.setup import (
     apply_stage,
     build_model,
@@ -268,8 +274,7 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
             "try a lower lr and --resume)"
         )
     params = [p for p in run.wrapped.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-    run.optimizer.step()
+    norm = clip_and_step(run.optimizer, params, cfg.max_grad_norm)
     run.step_module.weights_changed()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
