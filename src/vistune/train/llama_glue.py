@@ -84,13 +84,6 @@ class Glue:
             v.contiguous().view(b * nk, length, hd),
         )
 
-    def attention_rows(self, dout, out):
-        """sum(dprobs * probs) of each query row of attention, as dout . out. # (BK, G*L, 1)
-
-        Its own kernel: computed inside attention_grad, it made inductor write the fp32
-        probabilities out and read them back."""
-        return (dout.float() * out.float()).sum(-1, keepdim=True)
-
     def attention_grad(self, scores, dprobs, mask, lse, rows):
         """Probabilities from the scores and their log-sum-exp, and the scores' gradient
         (softmax backward). # (BK, G*L, L) twice"""
@@ -166,11 +159,15 @@ class Glue:
         dh, dw = rms_backward(dx, h, r, w)
         return dh + dres, dw
 
-    def split_grad(self, datt, cos):
-        """Transpose of merge_heads: (N, H*hd) -> (B*Hkv, G*L, hd)."""
+    def split_grad(self, datt, cos, out):
+        """Transpose of merge_heads: (N, H*hd) -> (B*Hkv, G*L, hd); with the attention
+        backward's sum(dprobs * probs) of each query row, as datt . out (BK, G*L, 1) fp32.
+        (The row sums are not taken inside attention_grad: there they made inductor write
+        the fp32 probabilities out and read them back.)"""
         b, length = cos.shape[0], cos.shape[1]
         datt = datt.view(b, length, self.nk, self.g, self.hd).permute(0, 2, 3, 1, 4)
-        return datt.contiguous().view(b * self.nk, self.g * length, self.hd)
+        datt = datt.contiguous().view(b * self.nk, self.g * length, self.hd)
+        return datt, (datt.float() * out.float()).sum(-1, keepdim=True)
 
     def merge_grads(self, dq, dk, dv, cos, ssin, scale: torch.Tensor):
         """Transpose of split_heads: rotary backward into fused (N, (H + 2Hkv) hd) rows."""
@@ -195,7 +192,6 @@ _STEPS: dict[str, dict[int, tuple[int, ...]]] = {
     "norm_in": {0: _ROWS},
     "norm_in_t": {0: _ROWS},
     "split_heads": {0: _ROWS, 1: _ROWS, 2: _BL, 3: _BL},
-    "attention_rows": {0: _BL, 1: _BL},
     "attention_grad": {0: _ALL, 1: _ALL, 2: _BL, 3: _BL, 4: _BL},
     "merge_heads": {0: _BL, 1: _BL},
     "merge_heads_t": {0: _BL, 1: _BL},
@@ -209,7 +205,7 @@ _STEPS: dict[str, dict[int, tuple[int, ...]]] = {
     "norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
     "cast_t": {0: _ROWS},
     "first_norm_backward": {0: _ROWS, 1: _ROWS, 2: _ROWS, 4: _ROWS},
-    "split_grad": {0: _ROWS, 1: _BL},
+    "split_grad": {0: _ROWS, 1: _BL, 2: _BL},
     "merge_grads": {0: _BL, 1: _BL, 2: _BL, 3: _BL, 4: _BL},
 }
 """Each glue function's batch-dependent sizes (argument -> dims: rows, batch, length), the
