@@ -18,13 +18,20 @@ samples with the same batch size; the first step of each is warm-up and not coun
 Throughput counts real tokens (text + image tokens, no padding) and samples per second.
 
 Model FLOPs per real token (the same useful work for both loops; tower excluded):
-  stage 2: 6*N_dec + 6*N_proj*(T/L) + 6*V*D*s + 6*n_layer*d*L/2 ... see flops_per_token()
-  stage 1: 4*N_dec + 6*N_proj*(T/L) + 4*V*D*s + 4*n_layer*d*L/2
+  stage 2: 6*N_dec + 6*N_proj*(T/L) + 6*V*D*s + 12*n_layer*d*C
+  stage 1: 4*N_dec + 6*N_proj*(T/L) + 4*V*D*s + 12*n_layer*d*C
 with N_dec the decoder's linear weights, N_proj the projector's, T image tokens, L the mean
 sequence length, s the share of supervised tokens, V*D the LM head, n_layer*d the attention
-(causal: half of the L x L scores). Stage 1 has no weight gradients for the frozen LLM
-(forward 2N + input gradients 2N). The peak is the best of large bf16 torch.matmul runs,
-measured before and after the loops (the shares use the higher reading).
+width and C the mean causal context of a token, sum(L_i^2)/sum(L_i)/2 over the samples
+(QK^T and AV: 2*d*C multiply-adds a token and layer, 2 FLOPs each, backward twice the
+forward; PaLM's 12*n_layer*d*L, halved by the causal mask). Stage 1 has no weight gradients
+for the frozen LLM (forward 2N + input gradients 2N); its attention backward is whole, as
+the gradient reaches the image tokens through the keys and values.
+
+The peak is the best bf16 torch.matmul rate over large squares and the products of the
+decoder's own shapes on 4096 rows, measured before and after the loops (the shares use the
+highest reading). This oneDNN runs its bf16 squares (1024..4096) at 70-80% of the rate of
+some of those shapes, so a peak from squares alone would overstate every share.
 """
 
 from __future__ import annotations
@@ -74,22 +81,39 @@ def make_data(folder: Path, n: int) -> None:
         )
 
 
-def bf16_peak(seconds: float = 3.0) -> float:
-    """Best bf16 matmul FLOP/s over square sizes 1024..4096 (this CPU, these threads).
+SQUARES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096))
 
-    Into one output buffer: a fresh 32 MB result per product page-faults, which read 4096
-    ~12% slower before `train` had tuned the allocator than after."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-        out = torch.empty(n, n, dtype=torch.bfloat16)
-        torch.matmul(a, b, out=out)
+
+def product_shapes(cfg, rows: int = 4096) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the decoder's products on `rows` tokens: every linear layer's forward
+    (rows, in) x (in, out) and its input gradient (rows, out) x (out, in)."""
+    d, inner = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    layers = ((q, d), (kv, d), (d, q), (2 * inner, d), (inner, d), (d, inner))
+    shapes = {(rows, k, n) for n, k in layers} | {(rows, n, k) for n, k in layers}
+    return sorted(shapes)
+
+
+def bf16_peak(shapes, seconds: float = 0.5) -> dict:
+    """Best bf16 matmul FLOP/s over `shapes` (m, k, n) (this CPU, these threads), each run
+    for `seconds` into one output buffer (a fresh result per product page-faults)."""
+    rates = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        torch.mm(a, b, out=out)
         reps, began = 0, time.perf_counter()
-        while time.perf_counter() - began < seconds / 3:
-            torch.matmul(a, b, out=out)
+        while time.perf_counter() - began < seconds:
+            torch.mm(a, b, out=out)
             reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - began))
-    return best
+        rates[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - began)
+    best = max(rates, key=rates.get)
+    return {
+        "flops": rates[best],
+        "shape": list(best),
+        "squares_flops": max(rates.get(s, 0.0) for s in SQUARES),
+    }
 
 
 def model_sizes(model) -> dict[str, float]:
@@ -107,16 +131,13 @@ def model_sizes(model) -> dict[str, float]:
     }
 
 
-def flops_per_token(sizes: dict, stage: str, mean_len: float, supervised: float) -> float:
+def flops_per_token(
+    sizes: dict, stage: str, mean_len: float, supervised: float, context: float
+) -> float:
     """Model FLOPs per real token (formula in the module docstring)."""
     k = 6 if stage == "finetune" else 4  # frozen LLM: no weight gradients
     proj = 6 * sizes["n_proj"] * sizes["image_tokens"] / mean_len
-    return (
-        k * sizes["n_dec"]
-        + proj
-        + k * sizes["head"] * supervised
-        + k * sizes["attn"] * mean_len / 2
-    )
+    return k * sizes["n_dec"] + proj + k * sizes["head"] * supervised + 12 * sizes["attn"] * context
 
 
 def reference(
@@ -229,11 +250,13 @@ def run_stage(args, stage: str, data: Path, root: Path, work: Path, peak: float)
     )
     mean_len = sum(s.length for s in samples) / len(samples)
     supervised = sum(s.targets for s in samples) / sum(s.length for s in samples)
-    fpt = flops_per_token(model_sizes(model), stage, mean_len, supervised)
+    context = sum(s.length**2 for s in samples) / sum(s.length for s in samples) / 2
+    fpt = flops_per_token(model_sizes(model), stage, mean_len, supervised, context)
     return {
         "reference": ref,
         "flops_per_token": fpt,
         "mean_length": mean_len,
+        "mean_causal_context": context,
         "reference_share_of_peak": ref["tokens_per_s"] * fpt / peak,
         "batch": [batch, micro],
     }
@@ -290,10 +313,17 @@ def main() -> None:
         root = args.data_dir or work / "scenes"
         if args.data_dir is None:
             make_data(root, args.images)
-        peak = bf16_peak()
+        from transformers import AutoConfig
+
+        from vistune.weights import ensure_default_weights
+
+        llm_cfg = AutoConfig.from_pretrained(ensure_default_weights().llm_dir)
+        shapes = list(SQUARES) + product_shapes(llm_cfg)
+        before = bf16_peak(shapes)
+        peak = before["flops"]
         result = {
             "threads": torch.get_num_threads(),
-            "bf16_peak_flops": peak,
+            "bf16_peak_before": before,
             "image_size": args.image_size,
         }
         stages = (("pretrain", "brief.json"), ("finetune", "instruct.json"))
@@ -303,10 +333,10 @@ def main() -> None:
         for stage, name in stages:
             add_ours(args, result[stage], stage, root / name, root, work)
             print(f"{stage}: {json.dumps(result[stage], indent=1)}", file=sys.stderr)
-        result["bf16_peak_flops_after"] = bf16_peak()
+        after = result["bf16_peak_after"] = bf16_peak(shapes)
     # The peak reads differently from one run to the next on these cores (turbo, other
     # tenants): the shares use the best of the readings before and after, the stricter.
-    peak = max(peak, result["bf16_peak_flops_after"])
+    peak = max(peak, after["flops"])
     result["peak_used"] = peak
     for stage in ("pretrain", "finetune"):
         r = result[stage]
@@ -315,8 +345,9 @@ def main() -> None:
             r[f"{loop}_share_of_peak"] = r[loop]["tokens_per_s"] * r["flops_per_token"] / peak
     print(
         f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s ({result['threads']} threads; best of "
-        f"{result['bf16_peak_flops'] / 1e9:.0f} before, "
-        f"{result['bf16_peak_flops_after'] / 1e9:.0f} after)"
+        f"{before['flops'] / 1e9:.0f} before at {before['shape']}, "
+        f"{after['flops'] / 1e9:.0f} after at {after['shape']}; squares alone: "
+        f"{before['squares_flops'] / 1e9:.0f}, {after['squares_flops'] / 1e9:.0f})"
     )
     print("stage     loop       samples/s  tokens/s  share of peak")
     for stage in ("pretrain", "finetune"):
