@@ -7,13 +7,17 @@ script builds the stage-2 run as `vistune train` does, runs the first `--steps` 
 batches once (torch.compile and oneDNN build their kernels for these shapes), then runs
 the same batches again and prints the tokens/s of that second pass: the speed of a long
 run whose batch shapes have all been seen. `--profile` prints the torch profiler's table
-for one more step.
+for one more step; `--breakdown` times one more step by wall clock per ATen op and per
+compiled glue function (the profiler's own overhead inflated the matmuls' share of a step
+by a third here: use this for where the time goes, the profiler for what calls what).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="global batches per pass")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +77,50 @@ def main() -> None:
             with profile() as prof:
                 loop._one_step(run, 2 * len(batches), batches[-1])
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        if args.breakdown:
+            breakdown(lambda: loop._one_step(run, 2 * len(batches) + 1, batches[-1]))
+
+
+def breakdown(step) -> None:
+    """Wall time of one `step()` per ATen op (a dispatch mode) and per compiled glue
+    function (each call timed whole, ops inside not counted twice)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from vistune.train import llama_glue
+
+    times: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+
+    class Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            began = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            entry = times[f"aten.{func.overloadpacket.__name__}"]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - began
+            return out
+
+    plain = llama_glue._Compiled.__call__
+
+    def glue_call(self, *args):
+        began = time.perf_counter()
+        with _disable_current_modes():
+            out = plain(self, *args)
+        entry = times[f"glue.{self.eager.__name__}"]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - began
+        return out
+
+    llama_glue._Compiled.__call__ = glue_call
+    try:
+        began = time.perf_counter()
+        with Timed():
+            step()
+        total = time.perf_counter() - began
+    finally:
+        llama_glue._Compiled.__call__ = plain
+    print(f"one step: {total * 1e3:.0f} ms")
+    for name, (calls, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"  {name:50} {calls:5d} calls {seconds * 1e3:8.1f} ms {seconds / total:6.1%}")
 
 
 if __name__ == "__main__":
