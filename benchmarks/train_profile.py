@@ -118,7 +118,10 @@ def breakdown(step) -> None:
         total = time.perf_counter() - began
     finally:
         llama_glue._Compiled.__call__ = plain
-    print(f"one step: {total * 1e3:.0f} ms")
+    counted = sum(seconds for _calls, seconds in times.values())
+    print(
+        f"one step: {total * 1e3:.0f} ms, {total - counted:.3f} s of it outside ATen ops and glue"
+    )
     for name, (calls, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1])[:30]:
         print(f"  {name:50} {calls:5d} calls {seconds * 1e3:8.1f} ms {seconds / total:6.1%}")
 
