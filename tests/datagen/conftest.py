@@ -6,6 +6,8 @@ the next requests, one each: an HTTP status such as "500" or "401", "429" (with 
 than the client's timeout), "malformed" (a body that is not JSON), "cut" (a JSON body cut
 in half), "empty" (empty content), "length" (finish_reason "length"). `server.down = True`
 answers 503 to everything. Requests are counted per prompt hash (`server.counts`).
+`reply(messages)` gives each answer's content, or an int: that HTTP status with an error
+body (the evaluation tests' scripted judge is built on it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def default_reply(messages: list[dict]) -> str:
 
 
 class FakeChatServer:
-    def __init__(self, reply: Callable[[list[dict]], str] = default_reply) -> None:
+    def __init__(self, reply: Callable[[list[dict]], str | int] = default_reply) -> None:
         self.reply = reply
         self.latency = 0.0
         self.hang = 1.0
@@ -114,6 +116,9 @@ class FakeChatServer:
                 if fault == "timeout":
                     time.sleep(server.hang)
                 content = server.reply(body["messages"])
+                if isinstance(content, int):
+                    self._send(content, b'{"error": {"message": "scripted failure"}}')
+                    return
                 finish = "stop"
                 if fault == "empty":
                     content = ""

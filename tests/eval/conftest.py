@@ -1,90 +1,44 @@
 """Fixtures for the evaluation tests: a scripted judge on loopback and a ScienceQA release.
 
-`ScriptedJudge` is a real chat-completions server (http.server on 127.0.0.1, port 0, in a
-thread). Replies are scripted per question: the first script key found in the request's
-last message picks a queue, and each request pops its next entry: a string is answered as
-HTTP 200 with that content, an int as that HTTP status with an error body. An exhausted
-or unmatched queue answers `default`.
+`ScriptedJudge` is the datagen tests' loopback chat-completions server (`FakeChatServer`)
+with replies scripted per question: the first script key found in the request's last
+message picks a queue, and each request pops its next entry: a string is answered as HTTP
+200 with that content, an int as that HTTP status with an error body. An exhausted or
+unmatched queue answers `default`.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from ..datagen.conftest import FakeChatServer
 
-class ScriptedJudge:
+
+class ScriptedJudge(FakeChatServer):
     def __init__(self, script: dict[str, list[str | int]], default: str | int = "5 5") -> None:
         self.script = {k: deque(v) for k, v in script.items()}
         self.default = default
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
+        super().__init__(self._scripted)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+    def requests(self) -> list[dict]:
+        return self.bodies
 
     def asked(self, key: str) -> int:
         """How many requests mentioned `key` in their last message."""
         return sum(key in r["messages"][-1]["content"] for r in self.requests)
 
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def _next(self, body: dict) -> str | int:
+    def _scripted(self, messages: list[dict]) -> str | int:
+        text = messages[-1]["content"]
         with self.lock:
-            self.requests.append(body)
-            text = body["messages"][-1]["content"]
             for key, queue in self.script.items():
                 if key in text:
                     return queue.popleft() if queue else self.default
-            return self.default
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                length = int(self.headers.get("Content-Length", 0))
-                reply = server._next(json.loads(self.rfile.read(length)))
-                if isinstance(reply, int):
-                    payload, status = {"error": {"message": "scripted failure"}}, reply
-                else:
-                    status = 200
-                    payload = {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": reply},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                    }
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
+        return self.default
 
 
 @pytest.fixture
