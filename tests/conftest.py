@@ -62,8 +62,9 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer():
-    """A deterministic byte-level BPE tokenizer (~600 ids) with ChatML special tokens."""
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int, specials: list[str], **fast):
+    """A deterministic byte-level BPE tokenizer trained on `corpus`; `fast`: the
+    PreTrainedTokenizerFast arguments (eos_token, pad_token, chat_template, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,14 +72,21 @@ def build_tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=_SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **fast)
+
+
+def build_tiny_tokenizer():
+    """A deterministic byte-level BPE tokenizer (~600 ids) with ChatML special tokens."""
+    return build_bpe_tokenizer(
+        _CORPUS * 4,
+        600,
+        _SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<pad>",
         chat_template=_CHATML_TEMPLATE,

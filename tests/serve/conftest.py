@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ..conftest import build_bpe_tokenizer
+
 CORPUS = [
     "the cat sat on the mat. the dog ran in the park.",
     "a red square and a blue circle are in the picture.",
@@ -14,21 +16,8 @@ CORPUS = [
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    return build_bpe_tokenizer(
+        CORPUS, 320, ["<|endoftext|>"], eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
 
 
