@@ -208,3 +208,32 @@ def test_special_token_stops_match_by_id(tiny_llm, tiny_builders):
     texts, ids = Generator(tiny_llm, chatml)._split_stops(["<|im_end|>", "###", ""])
     assert texts == ("###",)
     assert ids == {chatml.convert_tokens_to_ids("<|im_end|>")}
+
+
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+def test_transformers_path_passes_the_cache_by_its_current_name(tiny_llm, tiny_tokenizer):
+    """transformers 5.x warns on `past_key_values` (and drops it in 5.40): the KV cache
+    goes by the name the model's forward takes."""
+    gen = Generator(tiny_llm, tiny_tokenizer, fast=False)
+    x = embed(tiny_llm, tiny_tokenizer.encode(PROMPTS[0]))
+    cfg = GenerationConfig(max_new_tokens=16)
+    cached = gen.run(x, ones(x), cfg, use_cache=True)[0]
+    full = gen.run(x, ones(x), cfg, use_cache=False)[0]
+    assert len(cached.token_ids) > 3
+    assert cached.token_ids == full.token_ids
+
+
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+def test_peft_wrapper_generates_as_the_model_it_wraps(tiny_llm, tiny_tokenizer):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    x = embed(tiny_llm, tiny_tokenizer.encode(PROMPTS[1]))
+    cfg = GenerationConfig(max_new_tokens=16)
+    ref = Generator(tiny_llm, tiny_tokenizer, fast=False).run(x, ones(x), cfg)[0]
+    wrapped = get_peft_model(copy.deepcopy(tiny_llm), LoraConfig(r=4, target_modules=["q_proj"]))
+    gen = Generator(wrapped, tiny_tokenizer)
+    assert gen._cache_kw == "cache"
+    out = gen.run(x, ones(x), cfg)[0]  # a fresh adapter (B = 0) changes nothing
+    assert out.token_ids == ref.token_ids

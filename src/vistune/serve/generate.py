@@ -165,6 +165,11 @@ class Generator:
         self.eos = eos_ids(llm, tokenizer)
         params = inspect.signature(llm.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes
+        # in 5.40); peft's wrappers take **kwargs and pass it on to the model they wrap.
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        named = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in named else "past_key_values"
 
     def _fast_decoder(self) -> decoder.LlamaDecoder | None:
         """The fused Llama forward, rebuilt whenever the LLM's weights changed (training);
@@ -202,8 +207,8 @@ class Generator:
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self._cache_kw: cache},
                 **self._keep_kw,
             )
         return out.logits[:, -1, :].float()
