@@ -199,7 +199,8 @@ def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
     assert llama_cpu.usable(llm, torch.device("cpu"))
     assert not llama_cpu.usable(llm, torch.device("cuda"))
     checkpointed = _llm()
-    checkpointed.gradient_checkpointing_enable()
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None)  # transformers 5.x
+    (enable or checkpointed.gradient_checkpointing_enable)()
     assert not llama_cpu.usable(checkpointed, torch.device("cpu"))
     lora = get_peft_model(_llm(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not llama_cpu.usable(lora.base_model.model, torch.device("cpu"))
