@@ -78,7 +78,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(xw, w).to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, transformers' apply_rotary_pos_emb with rotate_half's minus sign
     moved into `signed_sin` (cat(-sin1, sin2)). x (B, H, T, hd)."""
     half = x.shape[-1] // 2
@@ -211,7 +211,7 @@ class LlamaDecoder:
             x = _rms(h, layer.norm_in, layer.eps)
             qkv = _mm(x, layer.qkv)  # (B, T, (H + 2 Hkv) hd)
             qk = qkv[..., : nq + nkv].view(batch, steps, -1, hd).transpose(1, 2)
-            qk = _rope(qk, cos, sin)  # (B, H + Hkv, T, hd)
+            qk = rope(qk, cos, sin)  # (B, H + Hkv, T, hd)
             keys, values = state.keys[i], state.values[i]
             keys[:, :, t0:t1] = qk[:, self.heads :]
             values[:, :, t0:t1] = qkv[..., nq + nkv :].view(batch, steps, -1, hd).transpose(1, 2)

@@ -15,6 +15,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from vistune.serve.decoder import rope as _rope  # shared with generation
+
 
 def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LlamaRMSNorm in fp32: (h * r) * w and r = 1/sqrt(mean(h^2) + eps). # (N, D), (N, 1)"""
@@ -32,14 +34,9 @@ def rms_backward(
     return (dxhat - xhat * c) * r, (dy.float() * xhat).sum(0)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb with rotate_half's sign moved into ssin = cat(-sin1, sin2)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * ssin
-
-
 def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
-    """Transpose of _rope: dx = dy * cos + swap(dy * ssin) (the half swap is its own inverse)."""
+    """Transpose of _rope (ssin = cat(-sin1, sin2)): dx = dy * cos + swap(dy * ssin), the
+    half swap being its own inverse."""
     half = dy.shape[-1] // 2
     t = dy * ssin
     return dy * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1)
