@@ -143,6 +143,29 @@ def test_eager_glue_equals_compiled_glue():
         torch.testing.assert_close(eager[1][name], compiled[1][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_transposing_glue_stores_the_transpose(compiled):
+    """The *_t kernels exist to hand the weight-gradient products an operand stored (D, N)
+    row-major: a transposed view of (N, D) has the same values but makes those products
+    ~1.9x slower, and so would pass every value test."""
+    torch.manual_seed(0)
+    llama_glue.set_compile(compiled)
+    try:
+        k_ = llama_glue.glue(4, 2, 8, 1e-6, torch.bfloat16)
+        h, w = torch.randn(40, 32), torch.randn(32)
+        ao = torch.randn(40, 32).to(torch.bfloat16)
+        outs = {
+            "norm_in_t": k_.norm_in_t(h, w)[:2],
+            "residual_norm_t": k_.residual_norm_t(h, ao, w)[1:3],
+            "cast_t": k_.cast_t(h),
+        }
+    finally:
+        llama_glue.set_compile(True)
+    for name, (x, xt) in outs.items():
+        assert xt.shape == (32, 40) and xt.stride() == (40, 1), name
+        torch.testing.assert_close(xt, x.t(), rtol=0, atol=0, msg=name)
+
+
 def test_attention_without_the_flash_kernel_gives_the_same_result(monkeypatch):
     """Where torch has no CPU flash kernel, batched matmuls give the same output and
     log-sum-exp (and so the same backward), with one warning."""
