@@ -9,7 +9,8 @@ the same batches again and prints the tokens/s of that second pass: the speed of
 run whose batch shapes have all been seen. `--profile` prints the torch profiler's table
 for one more step; `--breakdown` times one more step by wall clock per ATen op and per
 compiled glue function (the profiler's own overhead inflated the matmuls' share of a step
-by a third here: use this for where the time goes, the profiler for what calls what).
+by a third here: use this for where the time goes, the profiler for what calls what);
+`--shapes` adds the breakdown's matrix products by shape, with their GFLOP/s.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--shapes", action="store_true", help="with --breakdown: per product")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,17 +80,30 @@ def main() -> None:
                 loop._one_step(run, 2 * len(batches), batches[-1])
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         if args.breakdown:
-            breakdown(lambda: loop._one_step(run, 2 * len(batches) + 1, batches[-1]))
+            step = 2 * len(batches) + 1
+            breakdown(lambda: loop._one_step(run, step, batches[-1]), args.shapes)
 
 
-def breakdown(step) -> None:
+def _product(name: str, args) -> tuple[tuple, int] | None:
+    """(shape key, FLOPs) of an mm / addmm / bmm call; None for other ops. The key has
+    each operand's shape and strides (a transposed view multiplies at another speed)."""
+    if name not in ("mm", "addmm", "bmm"):
+        return None
+    a, b = args[1:3] if name == "addmm" else args[:2]
+    flops = 2 * a.numel() * b.shape[-1]
+    return (name, tuple(a.shape), a.stride(), tuple(b.shape), b.stride()), flops
+
+
+def breakdown(step, shapes: bool = False) -> None:
     """Wall time of one `step()` per ATen op (a dispatch mode) and per compiled glue
-    function (each call timed whole, ops inside not counted twice)."""
+    function (each call timed whole, ops inside not counted twice); with `shapes`, also
+    per matrix product shape."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     from vistune.train import llama_glue
 
     times: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    products: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, 0])
 
     class Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -97,6 +112,12 @@ def breakdown(step) -> None:
             entry = times[f"aten.{func.overloadpacket.__name__}"]
             entry[0] += 1
             entry[1] += time.perf_counter() - began
+            found = _product(func.overloadpacket.__name__, args) if shapes else None
+            if found is not None:
+                entry = products[found[0]]
+                entry[0] += 1
+                entry[1] += time.perf_counter() - began
+                entry[2] += found[1]
             return out
 
     plain = llama_glue._Compiled.__call__
@@ -124,6 +145,16 @@ def breakdown(step) -> None:
     )
     for name, (calls, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1])[:30]:
         print(f"  {name:50} {calls:5d} calls {seconds * 1e3:8.1f} ms {seconds / total:6.1%}")
+    if products:
+        seconds = sum(entry[1] for entry in products.values())
+        flops = sum(entry[2] for entry in products.values())
+        print(f"matrix products: {seconds * 1e3:.0f} ms, {flops / seconds / 1e9:.0f} GFLOP/s")
+        for key, (calls, secs, fl) in sorted(products.items(), key=lambda kv: -kv[1][1])[:20]:
+            name, ashape, astride, bshape, bstride = key
+            print(
+                f"  {name:5} {ashape!s:16} {astride!s:10} x {bshape!s:16} {bstride!s:10}"
+                f" {calls:4d} calls {secs * 1e3:7.1f} ms {fl / secs / 1e9:6.0f} GFLOP/s"
+            )
 
 
 if __name__ == "__main__":
