@@ -91,6 +91,20 @@ def test_global_batches_are_seeded_sorted_and_cover_each_epoch():
         assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
 
 
+def test_grouped_batches_put_the_longest_sample_first():
+    """As HF's length grouping: a run that runs out of memory does so at step 0."""
+    lengths = [(i * 37) % 101 for i in range(64)]
+    firsts = set()
+    for epoch in range(6):
+        batches = global_batches(lengths, 4, epoch=epoch, seed=3)
+        assert lengths[batches[0][0]] == max(lengths)
+        assert sorted(i for b in batches for i in b) == list(range(64))
+        for batch in batches:
+            assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+        firsts.add(tuple(batches[1]))
+    assert len(firsts) > 1  # the rest of the order still changes with the epoch
+
+
 def test_micro_batches_split_one_global_batch_over_ranks():
     batch = [7, 6, 5, 4, 3, 2, 1, 0]
     assert micro_batches(batch, 2, world=1, rank=0) == [[7, 6], [5, 4], [3, 2], [1, 0]]
