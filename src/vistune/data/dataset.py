@@ -184,9 +184,7 @@ def global_batches(
     batches of similar lengths, which are then shuffled; each global batch is sorted
     longest first for its micro-batches. As there, the batch holding the epoch's longest
     sample then swaps places with the first: a run that runs out of memory does so at its
-    first step, not hours in, and the allocator grows to its largest once, at that step
-    (growing mid-run cost ~2 s of page faults per step here). None of this depends on the
-    number of processes.
+    first step, not hours in. None of this depends on the number of processes.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
