@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train")
 
 
 def test_attention_flops_match_a_count_of_the_causal_products(bench):

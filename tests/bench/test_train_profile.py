@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def profile():
-    path = ROOT / "benchmarks" / "train_profile.py"
-    spec = importlib.util.spec_from_file_location("bench_train_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_profile"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_profile")
 
 
 def test_product_keys_tell_a_transposed_view_from_a_stored_transpose(profile):
