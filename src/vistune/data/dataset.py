@@ -198,8 +198,8 @@ def global_batches(
         batches += [chunk[i : i + global_batch] for i in range(0, len(chunk), global_batch)]
     shuffle = torch.randperm(len(batches), generator=generator).tolist()
     batches = [batches[i] for i in shuffle]
-    longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]], default=0)
-    if batches:
+    if batches:  # each batch is sorted longest first
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
         batches[0], batches[longest] = batches[longest], batches[0]
     return batches
 
