@@ -90,7 +90,8 @@ class TrainConfig:
     model_max_length: int = 2048
     """Longest sequence counting image tokens; text is cut from the end, never the image."""
     group_by_length: bool = True
-    """Batch samples of similar length together (less padding; HF's group_by_length)."""
+    """Batch samples of similar length together (less padding; HF's group_by_length), the
+    epoch's longest batch first (out of memory shows at the first step)."""
     length_group: int = 16
     """Global batches per length-sorted mega-batch when grouping (HF uses 50)."""
     lora_r: int = 0
