@@ -10,7 +10,10 @@ run whose batch shapes have all been seen. `--profile` prints the torch profiler
 for one more step; `--breakdown` times one more step by wall clock per ATen op and per
 compiled glue function (the profiler's own overhead inflated the matmuls' share of a step
 by a third here: use this for where the time goes, the profiler for what calls what);
-`--shapes` adds the breakdown's matrix products by shape, with their GFLOP/s.
+`--shapes` adds the breakdown's matrix products by shape, with their GFLOP/s; `--ceiling`
+(with `--breakdown`) times each of those products again on its own, operands in cache and
+nothing else running, and prints the share of the measured bf16 peak (benchmarks/train.py's)
+that the step would reach if it did nothing but its matrix products at those rates.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--shapes", action="store_true", help="with --breakdown: per product")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="with --breakdown: products alone vs the peak"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +87,13 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         if args.breakdown:
             step = 2 * len(batches) + 1
-            breakdown(lambda: loop._one_step(run, step, batches[-1]), args.shapes)
+            products = breakdown(
+                lambda: loop._one_step(run, step, batches[-1]), args.shapes or args.ceiling
+            )
+            if args.ceiling:
+                batch = [run.samples[i] for i in batches[-1]]
+                useful = sum(s.length for s in batch) * _flops_per_token(run, batch)
+                ceiling(products, useful, run.model.llm.config)
 
 
 def _product(name: str, args) -> tuple[tuple, int] | None:
@@ -91,13 +103,86 @@ def _product(name: str, args) -> tuple[tuple, int] | None:
         return None
     a, b = args[1:3] if name == "addmm" else args[:2]
     flops = 2 * a.numel() * b.shape[-1]
-    return (name, tuple(a.shape), a.stride(), tuple(b.shape), b.stride()), flops
+    return (name, tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype), flops
 
 
-def breakdown(step, shapes: bool = False) -> None:
+def _operand(shape: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A random tensor with this shape and these strides (a transposed or broadcast view
+    of its storage where the strides say so)."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    return torch.randn(size).to(dtype).as_strided(shape, stride)
+
+
+def alone_seconds(key: tuple, seconds: float = 0.05) -> float:
+    """Seconds per call of the product `key` (a `_product` key) on its own: random operands
+    of its shapes and strides, repeated into one output buffer for `seconds` after two
+    warm-up calls. An addmm is timed as its mm (the sum is not a product)."""
+    name, ashape, astride, bshape, bstride, dtype = key
+    a, b = _operand(ashape, astride, dtype), _operand(bshape, bstride, dtype)
+    op = torch.bmm if name == "bmm" else torch.mm
+    out = op(a, b)
+    op(a, b, out=out)
+    reps, began = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - began < seconds:
+        op(a, b, out=out)
+        reps += 1
+    return (time.perf_counter() - began) / reps
+
+
+def _flops_per_token(run, samples) -> float:
+    """Stage 2's model FLOPs per real token of `samples`, by benchmarks/train.py's formula
+    (the figure its shares of the peak use)."""
+    bench = _train_benchmark()
+    tokens = sum(s.length for s in samples)
+    supervised = sum(s.targets for s in samples) / tokens
+    context = sum(s.length**2 for s in samples) / tokens / 2
+    sizes = bench.model_sizes(run.model)
+    return bench.flops_per_token(sizes, "finetune", tokens / len(samples), supervised, context)
+
+
+def _train_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", Path(__file__).with_name("train.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ceiling(products: dict, useful_flops: float, cfg) -> dict:
+    """How far the products alone could take the step: each product shape of the breakdown
+    step timed on its own (`alone_seconds`), summed over its calls, against the step's
+    useful (model) FLOPs and benchmarks/train.py's bf16 peak read now. Prints and returns
+    the figures."""
+    bench = _train_benchmark()
+    in_step = sum(entry[1] for entry in products.values())
+    alone = sum(calls * alone_seconds(key) for key, (calls, _s, _f) in products.items())
+    peak = bench.bf16_peak(bench.product_shapes(cfg) + list(bench.SQUARES))["flops"]
+    result = {
+        "products_in_step_s": in_step,
+        "products_alone_s": alone,
+        "product_flops": sum(entry[2] for entry in products.values()),
+        "useful_flops": useful_flops,
+        "peak_flops": peak,
+        "ceiling_share": useful_flops / alone / peak,
+    }
+    print(
+        f"ceiling: the step's {len(products)} product shapes take {alone * 1e3:.0f} ms on their own"
+        f" ({in_step * 1e3:.0f} ms in the step) for {result['product_flops'] / 1e9:.0f} GFLOP;"
+        f" the step's model FLOPs are {useful_flops / 1e9:.0f} GFLOP; peak {peak / 1e9:.0f}"
+        f" GFLOP/s. Products alone, nothing else: {result['ceiling_share']:.1%} of the peak;"
+        f" 40% leaves {max(0.0, useful_flops / 0.4 / peak - alone) * 1e3:.0f} ms for all else."
+    )
+    return result
+
+
+def breakdown(step, shapes: bool = False) -> dict:
     """Wall time of one `step()` per ATen op (a dispatch mode) and per compiled glue
     function (each call timed whole, ops inside not counted twice); with `shapes`, also
-    per matrix product shape."""
+    per matrix product shape. Returns the products: `_product` key -> [calls, seconds,
+    FLOPs] (empty without `shapes`)."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     from vistune.train import llama_glue
@@ -150,11 +235,13 @@ def breakdown(step, shapes: bool = False) -> None:
         flops = sum(entry[2] for entry in products.values())
         print(f"matrix products: {seconds * 1e3:.0f} ms, {flops / seconds / 1e9:.0f} GFLOP/s")
         for key, (calls, secs, fl) in sorted(products.items(), key=lambda kv: -kv[1][1])[:20]:
-            name, ashape, astride, bshape, bstride = key
+            name, ashape, astride, bshape, bstride, _dtype = key
             print(
                 f"  {name:5} {ashape!s:16} {astride!s:10} x {bshape!s:16} {bstride!s:10}"
                 f" {calls:4d} calls {secs * 1e3:7.1f} ms {fl / secs / 1e9:6.0f} GFLOP/s"
             )
+
+    return dict(products)
 
 
 if __name__ == "__main__":
