@@ -158,7 +158,8 @@ def ceiling(products: dict, useful_flops: float, cfg) -> dict:
     the figures."""
     bench = _train_benchmark()
     in_step = sum(entry[1] for entry in products.values())
-    alone = sum(calls * alone_seconds(key) for key, (calls, _s, _f) in products.items())
+    each = {key: calls * alone_seconds(key) for key, (calls, _s, _f) in products.items()}
+    alone = sum(each.values())
     peak = bench.bf16_peak(bench.product_shapes(cfg) + list(bench.SQUARES))["flops"]
     result = {
         "products_in_step_s": in_step,
@@ -175,6 +176,11 @@ def ceiling(products: dict, useful_flops: float, cfg) -> dict:
         f" GFLOP/s. Products alone, nothing else: {result['ceiling_share']:.1%} of the peak;"
         f" 40% leaves {max(0.0, useful_flops / 0.4 / peak - alone) * 1e3:.0f} ms for all else."
     )
+    for key, (calls, secs, fl) in sorted(products.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(
+            f"  {key[0]:5} {key[1]!s:16} x {key[3]!s:16} {calls:4d} calls: in the step"
+            f" {fl / secs / 1e9:5.0f} GFLOP/s, alone {fl / each[key] / 1e9:5.0f}"
+        )
     return result
 
 

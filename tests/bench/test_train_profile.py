@@ -50,9 +50,11 @@ def test_ceiling_is_model_flops_over_the_products_alone_against_the_peak(profile
         bf16_peak=lambda shapes: {"flops": 1e12, "shape": list(shapes[0])},
     )
     monkeypatch.setattr(profile, "_train_benchmark", lambda: bench)
-    alone = {"a": 0.002, "b": 0.010}
+    a = ("mm", (2, 3), (3, 1), (3, 4), (4, 1), torch.bfloat16)
+    b = ("bmm", (2, 2, 3), (6, 3, 1), (2, 3, 4), (12, 4, 1), torch.bfloat16)
+    alone = {a: 0.002, b: 0.010}
     monkeypatch.setattr(profile, "alone_seconds", lambda key: alone[key])
-    products = {"a": [10, 0.05, 4e10], "b": [3, 0.04, 6e10]}
+    products = {a: [10, 0.05, 4e10], b: [3, 0.04, 6e10]}
     result = profile.ceiling(products, useful_flops=9e10, cfg=None)
     assert result["products_alone_s"] == pytest.approx(10 * 0.002 + 3 * 0.010)
     assert result["products_in_step_s"] == pytest.approx(0.09)
