@@ -7,7 +7,8 @@ detail and complex for stage 2, paper §3) -> stage-1 training (projector only) 
 training (projector + LLM, §4.2) -> exact-answer evaluation on held-out scenes -> one chat
 answer. Each step prints the `vistune` command it runs, so the demo doubles as a recipe.
 A step whose output already exists is skipped, so an interrupted demo resumes where it
-stopped (`--force` redoes everything).
+stopped, a training stage from its last checkpoint (`--force` redoes everything, clearing
+the demo's training folders first).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +37,8 @@ class Step:
     argv: list[str]
     done: Path
     """The step is skipped when this file exists."""
+    train_out: Path | None = None
+    """A training step's output folder: resumed when it has checkpoints, cleared by --force."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +137,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 *cap,
             ],
             pretrain / "model" / "config.json",
+            train_out=pretrain,
         ),
         Step(
             "stage 2: tune projector + LLM on instruction data",
@@ -158,6 +163,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 *cap,
             ],
             finetune / "model" / "config.json",
+            train_out=finetune,
         ),
         Step(
             "evaluate on held-out scenes (exact answers per skill)",
@@ -212,18 +218,34 @@ def run(args: argparse.Namespace, call: Callable[[list[str]], int] | None = None
                 _first_val_image(Path(args.out) / "scenes") if a == FIRST_VAL_IMAGE else a
                 for a in argv
             ]
-        command = "vistune " + " ".join(shlex.quote(a) for a in argv)
         if step.done.exists() and not args.force:
             print(
                 f"[{number}/{len(plan)}] {step.title}: done already ({step.done})", file=sys.stderr
             )
             continue
+        argv = _resume_or_restart(step, argv, args.force)
+        command = "vistune " + " ".join(shlex.quote(a) for a in argv)
         print(f"\n[{number}/{len(plan)}] {step.title}\n$ {command}", file=sys.stderr, flush=True)
         code = call(argv)
         if code != 0:
             raise VistuneError(f"demo step {number} failed (exit {code}): {command}")
     _summary(Path(args.out), time.monotonic() - started)
     return 0
+
+
+def _resume_or_restart(step: Step, argv: list[str], force: bool) -> list[str]:
+    """A training step whose folder has checkpoints (an earlier demo stopped in it, or
+    finished it): `train` refuses such a folder without --resume, so resume it, or under
+    --force clear it and train from the start."""
+    from vistune.train.checkpoint import latest_checkpoint
+
+    if step.train_out is None or latest_checkpoint(step.train_out) is None:
+        return argv
+    if force:
+        print(f"--force: clearing {step.train_out}", file=sys.stderr)
+        shutil.rmtree(step.train_out)
+        return argv
+    return [*argv, "--resume"]
 
 
 def _summary(out: Path, seconds: float) -> None:
