@@ -248,6 +248,13 @@ def test_custom_code_is_refused_and_never_run(saved, tmp_path, part, file):
 
 def test_load_model_from_dir_and_default(saved, tiny_clip_dir, tiny_llm_dir, monkeypatch):
     assert load_model(str(saved)).projector_trained is True
+    # a training output folder: its model is in model/, as `train --init` reads it
+    from_run = load_model(saved.parent)
+    assert from_run.projector_trained is True
+    for mine, theirs in zip(
+        from_run.projector.parameters(), load_model(saved).projector.parameters(), strict=True
+    ):
+        assert torch.equal(mine, theirs)
 
     import vistune.weights
 

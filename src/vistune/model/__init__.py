@@ -2,7 +2,8 @@
 
     from vistune.model import load_model
     model = load_model("default")        # packaged DINOv2 ViT-S/14 + SmolLM2-135M, fresh projector
-    model = load_model("runs/finetune")  # a model directory written by LlavaModel.save
+    model = load_model("runs/finetune/model")  # a model directory written by LlavaModel.save
+    model = load_model("runs/finetune")  # or the training output that holds it in model/
 
 Parts: `vision.VisionTower`, `projector.build_projector`, `llava.LlavaModel`;
 `checkpoint` reads and writes model directories.
@@ -23,8 +24,17 @@ DEFAULT_TEMPLATE = "chat_template"
 """The packaged LLM is an instruct model: its own chat template suits it before any tuning."""
 
 
+def model_dir_of(path: str | Path) -> Path:
+    """A model directory, or a training output holding one in `model/`."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
 def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
-    """A model from a directory, or "default": the packaged weights with a fresh projector.
+    """A model from a directory (or a training output holding one in `model/`), or
+    "default": the packaged weights with a fresh projector.
 
     The default model's projector is untrained (`model.projector_trained` is False): its
     image tokens carry no meaning to the LLM until stage 1 has run.
@@ -43,7 +53,7 @@ def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> LlavaModel
         return LlavaModel.from_parts(
             weights.vision_dir, weights.llm_dir, config, seed=0, dtype=dtype
         ).eval()
-    return LlavaModel.load(spec, dtype=dtype)
+    return LlavaModel.load(model_dir_of(spec), dtype=dtype)
 
 
-__all__ = ["DEFAULT_SPEC", "load_model"]
+__all__ = ["DEFAULT_SPEC", "load_model", "model_dir_of"]

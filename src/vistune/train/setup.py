@@ -20,18 +20,11 @@ from vistune.config import ModelConfig
 from vistune.data.dataset import Sample, build_samples, drop_samples
 from vistune.errors import DataError, VistuneError
 from vistune.features import Encoder, FeatureStore, open_store, tower_features
+from vistune.model import model_dir_of
 from vistune.train.config import TrainConfig
 from vistune.train.stages import apply_plan
 
 Say = Callable[[str], None]
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """A model directory, or a training output holding one in `model/`."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    return path
 
 
 def _fresh_config(cfg: TrainConfig) -> ModelConfig:
