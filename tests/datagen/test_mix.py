@@ -108,3 +108,24 @@ def test_mix_command(files, tmp_path: Path, capsys) -> None:
     assert "--input takes TYPE=FILE" in capsys.readouterr().err
     assert main(["mix", "--out", str(out), "--input", f"x={out}", "--ratios", "nope"]) == 2
     assert "unknown mix 'nope'" in capsys.readouterr().err
+
+
+def test_a_datagen_file_of_several_types_gives_each_type_its_own_samples(tmp_path):
+    both = [
+        {**_sample(rtype, i), "id": f"{i:012d}_{rtype}"}
+        for i in range(20)
+        for rtype in ("conversation", "detail", "complex")
+    ]
+    path = tmp_path / "instruct.json"
+    write_llava_json(both, path)
+    files = {rtype: path for rtype in ("conversation", "detail", "complex")}
+    samples, counts = mix_with_counts(files, "conv+5%detail+10%complex", seed=0)
+    assert counts == {"complex": 2, "conversation": 20, "detail": 1}
+    assert _types(samples) == counts
+    assert all(s["id"].endswith("_" + s["conversations"][1]["value"].split()[0]) for s in samples)
+
+
+def test_ids_with_an_underscore_but_no_type_keep_the_whole_file(tmp_path):
+    path = tmp_path / "official.json"
+    write_llava_json([{**_sample("detail", i), "id": f"img_{i}"} for i in range(10)], path)
+    assert mix_with_counts({"detail": path}, "detail=1", seed=0)[1] == {"detail": 10}

@@ -4,7 +4,9 @@ Table 4 of the paper ablates the mix of the three response types: all of them ("
 detailed description + complex reasoning, conversation only, and conversation plus 5% of
 the detail and 10% of the complex-reasoning data. A ratio is the share of that type's own
 file to take: 1 takes every sample, 0.05 a random 5%, 2 every sample twice (1.5: once, plus
-a random half). Same files, ratios and seed give the same mix.
+a random half). Same files, ratios and seed give the same mix. A `vistune datagen` output
+holds several types in one file (ids `<image_id>_<type>`); given for a type, only that
+type's samples of it are used.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from vistune.data.formats import read_llava_json
+from vistune.datagen.parse import RESPONSE_TYPES
 from vistune.errors import DataError
+
+DATAGEN_TYPES = ("brief", *RESPONSE_TYPES)
+"""The types `vistune datagen` writes, as the suffixes of its sample ids."""
 
 PRESETS: dict[str, dict[str, float]] = {
     "full": {"conversation": 1.0, "detail": 1.0, "complex": 1.0},
@@ -73,6 +79,18 @@ def take(samples: list[dict[str, Any]], ratio: float, rng: random.Random) -> lis
     return samples * whole + [samples[i] for i in picked]
 
 
+def of_type(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """`name`'s samples of a file that holds several datagen types (some ids end in another
+    type's `_<type>`); any other file whole (the official release's ids are image ids)."""
+
+    def suffix(sample: dict[str, Any]) -> str:
+        return str(sample.get("id", "")).rpartition("_")[2]
+
+    if not any(suffix(s) in DATAGEN_TYPES and suffix(s) != name for s in samples):
+        return samples
+    return [s for s in samples if suffix(s) == name]
+
+
 def mix_with_counts(
     files_by_type: dict[str, Path],
     ratios: dict[str, float] | str,
@@ -96,7 +114,7 @@ def mix_with_counts(
     for name in sorted(ratios):
         if ratios[name] == 0:
             continue
-        samples = read_llava_json(files_by_type[name])
+        samples = of_type(read_llava_json(files_by_type[name]), name)
         chosen = take(samples, ratios[name], random.Random(f"{seed}:{name}"))
         counts[name] = len(chosen)
         mixed.extend(chosen)
