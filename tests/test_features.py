@@ -151,3 +151,14 @@ def test_features_command_fills_once(tiny_model, tmp_path, capsys):
     assert "images: 3  computed: 3  already stored: 0  unreadable: 0  missing files: 1" in first
     assert main(argv) == 0
     assert "computed: 0  already stored: 3" in capsys.readouterr().out
+
+
+def test_features_command_offers_only_the_settings_it_uses(capsys):
+    from vistune.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["features", "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--feature-batch" in shown and "--image-size" in shown and "--data-format" in shown
+    assert "--lr" not in shown and "--resume" not in shown and "--out" not in shown

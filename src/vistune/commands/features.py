@@ -5,24 +5,33 @@
 The vision tower is frozen in both stages (paper §4.2), so its features are computed once
 per image (batched, with a progress bar) and reused by every stage and epoch; `vistune
 train` does the same on demand, so this command is optional. It takes the training flags
-that say which encoder (`--init`, `--vision`, `--image-size`, ...) and where the store is.
+that say which data, which encoder (`--init`, `--vision`, `--image-size`, ...) and where the
+store is; `--config` reads a training config and uses those of its keys.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from vistune.commands.train import add_arguments as add_train_arguments
-from vistune.train.config import TrainConfig, load_config
+from vistune.train.config import load_config
 
 HELP = "compute frozen vision features for a data file into the feature store"
 
+FIELDS = frozenset(
+    {
+        *("data", "data_format", "scienceqa_split", "scienceqa_answer_format", "image_folder"),
+        *("init", "vision", "llm", "vision_layer", "vision_select", "image_size"),
+        *("image_aspect", "features", "feature_batch"),
+    }
+)
+"""The training settings this command uses: the data, the encoder, the store."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_train_arguments(parser)
+    add_train_arguments(parser, only=FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         load_rows,
     )
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {name: getattr(args, name) for name in FIELDS}
     cfg = load_config(args.config, overrides)
     rows = load_rows(cfg)
     root = image_root(cfg)

@@ -27,10 +27,13 @@ def _flag_type(kind: str):
     return str
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, only: frozenset[str] | None = None) -> None:
+    """`--config` and a flag per TrainConfig field (or per field in `only`)."""
     parser.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         default = f.default if f.default is not None else "stage default"
