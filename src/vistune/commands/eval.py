@@ -22,15 +22,17 @@ from vistune.errors import VistuneError
 HELP = "evaluate: LLaVA-Bench judge and build, ScienceQA accuracy, scene questions"
 
 
-def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
+def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
+    """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`)."""
+    reply = "a judgement" if role == "judge" else "a teacher reply"
     p.add_argument(
         f"--{prefix}base-url",
         help="OpenAI-compatible endpoint, e.g. "
         "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
     )
-    p.add_argument(f"--{prefix}model", help="judge model name at that endpoint")
-    p.add_argument("--temperature", type=float, default=0.2, help="judge sampling temperature")
-    p.add_argument("--max-tokens", type=int, default=1024, help="judge reply token limit")
+    p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
+    p.add_argument("--temperature", type=float, default=0.2, help=f"{role} sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help=f"{role} reply token limit")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument(
         "--http-retries",
@@ -43,7 +45,7 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str) -> None:
         "--retries",
         type=int,
         default=2,
-        help="new requests for a judgement that failed or could not be parsed",
+        help=f"new requests for {reply} that failed or could not be parsed",
     )
 
 
@@ -124,7 +126,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--teacher", default="rules", help="rules | openai | local (vistune datagen)")
     b.add_argument("--local-model", type=Path, help="HF causal LM folder for --teacher local")
     b.add_argument("--out", type=Path, required=True, help="benchmark folder")
-    _client_flags(b, "")
+    _client_flags(b, "", role="teacher")
 
 
 def _add_scenes(sub: argparse._SubParsersAction) -> None:
