@@ -90,6 +90,26 @@ def test_corrupt_and_truncated_shards_are_recomputed(tmp_path):
     assert torch.equal(_store(tmp_path / "s").get(paths), Counting()(paths).half())
 
 
+def test_training_fill_recomputes_a_corrupt_row_of_an_unchanged_image(tiny_model, tmp_path):
+    from vistune.train.setup import fill_features
+
+    paths = _images(tmp_path, 3)
+    store = open_store(tmp_path / "s", tiny_model)
+    assert fill_features(tiny_model, store, paths, batch=3) == {}
+    shard = next((tmp_path / "s").glob("*/shard-*.npy"))
+    array = np.load(shard, mmap_mode="r+")
+    array[1] = 7.0  # row 1 overwritten in place: the image file itself is unchanged
+    array.flush()
+    del array
+    ticks = []
+    assert fill_features(tiny_model, store, paths, 3, lambda n, t: ticks.append((n, t))) == {}
+    assert ticks == [(1, 1)]
+    store.reload()  # as prepare_samples reads the store after the fill
+    assert store.missing(paths, verify=False) == []
+    direct = tower_features(tiny_model, paths)
+    torch.testing.assert_close(store.get(paths).float(), direct, atol=2e-3, rtol=2e-3)
+
+
 def test_unreadable_images_are_reported_not_fatal(tmp_path):
     paths = _images(tmp_path, 2)
     bad = tmp_path / "x.bad"

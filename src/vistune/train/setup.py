@@ -183,7 +183,8 @@ def fill_features(
     batch: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[Path, str]:
-    """Compute missing features (rank 0 only); returns unreadable images -> reason."""
+    """Compute missing, stale and corrupt features (rank 0 only); returns unreadable
+    images -> reason. Corrupt rows are found by their checksums here, once per run."""
     todo = store.missing(dict.fromkeys(paths))
     done = 0
 
@@ -193,9 +194,9 @@ def fill_features(
         if progress is not None:
             progress(done, len(todo))
 
-    return store.ensure(
-        todo, lambda p: tower_features(model, p), batch, progress=tick, verify=False
-    )
+    # `ensure` checks `todo` again, with the checksums: without them a corrupt row of an
+    # unchanged file would pass and be trained on.
+    return store.ensure(todo, lambda p: tower_features(model, p), batch, progress=tick)
 
 
 def prepare_samples(
