@@ -24,7 +24,7 @@ FIELDS = frozenset(
     {
         *("data", "data_format", "scienceqa_split", "scienceqa_answer_format", "image_folder"),
         *("init", "vision", "llm", "vision_layer", "vision_select", "image_size"),
-        *("image_aspect", "features", "feature_batch"),
+        *("image_aspect", "features", "feature_batch", "device"),
     }
 )
 """The training settings this command uses: the data, the encoder, the store."""
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         fill_features,
         image_root,
         load_rows,
+        resolve_device,
     )
 
     overrides = {name: getattr(args, name) for name in FIELDS}
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 missing += 1
     unique = list(dict.fromkeys(paths))
     model = build_encoder(cfg, lambda m: print(m, file=sys.stderr))
+    model.vision.to(resolve_device(cfg.device))
     store = open_store(feature_root(cfg), model)
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 

@@ -157,6 +157,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         # Frozen weights need no fp32 master copy: bf16 saves the per-step casts. The
         # exported model is rebuilt from `init` with the trained projector (export.py).
         model.llm.to(torch.bfloat16)
+    model.vision.to(info.device)  # the feature fill runs the tower where training runs
     samples, skipped, store = prepare_samples(
         cfg, model, info.is_main, lambda: barrier(info), on_features
     )
