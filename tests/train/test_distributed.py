@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,25 @@ def test_two_processes_match_one_ddp_and_fsdp(tiny_data, tiny_model_dir, tmp_pat
             )
         summary = json.loads((out / "summary.json").read_text())
         assert summary["processes"] == 2 and summary["accumulation"] == 1
+
+
+def test_two_processes_resume_each_rank_s_own_dropout_masks(tiny_data, tiny_model_dir, tmp_path):
+    """Each rank draws its own dropout masks (LoRA dropout here), so its generator state
+    differs from rank 0's: a resume must restore every rank's, not rank 0's everywhere."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = tiny_args(tiny_data, whole, tmp_path / "feats", tiny_model_dir, stage="finetune")
+    args.update(lora_r=4, lora_dropout=0.5, max_steps=4, save_every=2, lr=1e-2)
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(args))
+    done = _run(config, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "model")
+    done = _run(config, 2, "--out", str(resumed), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(str(out / "checkpoints" / "step-00000004" / "trainable.safetensors"))
+            for out in (whole, resumed))  # fmt: skip
+    assert a.keys() == b.keys() and any("lora" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -3,8 +3,11 @@
 Layout of `<out>/checkpoints/step-00000123/`:
   trainable.safetensors   the parameters that train (fp32 master weights), by name
   optimizer.safetensors   AdamW moments + step per parameter; optimizer.json: param groups
-  rng.safetensors         torch CPU (and CUDA) generator states
-  state.json              step, data fingerprint, python/numpy RNG, skip counts, ...
+  rng.safetensors         torch CPU (and CUDA) generator states: rank 0's as `torch`
+                          (`cuda`), rank r's as `torch.rank<r>` (each rank draws its own
+                          dropout masks, so each resumes its own generators)
+  state.json              step, data fingerprint, python/numpy RNG (`rng`: rank 0;
+                          `rng_ranks`: ranks 1..), skip counts, ...
 A checkpoint is written into a temporary folder and renamed into place (os.replace), so a
 run killed at any moment leaves only whole checkpoints; the newest `keep_last` are kept.
 Frozen weights are not stored: resuming rebuilds them from the run's `init`.
@@ -64,8 +67,10 @@ def save_checkpoint(
     optimizer_state: dict,
     state: dict[str, Any],
     keep_last: int,
+    rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically and delete all but the newest `keep_last`.
+    `rng`: every rank's `rng_state()` in rank order (default: this process's)."""
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -78,9 +83,15 @@ def save_checkpoint(
         str(tmp / "trainable.safetensors"),
     )
     save_optimizer(optimizer_state, tmp)
-    plain, tensors = rng_state()
+    ranks = rng or [rng_state()]
+    tensors = {
+        name if rank == 0 else f"{name}.rank{rank}": value
+        for rank, (_plain, generators) in enumerate(ranks)
+        for name, value in generators.items()
+    }
     save_file(tensors, str(tmp / "rng.safetensors"))
-    body = json.dumps({**state, "step": step, "rng": plain})
+    plains = [plain for plain, _generators in ranks]
+    body = json.dumps({**state, "step": step, "rng": plains[0], "rng_ranks": plains[1:]})
     (tmp / "state.json").write_text(body, encoding="utf-8")
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
@@ -117,5 +128,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return trainable, state
 
 
-def restore_rng(path: Path, state: dict[str, Any]) -> None:
-    set_rng_state(state["rng"], load_file(str(path / "rng.safetensors")))
+def restore_rng(path: Path, state: dict[str, Any], rank: int = 0) -> None:
+    """This rank's generators as the checkpoint saved them (rank 0's when it holds none for
+    this rank: a checkpoint of fewer processes)."""
+    tensors = load_file(str(path / "rng.safetensors"))
+    others = state.get("rng_ranks", [])
+    if 0 < rank <= len(others):
+        suffix = f".rank{rank}"
+        own = {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+        set_rng_state(others[rank - 1], own)
+    else:
+        set_rng_state(state["rng"], {k: v for k, v in tensors.items() if "." not in k})

@@ -66,6 +66,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def gather_objects(value: object, info: DistInfo) -> list[object]:
+    """Every rank's `value` (a small picklable object), in rank order, on every rank."""
+    if info.world == 1:
+        return [value]
+    out: list[object] = [None] * info.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
     """Element-wise sum over ranks (float64 on the CPU for gloo, on the device for NCCL)."""
     if info.world == 1:

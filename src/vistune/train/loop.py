@@ -41,6 +41,7 @@ from vistune.train.distributed import (
     DistInfo,
     all_sum,
     barrier,
+    gather_objects,
     grad_sync,
     init_distributed,
     shutdown,
@@ -188,7 +189,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
     if start:
         load_optimizer(wrapped, optimizer, latest)
-        ckpt.restore_rng(latest, state)
+        ckpt.restore_rng(latest, state, info.rank)
         skipped = Counter(state.get("skipped", skipped))
     return _Run(
         cfg,
@@ -342,6 +343,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
     """Every rank takes part (FSDP gathers); rank 0 writes."""
     trainable = _trainable_state(run)
     optim = optimizer_state(run.wrapped, run.optimizer)
+    rng = gather_objects(ckpt.rng_state(), run.info)
     if run.info.is_main:
         state = {
             "fingerprint": run.fingerprint,
@@ -349,7 +351,9 @@ def _save_checkpoint(run: _Run, step: int) -> None:
             "total": run.total,
             "config": run.cfg.to_dict(),
         }
-        ckpt.save_checkpoint(Path(run.cfg.out), step, trainable, optim, state, run.cfg.keep_last)
+        ckpt.save_checkpoint(
+            Path(run.cfg.out), step, trainable, optim, state, run.cfg.keep_last, rng
+        )
     barrier(run.info)
 
 
