@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
+import pytest
 from PIL import Image
 
 from tests.train.conftest import tiny_args
 from vistune.cli import main
+from vistune.errors import DataError
+from vistune.train.config import TrainConfig
+from vistune.train.setup import load_rows
 
 
 def _release(folder):
@@ -37,6 +42,8 @@ def _release(folder):
             Image.new("RGB", (28, 28), (40 * i, 90, 160)).save(
                 folder / "images" / pid / "image.png"
             )
+    problems["109"] = {**problem, "answer": 5}  # malformed: 3 choices
+    train.append("109")
     (folder / "problems.json").write_text(json.dumps(problems))
     (folder / "pid_splits.json").write_text(json.dumps({"train": train, "test": []}))
     return folder / "problems.json"
@@ -63,7 +70,20 @@ def test_scienceqa_release_trains_and_skips_missing_images(tiny_model_dir, tmp_p
     assert main(["--debug", *flags]) == 0
     printed = capsys.readouterr().out
     assert "samples: 8" in printed and "'missing_image': 1" in printed
+    assert "'malformed': 1" in printed
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert saved["data_format"] == "scienceqa" and saved["max_steps"] == 2
     assert saved["scienceqa_answer_format"] == "answer-first"
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_a_malformed_problem_is_skipped_and_counted_unless_strict(tiny_model_dir, tmp_path):
+    problems = _release(tmp_path / "sqa")
+    args = tiny_args(problems, tmp_path / "out", tmp_path / "f", tiny_model_dir)
+    cfg = TrainConfig(**args, data_format="scienceqa")
+    skipped = Counter()
+    rows = load_rows(cfg, skipped)
+    assert len(rows) == 9 and skipped == {"malformed": 1}
+    assert "109" not in {row["id"] for row in rows}
+    with pytest.raises(DataError, match="problem 109 has answer 5 outside its 3 choices"):
+        load_rows(TrainConfig(**args, data_format="scienceqa", strict=True), Counter())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 from vistune.commands.train import add_arguments as add_train_arguments
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in FIELDS}
     cfg = load_config(args.config, overrides)
-    rows = load_rows(cfg)
+    rows = load_rows(cfg, Counter())  # a malformed problem has no image to compute
     root = image_root(cfg)
     paths, missing = [], 0
     for row in rows:

@@ -141,6 +141,7 @@ def load_scienceqa(
     split: str,
     image_root: Path | None = None,
     strict_images: bool = True,
+    skipped: Counter | None = None,
 ) -> list[ScienceQAProblem]:
     """The problems of one split, in pid_splits order.
 
@@ -148,7 +149,9 @@ def load_scienceqa(
     an unknown split, pids listed twice or absent from problems.json, and, with
     `image_root`, problems whose image file is not there. With `strict_images=False` those
     are kept instead (image_rel `<pid>/<image>`, image_path None) for a training loader
-    that skips and counts rows whose image is missing.
+    that skips and counts rows whose image is missing. A malformed problem (missing keys,
+    bad choices, an answer out of range) raises too, unless `skipped` is given: then it
+    is left out and counted there as `malformed`.
     """
     problems, splits = Path(problems), Path(splits)
     all_problems = load_json(problems)
@@ -166,7 +169,14 @@ def load_scienceqa(
     absent = [p for p in pids if p not in all_problems]
     if absent:
         raise DataError(f"pids of split {split!r} missing from {problems}: {_listed(absent)}")
-    out = [_problem(pid, all_problems[pid], split, problems) for pid in pids]
+    out = []
+    for pid in pids:
+        try:
+            out.append(_problem(pid, all_problems[pid], split, problems))
+        except DataError:
+            if skipped is None:
+                raise
+            skipped["malformed"] += 1
     if image_root is None:
         return out
     image_root = Path(image_root)

@@ -128,8 +128,10 @@ def image_root(cfg: TrainConfig) -> Path:
     return folder
 
 
-def load_rows(cfg: TrainConfig) -> list[Any]:
-    """The run's samples in LLaVA JSON form (ScienceQA problems are converted, §5.2)."""
+def load_rows(cfg: TrainConfig, skipped: Counter | None = None) -> list[Any]:
+    """The run's samples in LLaVA JSON form (ScienceQA problems are converted, §5.2).
+    Malformed ScienceQA problems are counted in `skipped` (an error without it, or with
+    `strict`)."""
     if not cfg.data:
         raise DataError("no training data: set `data` (a LLaVA JSON file) or --data")
     if not Path(cfg.data).is_file():
@@ -140,7 +142,12 @@ def load_rows(cfg: TrainConfig) -> list[Any]:
         problems = Path(cfg.data)
         splits = problems.parent / "pid_splits.json"
         found = load_scienceqa(
-            problems, splits, cfg.scienceqa_split, image_root(cfg), strict_images=False
+            problems,
+            splits,
+            cfg.scienceqa_split,
+            image_root(cfg),
+            strict_images=False,
+            skipped=None if cfg.strict else skipped,
         )
         return [to_llava_sample(p, cfg.scienceqa_answer_format) for p in found]
     return read_rows(Path(cfg.data))
@@ -207,7 +214,8 @@ def prepare_samples(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Sample], Counter, FeatureStore]:
     """Rows -> samples (skips counted) with every image's features in the store."""
-    rows = load_rows(cfg)
+    malformed: Counter = Counter()
+    rows = load_rows(cfg, malformed)
     samples, skipped = build_samples(
         rows,
         model.tokenizer,
@@ -218,6 +226,7 @@ def prepare_samples(
         seed=cfg.seed,
         strict=cfg.strict,
     )
+    skipped.update(malformed)
     store = open_store(feature_root(cfg), model)
     paths = [s.image for s in samples if s.image is not None]
     if is_main:
