@@ -163,6 +163,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         train(TrainConfig(**args))
 
 
+def test_inf_gradient_with_a_finite_loss_stops_before_the_update(
+    tiny_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    from vistune.errors import VistuneError
+    from vistune.train import loop
+
+    original, calls = loop._micro_step, []
+
+    def poisoned(run, *args, **kwargs):
+        value = original(run, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 10:  # step 5, its last micro-batch: the loss stays finite
+            grads = [p.grad for p in run.wrapped.parameters() if p.grad is not None]
+            grads[0].view(-1)[0] = float("inf")
+        return value
+
+    monkeypatch.setattr(loop, "_micro_step", poisoned)
+    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir, save_every=2)
+    with pytest.raises(VistuneError, match=r"gradient norm is inf \(loss .*\) at step 5.*step-0+4"):
+        train(TrainConfig(**args))
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000004"]
+
+
 def test_gradient_checkpointing_gives_the_same_weights(tiny_data, tiny_model_dir, tmp_path):
     from vistune.model.llava import LlavaModel
     from vistune.train.setup import apply_stage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vistune.train.optim import build_optimizer, clip_and_step
+from vistune.train.optim import NonFiniteGradientError, build_optimizer, clip_and_step
 
 
 def _params_and_grads(seed: int = 0):
@@ -51,3 +51,18 @@ def test_clipping_changes_the_update():
             clip_and_step(optimizer, params, max_norm)
         updates.append(params[0].detach().clone())
     assert not torch.allclose(updates[0], updates[1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_raises_before_the_step(fused, bad):
+    params, grads = _params_and_grads()
+    before = [p.detach().clone() for p in params]
+    optimizer = build_optimizer(params, lr=0.1, weight_decay=0.01, fused=fused)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    params[1].grad[2] = bad
+    with pytest.raises(NonFiniteGradientError, match=f"gradient norm is {bad}"):
+        clip_and_step(optimizer, params, 1.0)
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)

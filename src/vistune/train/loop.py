@@ -48,6 +48,7 @@ from vistune.train.distributed import (
     wrap,
 )
 from vistune.train.optim import (
+    NonFiniteGradientError,
     build_optimizer,
     clip_and_step,
     load_optimizer,
@@ -269,14 +270,12 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
     ce, real, padded = all_sum([ce, real, padded], info)
     loss = ce / targets
     if not math.isfinite(loss):
-        last = ckpt.latest_checkpoint(Path(cfg.out))
-        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise VistuneError(
-            f"loss is {loss} at step {step + 1}; stopped before updating the weights ({keep}; "
-            "try a lower lr and --resume)"
-        )
+        raise _stopped(f"loss is {loss}", step, cfg)
     params = [p for p in run.wrapped.parameters() if p.requires_grad]
-    norm = clip_and_step(run.optimizer, params, cfg.max_grad_norm)
+    try:
+        norm = clip_and_step(run.optimizer, params, cfg.max_grad_norm)
+    except NonFiniteGradientError as err:
+        raise _stopped(f"{err} (loss {loss:.4f})", step, cfg) from None
     run.step_module.weights_changed()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
@@ -294,6 +293,15 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
         "padded_tokens": int(padded),
         "seconds": seconds,
     }
+
+
+def _stopped(what: str, step: int, cfg: TrainConfig) -> VistuneError:
+    last = ckpt.latest_checkpoint(Path(cfg.out))
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return VistuneError(
+        f"{what} at step {step + 1}; stopped before updating the weights ({keep}; "
+        "try a lower lr and --resume)"
+    )
 
 
 def _loop(run: _Run, say: Say, on_step) -> TrainResult:

@@ -51,21 +51,34 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+class NonFiniteGradientError(VistuneError):
+    """The gradients' norm is inf or NaN: the step was not taken."""
+
+
+def _checked(norm: torch.Tensor) -> torch.Tensor:
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not math.isfinite(value):
+        raise NonFiniteGradientError(f"the gradient norm is {value}")
+    return norm
+
+
 def clip_and_step(
     optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float
 ) -> torch.Tensor:
     """clip_grad_norm_(params, max_norm) (0: no clipping), then optimizer.step(); returns
-    the gradients' norm before clipping.
+    the gradients' norm before clipping. A non-finite norm raises NonFiniteGradientError
+    before the step, so the weights stay as they were.
 
     A fused AdamW divides the gradients by its `grad_scale` as it reads them (the hook
     GradScaler uses), so the clip factor goes there instead of into a pass that multiplies
     every gradient first: one read and write of all gradients less per step (~28 ms of a
     3.8 s stage-2 step on the CPU here)."""
     if not optimizer.defaults.get("fused"):
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+        norm = _checked(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
         optimizer.step()
         return norm
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    _checked(norm)
     # as clip_grad_norm_: gradients times min(1, max_norm / (norm + 1e-6))
     scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0) if max_norm else None
     optimizer.grad_scale = scale  # read by Adam(W).step
