@@ -87,3 +87,21 @@ def test_sigkill_and_resume_matches_uninterrupted(tiny_data, tiny_model_dir, tmp
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 73)), f"log not continuous after kill at {killed_at}"
     assert len(list((tmp_path / "killed" / "checkpoints").iterdir())) == 2
+
+
+def test_resume_refuses_a_new_data_order_and_names_schedule_changes(tmp_path):
+    import pytest
+
+    from vistune.errors import VistuneError
+    from vistune.train.checkpoint import check_resumed_config
+    from vistune.train.config import TrainConfig
+
+    saved = TrainConfig(stage="finetune", batch_size=8, lr=1e-3).to_dict()
+    said = []
+    check_resumed_config(dict(saved), saved, tmp_path, said.append)
+    assert said == []
+    for change in ({"batch_size": 16}, {"seed": 7}, {"group_by_length": False}):
+        with pytest.raises(VistuneError, match=f"resuming with {next(iter(change))} "):
+            check_resumed_config({**saved, **change}, saved, tmp_path, said.append)
+    check_resumed_config({**saved, "lr": 5e-4, "max_steps": 90}, saved, tmp_path, said.append)
+    assert said == ["resuming with changed settings: lr 0.001 -> 0.0005, max_steps 0 -> 90"]

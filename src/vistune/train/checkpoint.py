@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,32 @@ def restore_rng(path: Path, state: dict[str, Any], rank: int = 0) -> None:
         set_rng_state(others[rank - 1], own)
     else:
         set_rng_state(state["rng"], {k: v for k, v in tensors.items() if "." not in k})
+
+
+ORDER_FIELDS = ("batch_size", "seed", "group_by_length", "length_group")
+"""Settings that decide which samples make each step: a resume must keep them."""
+SCHEDULE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", "max_grad_norm")
+"""Settings a resume may change (to train longer, say), with a warning."""
+
+
+def check_resumed_config(
+    now: dict[str, Any], saved: dict[str, Any], latest: Path, say: Callable[[str], None]
+) -> None:
+    """Refuse a resume whose settings (`now`) would change the data order of the
+    checkpoint's (`saved`); say which schedule settings changed (the run then differs
+    from an uninterrupted one)."""
+
+    def changed(fields: tuple[str, ...]) -> list[str]:
+        return [
+            f"{k} {saved[k]!r} -> {now[k]!r}" for k in fields if k in saved and saved[k] != now[k]
+        ]
+
+    order = changed(ORDER_FIELDS)
+    if order:
+        raise VistuneError(
+            f"{latest}: resuming with {', '.join(order)} would change which samples make each "
+            "step; resume with the checkpoint's settings (train_config.json) or pick a new --out"
+        )
+    schedule = changed(SCHEDULE_FIELDS)
+    if schedule:
+        say(f"resuming with changed settings: {', '.join(schedule)}")

@@ -229,6 +229,7 @@ def _load_resume(
     tensors, state = ckpt.load_checkpoint(latest)
     if state.get("fingerprint") != fingerprint:
         raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
+    ckpt.check_resumed_config(cfg.to_dict(), state.get("config", {}), latest, say)
     missing = sorted(set(trainable) - set(tensors))
     if missing:
         raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
