@@ -33,6 +33,11 @@ def test_validation_names_the_problem():
         TrainConfig(per_device_batch=0)
     with pytest.raises(ValueError, match="lora_r applies to the finetune stage"):
         TrainConfig(stage="pretrain", lora_r=4)
+    # checked here, not once the model has loaded
+    with pytest.raises(ValueError, match="unknown template 'vicuna'; valid: vicuna_v0,"):
+        TrainConfig(template="vicuna")
+    with pytest.raises(ValueError, match="unknown scienceqa_answer_format 'answer_first'"):
+        TrainConfig(scienceqa_answer_format="answer_first")
 
 
 def test_yaml_with_flags_overriding(tmp_path):

@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from vistune.config import FEATURE_SELECTS, IMAGE_ASPECTS, PROJECTORS, check_choice
+from vistune.data.conversation import TEMPLATES
+from vistune.data.scienceqa import ANSWER_FORMATS
 from vistune.errors import DataError
 from vistune.train.stages import STAGE_DEFAULTS, STAGES
 
@@ -141,6 +143,10 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        check_choice("template", self.template, tuple(TEMPLATES))
+        check_choice(
+            "scienceqa_answer_format", self.scienceqa_answer_format, tuple(ANSWER_FORMATS)
+        )
         if self.lora_r and self.stage != "finetune":
             raise ValueError("lora_r applies to the finetune stage only")
         if (self.vision or self.llm) and self.init != "default":
