@@ -66,6 +66,9 @@ def test_bf16_pretrain_then_finetune_from_its_output(tiny_data, tiny_model_dir, 
 
 
 def test_lora_finetune_merges_into_the_llm(tiny_data, tiny_model_dir, tmp_path):
+    from vistune.errors import ModelDirError
+    from vistune.model.llava import LlavaModel
+
     cfg = TrainConfig(
         **tiny_args(
             tiny_data,
@@ -100,6 +103,15 @@ def test_lora_finetune_merges_into_the_llm(tiny_data, tiny_model_dir, tmp_path):
     assert (tmp_path / "split" / "adapter" / "adapter_config.json").is_file()
     base = _llm(tmp_path / "split" / "model")
     assert all(torch.equal(before[k], base[k]) for k in before)
+    # the model directory carries the adapter, and loading it gives the tuned LLM
+    assert (tmp_path / "split" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = LlavaModel.load(tmp_path / "split" / "model").llm.state_dict()
+    assert set(after) <= set(loaded)  # the state dict also names the tied lm_head
+    for key in after:
+        torch.testing.assert_close(loaded[key], after[key], rtol=1e-5, atol=1e-6, msg=key)
+    (tmp_path / "split" / "model" / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match=r"adapter: missing adapter_model.safetensors"):
+        LlavaModel.load(tmp_path / "split" / "model")
 
 
 def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):

@@ -9,6 +9,9 @@ A vistune model directory (the issue's item 8):
                              preprocessor_config.json
     llm/                     HF causal LM: config.json, model.safetensors,
                              generation_config.json, tokenizer files
+    adapter/                 optional: a LoRA adapter (peft's adapter_config.json +
+                             adapter_model.safetensors) over llm/, merged in when loading
+                             (written by LoRA training without `lora_merge`)
 
 The layout is fixed (config.json names no paths). Loading is `trust_remote_code=False`,
 `use_safetensors=True`, local files only, and refuses any config that declares custom
@@ -47,6 +50,8 @@ CONFIG_FILE = "config.json"
 PROJECTOR_FILE = "projector.safetensors"
 VISION_DIR = "vision"
 LLM_DIR = "llm"
+ADAPTER_DIR = "adapter"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Files whose `auto_map` would make transformers import Python code from the directory.
@@ -64,6 +69,7 @@ class ModelDirInfo:
     llm_dir: Path
     projector_path: Path
     raw: dict[str, Any]
+    adapter_dir: Path | None = None
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -190,7 +196,29 @@ def read_model_dir(model_dir: str | Path) -> ModelDirInfo:
     vision_dir, llm_dir = path / VISION_DIR, path / LLM_DIR
     check_hf_dir(vision_dir, "vision tower")
     check_hf_dir(llm_dir, "LLM", tokenizer=True)
-    return ModelDirInfo(path, config, trained, vision_dir, llm_dir, projector_path, raw)
+    adapter_dir = path / ADAPTER_DIR
+    if adapter_dir.exists():
+        absent = [name for name in _ADAPTER_FILES if not (adapter_dir / name).is_file()]
+        if absent:  # a pickled adapter_model.bin is never loaded
+            raise ModelDirError(f"{adapter_dir}: missing {', '.join(absent)} (LoRA adapter)")
+    else:
+        adapter_dir = None
+    return ModelDirInfo(
+        path, config, trained, vision_dir, llm_dir, projector_path, raw, adapter_dir
+    )
+
+
+def merge_adapter(llm: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """The LLM with the LoRA adapter of a model directory merged into its weights."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelDirError(
+            f"{adapter_dir}: a LoRA adapter; loading it needs peft (pip install 'vistune[lora]')"
+        ) from exc
+    with quiet_transformers():
+        adapted = PeftModel.from_pretrained(llm, str(adapter_dir))
+    return adapted.merge_and_unload()
 
 
 def load_projector(projector: nn.Module, path: Path, vision_hidden: int, llm_hidden: int) -> None:
@@ -257,6 +285,8 @@ def _write_parts(model: LlavaModel, out: Path) -> None:
         model.vision.model.save_pretrained(out / VISION_DIR)
         model.llm.save_pretrained(out / LLM_DIR)
     model.tokenizer.save_pretrained(out / LLM_DIR)
+    if model.adapter is not None:
+        shutil.copytree(model.adapter, out / ADAPTER_DIR)
     pre = model.vision.preprocessor_config
     if pre is None:
         proc = model.image_processor

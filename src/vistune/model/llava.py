@@ -71,7 +71,9 @@ class LlavaModel(nn.Module):
     """Vision tower + projector + causal LM, composed.
 
     `projector_trained` says whether the projector has been trained (False for a fresh
-    `from_parts`; trainers set it True before `save`); the chat CLI reports it.
+    `from_parts`; trainers set it True before `save`); the chat CLI reports it. `adapter`:
+    a LoRA adapter folder (peft's layout) over `llm` that `save` writes beside it (LoRA
+    training without merging); `load` merges it into the LLM.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LlavaModel(nn.Module):
         self.image_processor = image_processor
         self.config = config
         self.projector_trained = projector_trained
+        self.adapter: Path | None = None
 
     @classmethod
     def from_parts(
@@ -124,6 +127,8 @@ class LlavaModel(nn.Module):
         """Load a model directory written by `save` (never runs code from it)."""
         info = checkpoint.read_model_dir(model_dir)
         model = cls.from_parts(info.vision_dir, info.llm_dir, info.config, dtype=dtype)
+        if info.adapter_dir is not None:
+            model.llm = checkpoint.merge_adapter(model.llm, info.adapter_dir)
         checkpoint.load_projector(
             model.projector, info.projector_path, model.vision.hidden_size, model.llm_hidden_size
         )

@@ -103,7 +103,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
     lora_merge: bool = True
-    """Merge LoRA into the LLM weights in the saved model (else the adapter is saved alone)."""
+    """Merge LoRA into the LLM weights in the saved model; false: the model keeps the base LLM plus the adapter (`model/adapter`, merged when loaded; also in `<out>/adapter`)."""
     save_every: int = 500
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     keep_last: int = 2
@@ -144,9 +144,7 @@ class TrainConfig:
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         check_choice("template", self.template, tuple(TEMPLATES))
-        check_choice(
-            "scienceqa_answer_format", self.scienceqa_answer_format, tuple(ANSWER_FORMATS)
-        )
+        check_choice("scienceqa_answer_format", self.scienceqa_answer_format, tuple(ANSWER_FORMATS))
         if self.lora_r and self.stage != "finetune":
             raise ValueError("lora_r applies to the finetune stage only")
         if (self.vision or self.llm) and self.init != "default":

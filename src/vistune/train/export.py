@@ -1,7 +1,8 @@
 """The trained model as a directory `vistune chat` loads (and stage 2 starts from).
 
 LoRA adapters are merged into the LLM weights (`lora_merge`, default) or written alone in
-peft's layout to `<out>/adapter` with the base LLM kept in the model directory. Under FSDP
+peft's layout to `<out>/adapter`, and into the model directory beside the base LLM, which
+`LlavaModel.load` merges when it loads (so `vistune chat` runs the tuned model). Under FSDP
 the full weights are gathered onto rank 0 first, into a freshly built copy of the model.
 """
 
@@ -33,6 +34,7 @@ def finalize(
         else:
             model.llm.save_pretrained(out / "adapter")
             model.llm = model.llm.unload()
+            model.adapter = out / "adapter"
     model.projector_trained = True
     return model.eval()
 
