@@ -10,11 +10,13 @@ Lengths count the image as the model sees it: the one IMAGE_TOKEN_ID becomes
 `image_tokens` rows. Truncation cuts text from the end and never the image; a sample
 whose image + prompt alone reach the limit (nothing left to supervise) is skipped.
 
-Batching follows LLaVA's length grouping (llava/train/llava_trainer.py,
-`get_length_grouped_indices`) with the mega-batch equal to the global batch: the epoch's
-shuffled order is cut into global batches, each sorted by length and cut into micro-batches,
-so micro-batches hold similar lengths (little padding) and the global batch - hence the
-update - does not depend on how many processes share it.
+Batching groups by length as HF's `group_by_length` does (`get_length_grouped_indices`):
+the epoch's shuffled order is cut into mega-batches of `length_group` global batches (16 by
+default; HF uses 50), each sorted by length and cut into global batches, so every batch
+holds similar lengths and little padding. `length_group 1` is LLaVA's own sampler
+(llava/train/llava_trainer.py): each global batch is the shuffled order's next samples,
+only sorted inside. Either way the global batch - hence the update - does not depend on
+how many processes share it.
 """
 
 from __future__ import annotations
