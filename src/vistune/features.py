@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vistune.data.formats import remove_orphaned_temps
 from vistune.errors import ImageError, VistuneError
 
 FP16_MAX = 65504.0
@@ -81,6 +82,7 @@ class FeatureStore:
         self.folder = Path(root) / key
         self.tokens, self.dim = tokens, dim
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temps(self.folder, ".tmp-*", 1)  # shards of a killed writer
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
         meta_path = self.folder / "meta.json"
         if meta_path.is_file():

@@ -243,3 +243,35 @@ def test_load_pairs_errors(tmp_path: Path) -> None:
         load_pairs(bad)
     with pytest.raises(DataError, match="pairs files are"):
         load_pairs(tmp_path / "pairs.csv")
+
+
+def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from vistune.data.formats import remove_orphaned_temps
+    from vistune.features import FeatureStore
+    from vistune.train.checkpoint import save_checkpoint
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead, alive = int(gone.stdout), os.getppid()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for pid in (dead, alive):
+        (checkpoints / f".tmp-step-00000002-{pid}").mkdir(parents=True)
+        (checkpoints / f".tmp-step-00000002-{pid}" / "trainable.safetensors").write_bytes(b"x")
+    save_checkpoint(tmp_path / "run", 4, {"w": torch.zeros(2)}, {"state": {}, "param_groups": []},
+                    {}, keep_last=2)  # fmt: skip
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        f".tmp-step-00000002-{alive}", "step-00000004"
+    ]  # fmt: skip
+    store = tmp_path / "features" / "enc"
+    store.mkdir(parents=True)
+    for pid in (dead, alive):
+        (store / f".tmp-{pid}-shard-000001.npy").write_bytes(b"x")
+    FeatureStore(tmp_path / "features", "enc", tokens=4, dim=6, settings={})
+    assert [p.name for p in store.glob(".tmp-*")] == [f".tmp-{alive}-shard-000001.npy"]
+    assert remove_orphaned_temps(store, ".tmp-*", 1) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
@@ -59,6 +60,37 @@ def load_json(path: str | Path) -> Any:
             f"{path}: malformed JSON at line {err.lineno} column {err.colno} "
             f"(char {err.pos}): {err.msg}"
         ) from None
+
+
+def remove_orphaned_temps(folder: Path, pattern: str, pid_field: int) -> list[Path]:
+    """Delete temporaries in `folder` matching the glob `pattern` whose writer is gone: a
+    process killed while writing leaves them (a whole checkpoint, a feature shard). Their
+    names hold the writer's pid as field `pid_field` of name.split("-"); files of a process
+    still running on this machine are kept."""
+    removed = []
+    for path in folder.glob(pattern):
+        try:
+            pid = int(path.name.split("-")[pid_field])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _running(pid):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

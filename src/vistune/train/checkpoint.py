@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vistune.data.formats import remove_orphaned_temps
 from vistune.errors import VistuneError
 from vistune.train.optim import save_optimizer
 
@@ -74,6 +75,7 @@ def save_checkpoint(
     `rng`: every rank's `rng_state()` in rank order (default: this process's)."""
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(root, f".tmp-{PREFIX}*", -1)  # a run killed mid-write left them
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     if tmp.exists():

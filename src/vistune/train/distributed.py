@@ -1,6 +1,6 @@
 """torch.distributed for training: process group, DDP / FSDP wrapping, reductions.
 
-Run the same command under `torchrun --nproc_per_node N vistune train ...` (or
+Run the same command under `torchrun --nproc_per_node N -m vistune.cli train ...` (or
 `python -m torch.distributed.run ... -m vistune.cli train ...`): torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this module joins the group (NCCL on GPUs, gloo
 on the CPU). Paper §5 trains on 8 A100s; docs/SCALING.md gives the command.
