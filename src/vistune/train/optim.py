@@ -26,8 +26,10 @@ from vistune.errors import VistuneError
 def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to 0.
 
-    Same curve as transformers' get_cosine_schedule_with_warmup with
-    num_warmup_steps = ceil(warmup_ratio * total_steps).
+    transformers' get_cosine_schedule_with_warmup with num_warmup_steps =
+    ceil(warmup_ratio * total_steps), but for the warmup: step k gets (k + 1) / warmup of
+    the peak, where transformers gives k / warmup, so that its first step (lr 0) is not a
+    step that changes nothing. From the end of the warmup on the curves are the same.
     """
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
