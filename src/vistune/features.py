@@ -8,7 +8,8 @@ training loop reads instead of running the tower.
 Layout: `<root>/<encoder key>/` holds `meta.json` (what the encoder is, tokens, width) and
 shards `shard-<n>.npy` (float16, (N, T, D), memory-mapped on read) each with a
 `shard-<n>.json` listing its rows: resolved image path, file size, mtime_ns and a CRC32 of
-the row. The encoder key hashes the tower's weights, the hidden layer, token selection,
+the row (`shard-<n>-<writer>.*` when several processes fill the store at once, each with its
+own `writer` tag). The encoder key hashes the tower's weights, the hidden layer, token selection,
 image size, aspect mode and normalisation, so changing any of them starts a new store.
 A shard's JSON is written after its array (both atomically), so a killed extraction leaves
 only complete shards and the next run picks up where it stopped. An entry whose image
@@ -81,6 +82,9 @@ class FeatureStore:
     def __init__(self, root: str | Path, key: str, tokens: int, dim: int, settings: dict) -> None:
         self.folder = Path(root) / key
         self.tokens, self.dim = tokens, dim
+        self.writer = ""
+        """Tag in the names of the shards this process writes (processes filling the store
+        at the same time, e.g. training ranks, need different tags)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temps(self.folder, ".tmp-*", 1)  # shards of a killed writer
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
@@ -144,7 +148,7 @@ class FeatureStore:
         number = 1 + max(
             (int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.json")), default=-1
         )
-        name = f"shard-{number:06d}"
+        name = f"shard-{number:06d}" + (f"-{self.writer}" if self.writer else "")
         stacked = np.stack([np.clip(f, -FP16_MAX, FP16_MAX) for _, f in items])
         stacked = stacked.astype(np.float16)  # (N, T, D)
 

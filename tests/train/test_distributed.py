@@ -89,6 +89,9 @@ def test_two_processes_resume_each_rank_s_own_dropout_masks(tiny_data, tiny_mode
     config.write_text(yaml.safe_dump(args))
     done = _run(config, 2)
     assert done.returncode == 0, done.stderr[-3000:]
+    # both ranks filled the new feature store, each its share of the images
+    for rank in (0, 1):
+        assert list((tmp_path / "feats").glob(f"*/shard-*-rank{rank}.json")), rank
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")
     shutil.rmtree(resumed / "model")

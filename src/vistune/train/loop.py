@@ -161,7 +161,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         model.llm.to(torch.bfloat16)
     model.vision.to(info.device)  # the feature fill runs the tower where training runs
     samples, skipped, store = prepare_samples(
-        cfg, model, info.is_main, lambda: barrier(info), on_features
+        cfg, model, info.rank, info.world, lambda: barrier(info), on_features
     )
     per_step = cfg.per_device_batch * info.world
     if cfg.batch_size % per_step:

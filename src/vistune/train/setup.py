@@ -190,8 +190,7 @@ def fill_features(
     batch: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[Path, str]:
-    """Compute missing, stale and corrupt features (rank 0 only); returns unreadable
-    images -> reason. Corrupt rows are found by their checksums here, once per run."""
+    """Compute missing, stale and corrupt features; returns unreadable images -> reason. Corrupt rows are found by their checksums here, once per run."""
     todo = store.missing(dict.fromkeys(paths))
     done = 0
 
@@ -209,11 +208,14 @@ def fill_features(
 def prepare_samples(
     cfg: TrainConfig,
     model: Any,
-    is_main: bool,
+    rank: int,
+    world: int,
     barrier: Callable[[], None],
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Sample], Counter, FeatureStore]:
-    """Rows -> samples (skips counted) with every image's features in the store."""
+    """Rows -> samples (skips counted) with every image's features in the store. Each of
+    the `world` processes computes every world-th image's missing features (each writes
+    its own shards), so none waits at the barrier for all the others' work."""
     malformed: Counter = Counter()
     rows = load_rows(cfg, malformed)
     samples, skipped = build_samples(
@@ -229,11 +231,13 @@ def prepare_samples(
     skipped.update(malformed)
     store = open_store(feature_root(cfg), model)
     paths = [s.image for s in samples if s.image is not None]
-    if is_main:
-        failed = fill_features(model, store, paths, cfg.feature_batch, progress)
-        if failed and cfg.strict:
-            path, reason = next(iter(failed.items()))
-            raise DataError(f"{path}: unreadable image ({reason}; drop --strict to skip)")
+    if world > 1:
+        store.writer = f"rank{rank}"
+    mine = list(dict.fromkeys(paths))[rank::world]
+    failed = fill_features(model, store, mine, cfg.feature_batch, progress)
+    if failed and cfg.strict:
+        path, reason = next(iter(failed.items()))
+        raise DataError(f"{path}: unreadable image ({reason}; drop --strict to skip)")
     barrier()
     store.reload()
     bad = set(store.missing(dict.fromkeys(paths), verify=False))
