@@ -60,3 +60,10 @@ def test_ceiling_is_model_flops_over_the_products_alone_against_the_peak(profile
     assert result["products_in_step_s"] == pytest.approx(0.09)
     assert result["product_flops"] == pytest.approx(1e11)
     assert result["ceiling_share"] == pytest.approx(9e10 / 0.05 / 1e12)
+
+
+def test_cold_products_benchmark_reports_both_rates():
+    cold = load_benchmark("products_cold")
+    r = cold.rates((64, 32), (32, 48), calls=2, rounds=3, pool=3, flush_mb=1)
+    assert set(r) == {"warm", "cold", "cold_over_warm"} and r["warm"] > 0 and r["cold"] > 0
+    assert cold.SHAPES["gate/up forward"](128) == ((128, 576), (576, 3072))
