@@ -151,33 +151,12 @@ def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
         train(TrainConfig(**{**args, "out": str(tmp_path / "strict"), "strict": True}))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(
-    tiny_data, tiny_model_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_step_stops_and_keeps_last_good_checkpoint(
+    poison, tiny_data, tiny_model_dir, tmp_path, monkeypatch
 ):
-    from vistune.errors import VistuneError
-    from vistune.train import loop
-
-    original, calls = loop._micro_step, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        value = original(*args, **kwargs)
-        return float("nan") if len(calls) == 9 else value  # step 5, first micro-batch
-
-    monkeypatch.setattr(loop, "_micro_step", poisoned)
-    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir, save_every=2)
-    with pytest.raises(VistuneError, match=r"loss is nan at step 5.*step-00000004"):
-        train(TrainConfig(**args))
-    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
-    assert names == ["step-00000002", "step-00000004"]
-    assert not (tmp_path / "out" / "model").exists()
-    with pytest.raises(VistuneError, match="already has checkpoints; add --resume"):
-        train(TrainConfig(**args))
-
-
-def test_inf_gradient_with_a_finite_loss_stops_before_the_update(
-    tiny_data, tiny_model_dir, tmp_path, monkeypatch
-):
+    """A NaN loss, or an inf gradient under a finite loss, at step 5 stops the run before
+    the weights change, naming the last good checkpoint."""
     from vistune.errors import VistuneError
     from vistune.train import loop
 
@@ -186,17 +165,23 @@ def test_inf_gradient_with_a_finite_loss_stops_before_the_update(
     def poisoned(run, *args, **kwargs):
         value = original(run, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 10:  # step 5, its last micro-batch: the loss stays finite
+        if poison == "loss" and len(calls) == 9:  # step 5, first micro-batch
+            return float("nan")
+        if poison == "gradient" and len(calls) == 10:  # step 5's last: the loss stays finite
             grads = [p.grad for p in run.wrapped.parameters() if p.grad is not None]
             grads[0].view(-1)[0] = float("inf")
         return value
 
     monkeypatch.setattr(loop, "_micro_step", poisoned)
     args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir, save_every=2)
-    with pytest.raises(VistuneError, match=r"gradient norm is inf \(loss .*\) at step 5.*step-0+4"):
+    what = "loss is nan" if poison == "loss" else r"gradient norm is inf \(loss .*\)"
+    with pytest.raises(VistuneError, match=what + r" at step 5.*step-00000004"):
         train(TrainConfig(**args))
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert names == ["step-00000002", "step-00000004"]
+    assert not (tmp_path / "out" / "model").exists()
+    with pytest.raises(VistuneError, match="already has checkpoints; add --resume"):
+        train(TrainConfig(**args))
 
 
 def test_gradient_checkpointing_gives_the_same_weights(tiny_data, tiny_model_dir, tmp_path):
