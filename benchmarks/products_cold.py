@@ -5,9 +5,9 @@
 For each of stage 2's biggest product shapes (SmolLM2-135M on `--rows` tokens) it prints
 the GFLOP/s of the product repeated on the same operands (warm: the reference) and on
 operands evicted from the caches before each call (cold: a rotation of other operand pairs
-and a 256 MB buffer written between calls), and cold / warm; warm and cold alternate. Inside a training step the
-backward reads activations saved by the forward long before, so its products see the cold
-case. Run it again under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for transparent huge pages.
+and a 256 MB buffer written between calls), and cold / warm; warm and cold alternate.
+Inside a training step the backward reads activations saved by the forward long before,
+so its products see the cold case. Run it again under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for transparent huge pages.
 """
 
 from __future__ import annotations

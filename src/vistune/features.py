@@ -8,9 +8,10 @@ training loop reads instead of running the tower.
 Layout: `<root>/<encoder key>/` holds `meta.json` (what the encoder is, tokens, width) and
 shards `shard-<n>.npy` (float16, (N, T, D), memory-mapped on read) each with a
 `shard-<n>.json` listing its rows: resolved image path, file size, mtime_ns and a CRC32 of
-the row (`shard-<n>-<writer>.*` when several processes fill the store at once, each with its
-own `writer` tag). The encoder key hashes the tower's weights, the hidden layer, token selection,
-image size, aspect mode and normalisation, so changing any of them starts a new store.
+the row (`shard-<n>-<writer>.*` when several processes fill the store at once, each with
+its own `writer` tag). The encoder key hashes the tower's weights, the hidden layer, token
+selection, image size, aspect mode and normalisation, so changing any of them starts a new
+store.
 A shard's JSON is written after its array (both atomically), so a killed extraction leaves
 only complete shards and the next run picks up where it stopped. An entry whose image
 changed (size or mtime) is stale, one whose row fails its CRC or whose shard is truncated

@@ -190,7 +190,8 @@ def fill_features(
     batch: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[Path, str]:
-    """Compute missing, stale and corrupt features; returns unreadable images -> reason. Corrupt rows are found by their checksums here, once per run."""
+    """Compute missing, stale and corrupt features; returns unreadable images -> reason.
+    Corrupt rows are found by their checksums here, once per run."""
     todo = store.missing(dict.fromkeys(paths))
     done = 0
 
