@@ -69,6 +69,42 @@ def test_bad_rows_are_skipped_and_counted(tiny_model, tmp_path):
         build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
 
 
+def _turns(question: str, answer: str, speaker: object = "human") -> list[dict]:
+    return [{"from": speaker, "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_rows_no_tokenizer_takes_are_skipped_not_a_crash(tiny_model, tmp_path):
+    write_dataset(tmp_path, n=1)
+    rows = [
+        {
+            "id": "surrogate",
+            "image": "img000.png",
+            "conversations": _turns("<image>\nHi", "a \ud83d"),
+        },
+        {"id": "bad-id-\udc00", "conversations": _turns("Hi", "ok")},
+        {"id": "from-list", "conversations": _turns("Hi", "ok", speaker=["human"])},
+        {"id": "fine", "image": "img000.png", "conversations": _turns("<image>\nHi", "ok")},
+    ]
+    samples, skipped = build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128)
+    assert [s.id for s in samples] == ["fine"] and dict(skipped) == {"malformed": 3}
+    with pytest.raises(DataError, match="#0: text that is not valid Unicode"):
+        build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
+
+
+def test_plain_template_takes_one_exchange_and_cut_samples_are_marked(tiny_model, tmp_path):
+    write_dataset(tmp_path, n=1)
+    two = _turns("<image>\nWhat?", "A red square.") + _turns("And?", "Small.")
+    rows = [
+        {"id": "two-turns", "image": "img000.png", "conversations": two},
+        {"id": "one", "image": "img000.png", "conversations": _turns("<image>\nWhat?", "Red.")},
+        {"id": "long", "image": "img000.png", "conversations": _turns("<image>", "red " * 200)},
+    ]
+    samples, skipped = build_samples(rows, tiny_model.tokenizer, "plain", tmp_path, 4, 64)
+    assert dict(skipped) == {"plain_multi_turn": 1}
+    assert [(s.id, s.truncated) for s in samples] == [("one", False), ("long", True)]
+    assert samples[1].length == 64
+
+
 def test_truncation_keeps_image_and_cuts_text_from_the_end():
     ids = [1, IMAGE_TOKEN_ID, 2, 3, 4, 5, 6, 7]
     labels = [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5, 6, 7]

@@ -326,7 +326,7 @@ def to_messages(
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: turn {i} needs a 'from' and a string 'value'")
         speaker = turn.get("from")
-        if speaker not in ROLES:
+        if not isinstance(speaker, str) or speaker not in ROLES:
             raise DataError(
                 f"{where}: turn {i} has unknown 'from' {speaker!r}; valid: {', '.join(ROLES)}"
             )

@@ -46,6 +46,7 @@ SKIP_REASONS = (
     "bad_image",
     "template_mismatch",
     "too_long",
+    "plain_multi_turn",
 )
 
 
@@ -61,6 +62,8 @@ class Sample:
     """Sequence length the LLM sees (the image placeholder counted as its image tokens)."""
     targets: int
     """Supervised next-token targets (labels[1:] that are not IGNORE_INDEX)."""
+    truncated: bool = False
+    """Text was cut from the end to fit model_max_length (kept, and counted in reports)."""
 
 
 class SkipError(DataError):
@@ -95,6 +98,11 @@ def _check_row(row: Any, index: int) -> tuple[str, str | None, list[dict]]:
         raise SkipError("placeholder_without_image", f"{where}: <image> in the text but no image")
     if image is not None and not isinstance(image, str):
         raise SkipError("malformed", f"{where}: image must be a path string")
+    try:  # JSON allows lone surrogates ("\ud83d"), which no tokenizer or file name takes
+        for text in (sample_id, image or "", *values):
+            text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SkipError("malformed", f"#{index}: text that is not valid Unicode ({err})") from None
     return sample_id, image or None, turns
 
 
@@ -144,6 +152,12 @@ def build_samples(
                 path = Path(image) if Path(image).is_absolute() else image_root / image
                 if not path.is_file():
                     raise SkipError("missing_image", f"{where}: image {path} not found")
+            if template == "plain" and len(turns) > 2:  # as LLaVA's preprocess_plain asserts
+                raise SkipError(
+                    "plain_multi_turn",
+                    f"{where}: the plain template (stage 1) takes one exchange, an image and its "
+                    f"caption; this one has {len(turns)} turns",
+                )
             rng = random.Random(f"{seed}:{sample_id}")
             try:
                 tok = tokenize_conversation(turns, tokenizer, template, sample_id, rng)
@@ -156,7 +170,8 @@ def build_samples(
             if targets == 0:
                 raise SkipError("too_long", f"{where}: nothing left to supervise")
             length = len(ids) + (image_tokens - 1 if path is not None else 0)
-            samples.append(Sample(sample_id, path, ids, labels, length, targets))
+            cut = len(ids) < len(tok.input_ids)
+            samples.append(Sample(sample_id, path, ids, labels, length, targets, cut))
         except SkipError as err:
             if strict:
                 raise DataError(f"{err} (reason {err.reason}; drop --strict to skip)") from err

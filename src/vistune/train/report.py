@@ -48,8 +48,10 @@ def open_log(path: Path, start: int) -> IO[str]:
 def save_run_files(out: Path, cfg: TrainConfig, run: Any, say: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "train_config.json", cfg.to_dict())
+    cut = sum(s.truncated for s in run.samples)
     say(
-        f"{len(run.samples)} samples (skipped {sum(run.skipped.values())}: {dict(run.skipped)}); "
+        f"{len(run.samples)} samples (skipped {sum(run.skipped.values())}: {dict(run.skipped)}; "
+        f"{cut} cut to model_max_length {cfg.model_max_length}); "
         f"{run.total} steps of {cfg.batch_size} = {cfg.per_device_batch} x {run.accum} accum "
         f"x {run.info.world} processes; plan {cfg.plan}"
     )
@@ -63,7 +65,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    marker = "o" if len(records) < 2 else None  # a line of one point draws nothing
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (token CE)")
     ax.grid(alpha=0.3)
@@ -105,6 +108,7 @@ def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
             "final_loss": result.loss,
             "samples": len(run.samples),
             "skipped": dict(run.skipped),
+            "truncated": sum(s.truncated for s in run.samples),
             "padding_share": result.padding_share,
             "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else 0.0,

@@ -166,10 +166,11 @@ def read_rows(path: Path) -> list[Any]:
             raise DataError(f"{path}: a LLaVA JSON file holds a list of samples")
         return data
     rows: list[Any] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         if line.strip():
+            # not UTF-8 (UnicodeDecodeError is a ValueError) or not JSON: one bad row
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line.decode("utf-8")))
             except ValueError:
                 rows.append(None)
     return rows
