@@ -229,3 +229,12 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_data, tiny_model_dir
         weights.append(_llm(out / "model"))
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_past_the_runs_last_step_is_refused(tiny_data, tiny_model_dir, tmp_path):
+    from vistune.errors import VistuneError
+
+    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir, save_every=2)
+    train(TrainConfig(**args, max_steps=4))
+    with pytest.raises(VistuneError, match="is at step 4, past this run's 2 steps"):
+        train(TrainConfig(**args, max_steps=2, resume=True))

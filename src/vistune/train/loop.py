@@ -182,6 +182,11 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     fingerprint = data_fingerprint(samples)
     state = _load_resume(cfg, latest, step_module, trainable, fingerprint, say)
     start = int(state.get("step", 0))
+    if start > total:
+        raise VistuneError(
+            f"{latest} is at step {start}, past this run's {total} steps: resume with at least "
+            f"--max-steps {start}, or the epochs it was written with"
+        )
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit and cfg.model_max_length > limit:
         say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
@@ -267,7 +272,8 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
         ce += _micro_step(run, items, info.world / targets, a == len(micros) - 1)
         lengths = [s.length for s in items]
         real += sum(lengths)
-        padded += max(lengths) * len(lengths)
+        multiple = run.step_module.length_multiple  # the length the micro-batch runs at
+        padded += -(-max(lengths) // multiple) * multiple * len(lengths)
     ce, real, padded = all_sum([ce, real, padded], info)
     loss = ce / targets
     if not math.isfinite(loss):

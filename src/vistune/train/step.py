@@ -89,6 +89,11 @@ class TrainStep(nn.Module):
         self.sparse = fast and head is not None and head.weight is self.embed_weight
         self.weights = llama_cpu.WeightCache()
 
+    @property
+    def length_multiple(self) -> int:
+        """Each micro-batch is padded to a multiple of this length (shapes that repeat)."""
+        return llama_cpu.LENGTH_MULTIPLE if self.fast else 1
+
     def weights_changed(self) -> None:
         """Call after each optimizer step: the LLM's cached weight copies are stale."""
         self.weights.invalidate()
@@ -115,7 +120,7 @@ class TrainStep(nn.Module):
             embeds,
             llm.get_input_embeddings(),
             self.sparse,
-            llama_cpu.LENGTH_MULTIPLE if self.fast else 1,
+            self.length_multiple,
         )
         if self.fast:
             dtype = (
