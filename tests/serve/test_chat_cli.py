@@ -79,6 +79,11 @@ def test_one_shot_prints_the_answer(model_dir, engine, tmp_path, capsys):
     )
     assert out == expected + "\n"
     assert "untrained projector" in err and "Traceback" not in err
+    assert "plain template" not in err
+    rc = main(chat("--model", str(model_dir), "--image", str(img), "--prompt", "What is it?",
+                   "--template", "plain", "--max-tokens", "2"))  # fmt: skip
+    assert rc == 0
+    assert "the plain template (a stage-1 model) renders only the image" in capsys.readouterr().err
 
 
 def test_interactive_session(model_dir, engine, tmp_path, capsys, monkeypatch):

@@ -88,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
             f"vistune: note: {which} has an untrained projector, so its answers ignore the image",
             file=sys.stderr,
         )
+    if (args.template or model.config.template) == "plain":
+        print(
+            "vistune: note: the plain template (a stage-1 model) renders only the image, so the "
+            "model captions it and your text is not shown to it; --template vicuna_v0 asks in "
+            "words",
+            file=sys.stderr,
+        )
     engine = Engine(model, dtype=dtype, template=args.template)
     if args.prompt is not None:
         print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
