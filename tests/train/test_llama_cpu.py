@@ -18,9 +18,10 @@ from vistune.train.step import TrainStep, batch_inputs
 LENGTHS = [11, 7, 9]
 
 
-def _llm(heads: int = 4, kv_heads: int = 2, tied: bool = True) -> LlamaForCausalLM:
+def _llm(heads: int = 4, kv_heads: int = 2, tied: bool = True, **config) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
+        **config,
         vocab_size=300,
         hidden_size=64,
         intermediate_size=96,
@@ -76,7 +77,31 @@ def _grads(llm, inputs, loss_fn):
 
 @pytest.mark.parametrize("heads,kv_heads,tied", [(4, 2, True), (4, 4, False), (4, 1, True)])
 def test_fp32_loss_and_gradients_equal_transformers(heads, kv_heads, tied):
-    llm = _llm(heads, kv_heads, tied)
+    _assert_equal_to_transformers(_llm(heads, kv_heads, tied), tied)
+
+
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(SCALED_ROPE))
+def test_scaled_rotary_embeddings_equal_transformers(rope):
+    """Llama 3's and other scaled rotary embeddings: cos and sin come from the model."""
+    llm = _llm(rope_scaling=SCALED_ROPE[rope], max_position_embeddings=64)
+    assert llama_cpu.usable(llm, torch.device("cpu"))
+    _assert_equal_to_transformers(llm, tied=True)
+
+
+def _assert_equal_to_transformers(llm, tied: bool) -> None:
     inputs, mask, positions, targets = _batch()
     ref = _grads(llm, inputs, lambda x: _reference(llm, x, mask, positions, targets))
     ours = _grads(
@@ -213,6 +238,9 @@ def test_weight_copies_last_until_invalidated():
     again = cache.get(torch.bfloat16, w, v)
     assert torch.equal(again, torch.cat([w, v]).to(torch.bfloat16).detach())
     assert again.data_ptr() == first.data_ptr()  # refreshed in its buffer
+    with torch.no_grad():
+        w.data = torch.zeros_like(w)  # no version bump, no invalidate(): the pointer moved
+    assert torch.equal(cache.get(torch.bfloat16, w, v)[:8], torch.zeros(8, 4, dtype=torch.bfloat16))
 
 
 def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
@@ -227,6 +255,13 @@ def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
     assert not llama_cpu.usable(checkpointed, torch.device("cpu"))
     lora = get_peft_model(_llm(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not llama_cpu.usable(lora.base_model.model, torch.device("cpu"))
+    # what this path would silently leave out: attention dropout, a bias the config hides
+    assert not llama_cpu.usable(_llm(attention_dropout=0.1), torch.device("cpu"))
+    biased = _llm()
+    biased.lm_head = torch.nn.Linear(64, 300, bias=True)
+    assert not llama_cpu.usable(biased, torch.device("cpu"))
+    dynamic = _llm(rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # not tested here
+    assert not llama_cpu.usable(dynamic, torch.device("cpu"))
 
 
 IDS = [

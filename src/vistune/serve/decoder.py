@@ -42,13 +42,14 @@ def supports(llm: torch.nn.Module) -> bool:
         return False
     if not getattr(llm.model, "layers", None):  # e.g. a peft wrapper around the LLM
         return False
-    # Plain nn.Linear only: a LoRA-wrapped projection's .weight lacks its adapter's delta.
+    # Plain nn.Linear without a bias only: a LoRA-wrapped projection's .weight lacks its
+    # adapter's delta, and a bias the config does not announce would be left out.
     linears = [llm.lm_head]
     for block in getattr(llm.model, "layers", []):
         att, mlp = block.self_attn, block.mlp
         linears += [att.q_proj, att.k_proj, att.v_proj, att.o_proj]
         linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    return all(type(m) is torch.nn.Linear for m in linears)
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
 
 
 def _rms(x: torch.Tensor, weights: dict[torch.dtype, torch.Tensor], eps: float) -> torch.Tensor:

@@ -52,6 +52,9 @@ ROW_MULTIPLE = 128
 """The LM head's rows (supervised tokens) are padded to a multiple of this, for the same
 reason."""
 
+ROPE_TYPES = ("default", None, "linear", "llama3", "yarn")
+"""Rotary embeddings tested equal to transformers' through this path."""
+
 _CAUSAL: dict[tuple, torch.Tensor] = {}
 
 
@@ -71,8 +74,11 @@ def usable(llm: nn.Module, device: torch.device) -> bool:
     if checkpointing:
         return False
     cfg = llm.config
+    if getattr(cfg, "attention_dropout", 0.0):  # this path has no dropout
+        return False
     rope = getattr(cfg, "rope_scaling", None) or {}
-    return rope.get("rope_type", rope.get("type", "default")) in ("default", None)
+    # cos and sin come from the model's own rotary embedding, which does the scaling
+    return rope.get("rope_type", rope.get("type", "default")) in ROPE_TYPES
 
 
 def _causal(groups: int, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +115,8 @@ class WeightCache:
         """cat(params) in `dtype` (a lone parameter already in `dtype`: itself)."""
         if len(params) == 1 and params[0].dtype == dtype:
             return params[0]
-        stamp = (self._generation, tuple(p._version for p in params))
+        # version counters see in-place ops; the pointer and dtype see `.data =` and `.to()`
+        stamp = (self._generation, tuple((p._version, p.data_ptr(), p.dtype) for p in params))
         found = self._copies.get(params[0])
         if found is not None and found[0] == stamp and found[1].dtype == dtype:
             return found[1]
@@ -169,6 +176,8 @@ def _attention(
             )  # (B, H, L, hd): head kv * G + g, as q's rows are stacked
             return out.view(q.shape), lse.reshape(q.shape[:2])  # lse is stored (B, L, H)
         except (AttributeError, RuntimeError) as err:  # a missing or unsupported kernel
+            if "allocate" in str(err):  # out of memory: the fallback needs more, not less
+                raise
             _FLASH["usable"] = False
             warnings.warn(
                 f"vistune.train.llama_cpu: no CPU flash attention here ({type(err).__name__});"
@@ -357,6 +366,11 @@ class _HeadLoss(torch.autograd.Function):
     def backward(ctx, dtotal):
         hp, r, xct, targets, lse, norm = ctx.saved_tensors
         logits, w, k_, chunk = ctx.logits, ctx.w, ctx.glue, ctx.chunk
+        if logits is None:
+            raise RuntimeError(
+                "vistune.train.llama_cpu: the LM head's backward ran twice; its first run wrote "
+                "the gradient over the saved logits (no retain_graph here)"
+            )
         ctx.logits = None
         n = targets.shape[0]
         scale = dtotal.float().reshape(())
