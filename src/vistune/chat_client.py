@@ -38,6 +38,15 @@ class BadResponseError(EndpointError):
     """The endpoint answered, but with malformed JSON, empty or truncated content."""
 
 
+class RequestRefusedError(EndpointError):
+    """The endpoint refused this one request (HTTP 400, 413, 422: too long, bad content);
+    other requests may still succeed, so a run goes on."""
+
+
+REQUEST_STATUSES = frozenset({400, 413, 422})
+"""Statuses that say what is wrong with one request, not with the endpoint or the key."""
+
+
 class _Retry(Exception):
     """One failed attempt that may succeed on another try."""
 
@@ -146,8 +155,8 @@ class ChatClient:
         base = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
         with self._rng_lock:
             delay = base * (0.5 + 0.5 * self._rng.random())
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff))
+        if retry_after is not None:  # honoured in full up to 10 minutes
+            delay = max(delay, min(retry_after, max(self.max_backoff, 600.0)))
         return delay
 
     def _attempt(self, body: dict[str, Any]) -> str:
@@ -163,6 +172,10 @@ class ChatClient:
         if status in RETRY_STATUSES:
             wait = parse_retry_after(response.headers.get("Retry-After"))
             raise _Retry(f"HTTP {status}: {response.text[:200]!r}", True, wait)
+        if status in REQUEST_STATUSES:
+            raise RequestRefusedError(
+                f"{self.url} refused this request, HTTP {status}: {response.text[:300]!r}"
+            )
         if status >= 400:
             hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
             raise EndpointDownError(

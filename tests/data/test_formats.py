@@ -151,6 +151,7 @@ def _write_coco(root: Path) -> None:
         {"id": 4, "image_id": 2, "caption": "   "},
         {"id": 5, "image_id": 3, "caption": "Gone."},
         {"id": 6, "image_id": 99, "caption": "Orphan."},
+        {"id": 7, "image_id": [1], "caption": "An id JSON allows but no table holds."},
     ]
     boxes = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 10, 80, 50]},
@@ -158,6 +159,7 @@ def _write_coco(root: Path) -> None:
         {"id": 3, "image_id": 2, "category_id": 2, "bbox": [40, 40, 20, 5]},
         {"id": 4, "image_id": 2, "category_id": 2, "bbox": [0, 0, 50.4, 50]},
         {"id": 5, "image_id": 2, "category_id": 2, "bbox": [5, 5, 0, 4]},
+        {"id": 6, "image_id": {"id": 1}, "category_id": [2], "bbox": [0, 0, 1, 1]},
     ]
     cats = [{"id": 1, "name": "star", "supercategory": "symbol"}, {"id": 2, "name": "circle"}]
     ann = root / "annotations"
@@ -181,7 +183,8 @@ def test_load_coco_normalises_boxes_and_counts_skips(tmp_path: Path) -> None:
     assert skipped == {
         "image record without width/height": 1,
         "empty caption": 1,
-        "caption for unknown image": 1,
+        "caption for unknown image": 2,
+        "box for unknown image": 1,
         "unknown category": 1,
         "box out of range": 2,
         "image without captions": 1,
@@ -243,6 +246,10 @@ def test_load_pairs_errors(tmp_path: Path) -> None:
         load_pairs(bad)
     with pytest.raises(DataError, match="pairs files are"):
         load_pairs(tmp_path / "pairs.csv")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"image": "a", "caption": "b"}\n{"image": "caf\xe9", "caption": "c"}\n')
+    with pytest.raises(DataError, match=r"latin\.jsonl: line 2 is not UTF-8"):
+        load_pairs(latin)
 
 
 def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):

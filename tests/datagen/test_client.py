@@ -11,6 +11,7 @@ from vistune.chat_client import (
     BadResponseError,
     ChatClient,
     EndpointDownError,
+    RequestRefusedError,
     parse_retry_after,
 )
 from vistune.errors import EndpointError
@@ -127,3 +128,11 @@ def test_parse_retry_after():
 def test_bad_base_url_is_rejected():
     with pytest.raises(ValueError, match="http"):
         ChatClient("127.0.0.1:8000", "m")
+
+
+def test_a_refused_request_is_not_retried_and_not_a_down_endpoint(chat_server):
+    chat_server.inject("400")
+    with client(chat_server) as c, pytest.raises(RequestRefusedError, match="HTTP 400") as err:
+        c.complete(MESSAGES)
+    assert not isinstance(err.value, EndpointDownError)
+    assert len(chat_server.bodies) == 1

@@ -61,6 +61,7 @@ def test_split_blocks_keeps_the_preamble():
         ("Question: Where?\nAnswer: The dog is at [0.12, 0.40, 0.5, 0.9].", "box_leak"),
         ("Question: Where?\nAnswer: Its left edge is at 0.120.", "box_leak"),
         ("Question: Where?\nAnswer: Judging by the coordinates, on the left.", "box_leak"),
+        ("Question: What is in the <image>?\nAnswer: A dog.", "image_token"),
     ],
 )
 def test_malformed_conversations_are_rejected_by_reason(text, expected):

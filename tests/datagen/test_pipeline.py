@@ -193,6 +193,17 @@ def test_endpoint_down_exits_2_keeps_finished_work_and_resumes(tmp_path, chat_se
         assert chat_server.counts[key] == n == 1
 
 
+def test_one_refused_request_fails_alone_and_the_run_goes_on(tmp_path, chat_server, capsys):
+    coco, out = make_coco(tmp_path / "coco", 3), tmp_path / "data.json"
+    chat_server.inject("400")  # the first request only: e.g. a context over the model's limit
+    args = datagen_args(coco, out, *openai_args(chat_server, workers=1), types=("complex",))
+    main(args)
+    assert len(ids(out)) == 2 and summary(out)["aborted"] is None
+    assert summary(out)["remaining"] == 1
+    assert main(args) == 0  # the rerun sends the failed request again, only that one
+    assert len(ids(out)) == 3 and sum(chat_server.counts.values()) == 4
+
+
 def test_workers_send_concurrently_through_the_library(tmp_path, chat_server):
     chat_server.latency = 0.2
     contexts = [ImageContext(str(i), f"{i}.png", (f"Scene {i}.",)) for i in range(8)]
@@ -318,3 +329,14 @@ def test_answers_a_teacher_refuses_are_rejected_with_their_text(tmp_path):
     assert json.loads(line)["response"] == "Question: Why" and ids(tmp_path / "o.json") == [
         "2_complex"
     ]
+
+
+def test_a_request_store_that_is_not_sqlite_is_a_clear_error(tmp_path):
+    import pytest
+
+    from vistune.errors import DataError
+
+    path = tmp_path / "store.sqlite"
+    path.write_text("not a database, but a text file of the same name\n" * 100)
+    with pytest.raises(DataError, match="store.sqlite: not a vistune request store"):
+        Store(path)

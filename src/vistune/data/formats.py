@@ -216,7 +216,7 @@ def load_coco(
     caps: dict[Any, list[str]] = {image_id: [] for image_id in images}
     for ann in _coco_list(captions_path, captions, "annotations"):
         text = ann.get("caption") if isinstance(ann, dict) else None
-        if not isinstance(ann, dict) or ann.get("image_id") not in caps:
+        if not isinstance(ann, dict) or not _known(ann.get("image_id"), caps):
             skipped["caption for unknown image"] += 1
         elif not isinstance(text, str) or not text.strip():
             skipped["empty caption"] += 1
@@ -261,10 +261,18 @@ def _coco_list(path: Path, data: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
+def _known(key: Any, table: dict | None = None) -> bool:
+    """An id that can be looked up (a number or a string; JSON also allows lists and
+    objects, which a dict cannot hold), and is in `table` when one is given."""
+    if not isinstance(key, int | float | str):
+        return False
+    return table is None or key in table
+
+
 def _coco_images(path: Path, data: dict[str, Any], skipped: Counter) -> dict[Any, dict]:
     images: dict[Any, dict] = {}
     for record in _coco_list(path, data, "images"):
-        if not isinstance(record, dict) or "id" not in record:
+        if not isinstance(record, dict) or not isinstance(record.get("id"), int | str):
             skipped["image record without id"] += 1
         elif not isinstance(record.get("file_name"), str) or not record["file_name"]:
             skipped["image record without file_name"] += 1
@@ -283,12 +291,12 @@ def _read_boxes(
     data = _coco_object(path)
     names = {}
     for cat in _coco_list(path, data, "categories"):
-        if isinstance(cat, dict) and "id" in cat and isinstance(cat.get("name"), str):
+        if isinstance(cat, dict) and _known(cat.get("id")) and isinstance(cat.get("name"), str):
             names[cat["id"]] = cat["name"]
     for ann in _coco_list(path, data, "annotations"):
-        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+        if not isinstance(ann, dict) or not _known(ann.get("image_id"), images):
             skipped["box for unknown image"] += 1
-        elif ann.get("category_id") not in names:
+        elif not _known(ann.get("category_id"), names):
             skipped["unknown category"] += 1
         else:
             record = images[ann["image_id"]]
@@ -374,13 +382,17 @@ def _pair_context(row: Any, skipped: Counter) -> ImageContext | None:
 
 def _iter_jsonl(path: Path) -> Iterable[Any]:
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {lineno} is not UTF-8 ({err.reason})") from None
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as err:

@@ -34,6 +34,7 @@ REASONS = {
     "format": "Question:/Answer: markers in a description",
     "meta_talk": "talks about its sources or itself instead of the picture",
     "box_leak": "box coordinates leak into the text",
+    "image_token": "an <image> placeholder in the text (a sample holds exactly one)",
     "truncated": "the answer was cut off by the token limit",
 }
 
@@ -70,6 +71,8 @@ def split_blocks(text: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def _check_text(text: str) -> None:
+    if IMAGE_PLACEHOLDER in text:  # a sample takes one, which the pipeline adds
+        raise RejectedOutput("image_token")
     meta = _META.search(text)
     if meta:
         raise RejectedOutput("meta_talk", repr(meta.group(0)))
