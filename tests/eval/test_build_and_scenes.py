@@ -81,6 +81,21 @@ def test_build_records_failures_not_inventions(coco):
     assert "no_pairs" in bench.failures[0]["reason"]
 
 
+def test_a_teacher_down_on_every_try_stops_the_build_and_keeps_the_old_bench(
+    coco, tmp_path, scripted_judge, capsys
+):
+    out = tmp_path / "bench"
+    args = ["eval", "build", "--coco", str(coco), "--split", "val", "--images", "2", "--out",
+            str(out), "--http-retries", "0", "--backoff", "0", "--retries", "1"]  # fmt: skip
+    assert cli.main([*args, "--teacher", "rules"]) == 0
+    before = (out / "questions.jsonl").read_text()
+    down = scripted_judge({}, default=503)
+    assert cli.main([*args, "--teacher", "openai", "--base-url", down.url, "--model", "m"]) == 2
+    assert "nothing was written" in capsys.readouterr().err
+    assert len(down.requests) == 2  # the first question's two tries, not 6 x 2
+    assert (out / "questions.jsonl").read_text() == before
+
+
 def test_build_needs_enough_images(coco):
     with pytest.raises(DataError, match=r"has 6 usable images, 7 asked"):
         build.sample_contexts(coco, "val", 7, seed=0)
@@ -183,3 +198,9 @@ def test_scenes_with_a_model(coco, tmp_path, tiny_model):
     right = sum(scenes.matches(q["category"], q["answer"], a["text"])
                 for q, a in zip(questions, answers, strict=True))  # fmt: skip
     assert report["accuracy"]["all"] == pytest.approx(100 * right / len(questions))
+
+
+def test_scenes_images_must_be_positive(coco, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "scenes", "--coco", str(coco), "--images", "-1", "--out", str(tmp_path)])
+    assert "must be at least 1, got -1" in capsys.readouterr().err

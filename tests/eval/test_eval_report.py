@@ -50,3 +50,10 @@ def test_read_json_errors(tmp_path):
 
 def test_long_id_lists_are_cut():
     assert report.list_ids(range(25), limit=3) == "0, 1, 2 ... and 22 more"
+
+
+def test_a_line_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(b'{"question_id": 1, "text": "ok"}\n{"question_id": 2, "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"line 2 \(not UTF-8\)"):
+        report.read_jsonl(path, "answers")

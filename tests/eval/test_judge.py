@@ -23,6 +23,7 @@ from vistune.eval import judge
         ("(8, 7)", (8.0, 7.0)),
         ("**9 6**", (9.0, 6.0)),
         ("Assistant 1: 8, Assistant 2: 7", (8.0, 7.0)),
+        ("Assistant 2: 7, Assistant 1: 8", None),  # not guessed: asked again
         ("\n\n10 1\nexplanation", (10.0, 1.0)),
         ("11 7", None),  # out of range
         ("0 5", None),
@@ -160,15 +161,28 @@ def test_resume_asks_only_what_failed(tmp_path, write_jsonl, scripted_judge):
     )
 
 
-def test_endpoint_down_is_a_failure_not_a_score(tmp_path, write_jsonl, scripted_judge):
+def test_a_judge_down_on_every_try_stops_the_run_and_resume_goes_on(
+    tmp_path, write_jsonl, scripted_judge, capsys
+):
     files = _bench(tmp_path, write_jsonl)
     server = scripted_judge({}, default=503)
     out = tmp_path / "out"
-    assert cli.main(_args(files, server.url, out, "--no-resume")) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["failures"]["count"] == 5
-    assert report["relative"]["all"] is None
-    assert len(server.requests) == 15  # 5 questions x 3 tries
+    assert cli.main(_args(files, server.url, out, "--no-resume")) == 2
+    assert "rerun with --resume" in capsys.readouterr().err
+    assert len(server.requests) == 3  # q1's 3 tries, then the run stops: not 5 x 3
+    assert len((out / "raw_judgements.jsonl").read_text().splitlines()) == 3
+    working = scripted_judge({}, default="8 4")
+    assert cli.main(_args(files, working.url, out)) == 0
+    assert len(working.requests) == 5
+    assert json.loads((out / "report.json").read_text())["relative"]["all"] == 50.0
+
+
+def test_all_judgements_failing_exits_1_and_says_why(tmp_path, write_jsonl, scripted_judge, capsys):
+    files = _bench(tmp_path, write_jsonl)
+    server = scripted_judge({}, default="no scores here")
+    assert cli.main(_args(files, server.url, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "5 of 5 judgements failed" in err and "unparsable scores" in err
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import json
 import pytest
 
 from vistune import cli
+from vistune.chat_client import EndpointDownError
 from vistune.data.scienceqa import load_scienceqa
 from vistune.errors import DataError
 from vistune.eval import scienceqa as sqa
@@ -147,6 +148,11 @@ def test_judge_ensemble(problems, scripted_judge):
     assert server.asked("item 5?") == 2 and server.asked("item 6?") == 3
     assert result.failures == ["6"]  # judge failed 3 times -> ours (B, right) kept, and listed
     assert result.letters["6"] == "B"
+    down = scripted_judge({}, default=503)
+    client = ChatClient(down.url, "judge", max_retries=0, backoff=0.0)
+    with pytest.raises(EndpointDownError):  # not nine answers kept by default, silently
+        sqa.judge_ensemble(problems, OURS, OTHER, client.complete, retries=2)
+    assert len(down.requests) == 3  # the first question's three tries
     # right everywhere except 8 -> 9 / 10
     assert sqa.score(problems, result.letters).accuracy["average"] == pytest.approx(90.0)
     # both full outputs reach the judge
@@ -249,5 +255,9 @@ def test_cli_judge_ensemble(sqa_files, tmp_path, write_jsonl, scripted_judge):
     # 2 agreed (right) -> right on 2, 3, 4, 5, 6, 7, 9, 10 = 8 / 10
     assert report["average"] == pytest.approx(80.0)
     assert report["judge"]["failures"] == {"count": 3, "question_ids": ["4", "6", "9"]}
+    assert (
+        "Judge failures (our answer kept in the ensemble): 3 (4, 6, 9)"
+        in (out / "report.md").read_text()
+    )
     raw = [json.loads(x) for x in (out / "raw_judgements.jsonl").read_text().splitlines()]
     assert len(raw) == 6 + 3 * 2  # every attempt kept

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vistune.chat_client import EndpointDownError
 from vistune.data.formats import load_coco
 from vistune.datagen.context import ImageContext
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
@@ -83,10 +84,12 @@ def _ask(teacher: Teacher, rtype: str, ctx: ImageContext, seed: int, retries: in
     question = detail_question(ctx.image_id, seed) if rtype == "detail" else None
     request = Request(rtype, ctx, build_messages(rtype, ctx, question), question)
     reason = ""
-    for _ in range(retries + 1):
+    for attempt in range(retries + 1):
         try:
             return first_pair(rtype, teacher.respond(request), question), None
         except (RejectedOutput, EndpointError) as err:
+            if isinstance(err, EndpointDownError) and attempt == retries:
+                raise  # down on every try: every question would fail, stop before writing
             reason = str(err)
     return None, reason
 
@@ -101,7 +104,8 @@ def build_bench(
     """One question per type per image, with the teacher's answer as the reference.
 
     A reply the parser rejects (or a failing endpoint) is asked again up to `retries`
-    times; a question still missing is recorded in `failures`, never invented.
+    times; a question still missing is recorded in `failures`, never invented. An endpoint
+    down on every try raises EndpointDownError.
     """
     bench = Bench()
     for ctx in contexts:

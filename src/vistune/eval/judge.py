@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from vistune.chat_client import EndpointDownError
 from vistune.datagen.context import Box
 from vistune.errors import DataError, VistuneError
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
@@ -164,9 +165,14 @@ def judge_messages(item: BenchItem, rubric: str) -> list[dict]:
 
 def parse_scores(text: str) -> tuple[float, float] | None:
     """The two scores on the first non-blank line ("8 7", "8, 7", "8.5 7", "(8, 7)",
-    "Assistant 1: 8, Assistant 2: 7"); None unless exactly two numbers, both in 1-10."""
+    "Assistant 1: 8, Assistant 2: 7"); None unless exactly two numbers, both in 1-10, and
+    unless labels, if any, name Assistant 1 then Assistant 2 (another order is asked again
+    rather than guessed)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
+        return None
+    labels = re.findall(r"assistant\s*([12])", lines[0], re.IGNORECASE)
+    if labels and labels != ["1", "2"]:  # "Assistant 2: 7, Assistant 1: 8": ask again
         return None
     first = _LABEL.sub(" ", lines[0].replace("*", ""))
     nums = _NUMBER.findall(first)
@@ -193,7 +199,9 @@ def judge_one(
     judge_id: str = "",
 ) -> Judgement:
     """Ask until two valid scores come back, at most `retries + 1` requests; every reply
-    (or error) goes to `log`."""
+    (or error) goes to `log`. When the last try finds the endpoint down or refusing the key
+    (EndpointDownError, after the client's own retries) that error is raised: it would fail
+    every question."""
     messages = judge_messages(item, load_rubric(item.category))
     key = prompt_key(messages, judge_id)
     reason = content = None
@@ -205,17 +213,21 @@ def judge_one(
             "attempt": attempt,
             "prompt_key": key,
         }
+        down = None
         try:
             content = complete(messages)
         except VistuneError as err:
             reason = f"request failed: {err}"
             record.update(content=None, scores=None, error=reason)
+            down = err if isinstance(err, EndpointDownError) else None
         else:
             scores = parse_scores(content)
             reason = None if scores else "unparsable scores: " + repr(content.strip()[:80])
             record.update(content=content, scores=list(scores) if scores else None, error=reason)
         if log is not None:
             log(record)
+        if down is not None and attempt == retries:  # down on every try: so for every
+            raise down  # question; stop rather than fail them all one by one
         if reason is None:
             return Judgement(
                 repeat,

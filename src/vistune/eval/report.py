@@ -55,12 +55,15 @@ def read_jsonl(path: str | Path, what: str, required: Sequence[str] = ()) -> lis
         raise DataError(f"{what} file not found: {path}")
     rows: list[dict] = []
     bad: list[str] = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open("rb") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append(f"line {lineno} (not UTF-8)")
+                continue
             except json.JSONDecodeError:
                 bad.append(f"line {lineno} (not JSON)")
                 continue

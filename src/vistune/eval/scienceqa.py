@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from vistune.chat_client import EndpointDownError
 from vistune.data.scienceqa import OPTIONS, SUBJECTS, ScienceQAProblem, build_question
 from vistune.errors import VistuneError
 from vistune.eval.report import check_same_ids, index_by, read_jsonl
@@ -182,7 +183,8 @@ def judge_ensemble(
     """Where the parsed answers differ, ask `complete` (a judge model) for the final letter.
 
     Ours is Assistant 1, the other model Assistant 2. A judge that fails (endpoint error
-    or no letter) `retries + 1` times keeps our answer and is listed in `failures`.
+    or no letter) `retries + 1` times keeps our answer and is listed in `failures`; one
+    down on its last try (EndpointDownError) stops the ensemble with that error.
     """
     prompt = load_judge_prompt()
     ours = parse_all(problems, ours_text)
@@ -201,6 +203,8 @@ def judge_ensemble(
                 reply = complete(messages)
             except VistuneError as err:
                 raw.append({"question_id": p.pid, "attempt": attempt, "error": str(err)})
+                if isinstance(err, EndpointDownError) and attempt == retries:
+                    raise  # down on every try: it would be for every question
                 continue
             letter = parse_judge_letter(reply, len(p.choices))
             raw.append(

@@ -1,0 +1,139 @@
+"""The flags of `vistune eval` and its subcommands (the runs are in commands/eval.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
+    """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`)."""
+    reply = "a judgement" if role == "judge" else "a teacher reply"
+    p.add_argument(
+        f"--{prefix}base-url",
+        help="OpenAI-compatible endpoint, e.g. "
+        "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
+    )
+    p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
+    p.add_argument("--temperature", type=float, default=0.2, help=f"{role} sampling temperature")
+    p.add_argument("--max-tokens", type=int, default=1024, help=f"{role} reply token limit")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument(
+        "--http-retries",
+        type=int,
+        default=5,
+        help="client-level retries of 5xx/429/timeouts/malformed replies",
+    )
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help=f"new requests for {reply} that failed or could not be parsed",
+    )
+
+
+def _answer_flags(p: argparse.ArgumentParser) -> None:
+    """Generation settings for --model (seeded by --seed where the subcommand has one)."""
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    _add_answer(sub)
+    _add_judge(sub)
+    _add_scienceqa(sub)
+    _add_build(sub)
+    _add_scenes(sub)
+
+
+def _add_judge(sub: argparse._SubParsersAction) -> None:
+    j = sub.add_parser("judge", help="LLaVA-Bench relative scores from a judge model")
+    j.add_argument("--questions", type=Path, required=True, help="questions JSONL")
+    j.add_argument("--context", type=Path, required=True, help="context JSONL (captions/boxes)")
+    j.add_argument("--reference", type=Path, required=True, help="reference answers JSONL")
+    j.add_argument("--answers", type=Path, required=True, help="candidate answers JSONL")
+    j.add_argument("--out", type=Path, required=True, help="report folder")
+    j.add_argument("--repeats", type=int, default=1, help="judge runs (mean ± std, Table 5)")
+    j.add_argument("--workers", type=int, default=1, help="judge requests in flight at once")
+    j.add_argument(
+        "--local-judge",
+        type=Path,
+        help="a local Hugging Face causal LM folder to judge with instead of an endpoint",
+    )
+    j.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse successful judgements in DIR/raw_judgements.jsonl",
+    )
+    _client_flags(j, "")
+
+
+def _add_scienceqa(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("scienceqa", help="ScienceQA accuracy (Table 7), optionally ensembled")
+    s.add_argument("--problems", type=Path, required=True, help="problems.json")
+    s.add_argument("--splits", type=Path, required=True, help="pid_splits.json")
+    s.add_argument("--split", default="test")
+    s.add_argument("--image-root", type=Path, help="folder holding <pid>/<image> (checked)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", type=Path, help="JSONL of {question_id, text}")
+    src.add_argument("--model", help="model folder to generate predictions with")
+    s.add_argument("--out", type=Path, required=True, help="report folder")
+    s.add_argument(
+        "--ensemble",
+        choices=("complement", "judge"),
+        help="combine with --other's predictions (paper §5.2)",
+    )
+    s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
+    _client_flags(s, "judge-")
+    _answer_flags(s)
+
+
+def _add_answer(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("answer", help="answer a LLaVA-Bench question file with a model")
+    a.add_argument("--model", required=True, help="model folder (or `default`)")
+    a.add_argument("--questions", type=Path, required=True, help="questions JSONL")
+    a.add_argument("--images", type=Path, help="image folder (default: the questions' folder)")
+    a.add_argument("--out", type=Path, required=True, help="answers JSONL to write")
+    _answer_flags(a)
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="build a LLaVA-Bench (COCO)-style benchmark with a teacher")
+    b.add_argument("--coco", type=Path, required=True, help="COCO-layout folder")
+    b.add_argument("--split", default="val")
+    b.add_argument("--images", type=int, default=30, help="images to sample (3 questions each)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--teacher",
+        default="rules",
+        choices=("rules", "openai", "local"),
+        help="who writes the reference answers (as in vistune datagen)",
+    )
+    b.add_argument("--local-model", type=Path, help="HF causal LM folder for --teacher local")
+    b.add_argument("--out", type=Path, required=True, help="benchmark folder")
+    _client_flags(b, "", role="teacher")
+
+
+def _add_scenes(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("scenes", help="exact-answer questions on held-out built-in scenes")
+    c.add_argument("--coco", type=Path, required=True, help="a `vistune scenes` folder")
+    c.add_argument("--split", default="val")
+    c.add_argument("--images", type=_positive, help="use only the first N images")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, required=True, help="writes questions.jsonl, and a "
+                   "report when answers are given")  # fmt: skip
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--answers", type=Path, help="answers JSONL {question_id, text}")
+    how.add_argument("--model", help="model folder to answer with")
+    _answer_flags(c)
