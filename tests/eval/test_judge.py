@@ -150,9 +150,14 @@ def test_resume_asks_only_what_failed(tmp_path, write_jsonl, scripted_judge):
     out = tmp_path / "out"
     first = scripted_judge(SCRIPT, default="unexpected request")
     assert cli.main(_args(files, first.url, out)) == 0
+    with (out / "raw_judgements.jsonl").open("ab") as raw:  # killed mid-write: a torn line
+        raw.write(b'{"repeat": 0, "question_id": "q5", "content": "caf\xc3')
     second = scripted_judge({"Question q5?": ["6 3"]}, default="1 1")
     assert cli.main(_args(files, second.url, out)) == 0
     assert len(second.requests) == 1  # only q5 (failed before) is asked again
+    third = scripted_judge({}, default="1 1")
+    assert cli.main(_args(files, third.url, out)) == 0
+    assert third.requests == []  # q5's answer was kept on a line of its own
     report = json.loads((out / "report.json").read_text())
     assert report["failures"]["count"] == 0
     assert report["relative"]["complex"] == pytest.approx((5 + 3) / (10 + 6) * 100)  # 50.0

@@ -78,7 +78,7 @@ def run_judge(args: argparse.Namespace) -> int:
     if not args.resume:
         raw_path.unlink(missing_ok=True)
     bar = _progress(len(items) * args.repeats, "judging")
-    with raw_path.open("a", encoding="utf-8") as raw:
+    with _append(raw_path) as raw:
 
         def log(record: dict) -> None:
             raw.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -310,6 +310,20 @@ def run_scenes(args: argparse.Namespace) -> int:
     write_run(args.out, result, _config(args), table, result["accuracy"], "Scene questions")
     print(table)
     return 0
+
+
+def _append(path: Path):
+    """`path` opened to append lines, starting on a fresh line: a run killed while writing
+    can leave a torn last line, which the next record must not be glued to."""
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    handle = path.open("a", encoding="utf-8")
+    if torn:
+        handle.write("\n")
+    return handle
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

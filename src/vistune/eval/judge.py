@@ -349,7 +349,7 @@ def reusable(
         for i in items
     }
     done: dict[tuple[int, str], Judgement] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
             qid, scores = str(rec["question_id"]), rec.get("scores")
