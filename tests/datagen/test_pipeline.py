@@ -340,3 +340,27 @@ def test_a_request_store_that_is_not_sqlite_is_a_clear_error(tmp_path):
     path.write_text("not a database, but a text file of the same name\n" * 100)
     with pytest.raises(DataError, match="store.sqlite: not a vistune request store"):
         Store(path)
+
+
+def test_an_interrupted_run_reports_what_is_left(tmp_path, chat_server):
+    """Ctrl-C (KeyboardInterrupt) mid-run: the summary counts the request in flight and
+    those queued as remaining, not 0."""
+
+    class Interrupted(OpenAITeacher):
+        calls = 0
+
+        def respond(self, request):
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:
+                raise KeyboardInterrupt
+            return super().respond(request)
+
+    contexts = [ImageContext(str(i), f"{i}.png", (f"Scene {i}.",)) for i in range(5)]
+    config = DatagenConfig(types=("complex",), workers=1, check_images=False)
+    out = tmp_path / "o.json"
+    import pytest
+
+    with Store(tmp_path / "s.sqlite") as store, pytest.raises(KeyboardInterrupt):
+        run_datagen(contexts, Interrupted(chat_server.url, "m", backoff=0.001), store, out, config)
+    assert len(ids(out)) == 2
+    assert summary(out)["remaining"] == 3  # the third, in flight, and two never sent

@@ -341,14 +341,17 @@ def _send(
                     break
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    request, key = inflight.pop(future)
+                    request, key = inflight[future]
                     _settle_future(run, future, request, key)
+                    del inflight[future]  # after settling: an interrupt leaves it pending
                     if progress:
                         progress(dict(run.tally))
         finally:
             for future in inflight:
                 future.cancel()
-    run.summary.remaining = sum(c["failed"] for c in run.summary.per_type.values()) + len(queue)
+            # also when stopped (Ctrl-C): requests in flight are pending again, not done
+            failed = sum(c["failed"] for c in run.summary.per_type.values())
+            run.summary.remaining = failed + len(queue) + len(inflight)
 
 
 def _settle_future(run: _Run, future: Future, request: Request, key: Key) -> None:
