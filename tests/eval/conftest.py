@@ -4,24 +4,34 @@
 with replies scripted per question: the first script key found in the request's last
 message picks a queue, and each request pops its next entry: a string is answered as HTTP
 200 with that content, an int as that HTTP status with an error body. An exhausted or
-unmatched queue answers `default`.
+unmatched queue answers `default` (or `default(messages)` when it is a function). With
+`dies_after` N, request N + 1 and every later one get HTTP 503: an endpoint that went down.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ..datagen.conftest import FakeChatServer
 
+Reply = str | int | Callable[[list[dict]], str | int]
+
 
 class ScriptedJudge(FakeChatServer):
-    def __init__(self, script: dict[str, list[str | int]], default: str | int = "5 5") -> None:
+    def __init__(
+        self,
+        script: dict[str, list[str | int]],
+        default: Reply = "5 5",
+        dies_after: int | None = None,
+    ) -> None:
         self.script = {k: deque(v) for k, v in script.items()}
         self.default = default
+        self.dies_after = dies_after
         super().__init__(self._scripted)
 
     @property
@@ -35,18 +45,22 @@ class ScriptedJudge(FakeChatServer):
     def _scripted(self, messages: list[dict]) -> str | int:
         text = messages[-1]["content"]
         with self.lock:
-            for key, queue in self.script.items():
-                if key in text:
-                    return queue.popleft() if queue else self.default
-        return self.default
+            if self.dies_after is not None and len(self.bodies) > self.dies_after:
+                return 503
+            queue = next((q for k, q in self.script.items() if k in text), None)
+            if queue:
+                return queue.popleft()
+        return self.default(messages) if callable(self.default) else self.default
 
 
 @pytest.fixture
 def scripted_judge():
     servers: list[ScriptedJudge] = []
 
-    def make(script: dict[str, list[str | int]], default: str | int = "5 5") -> ScriptedJudge:
-        servers.append(ScriptedJudge(script, default))
+    def make(
+        script: dict[str, list[str | int]], default: Reply = "5 5", dies_after: int | None = None
+    ) -> ScriptedJudge:
+        servers.append(ScriptedJudge(script, default, dies_after))
         return servers[-1]
 
     yield make

@@ -14,6 +14,8 @@ from vistune.datagen.teachers import RulesTeacher
 from vistune.errors import DataError
 from vistune.eval import build, judge, scenes
 
+from ..datagen.conftest import messages_hash
+
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
@@ -91,9 +93,107 @@ def test_a_teacher_down_on_every_try_stops_the_build_and_keeps_the_old_bench(
     before = (out / "questions.jsonl").read_text()
     down = scripted_judge({}, default=503)
     assert cli.main([*args, "--teacher", "openai", "--base-url", down.url, "--model", "m"]) == 2
-    assert "nothing was written" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no benchmark file was written; 0 of 6 answers are kept in" in err
     assert len(down.requests) == 2  # the first question's two tries, not 6 x 2
     assert (out / "questions.jsonl").read_text() == before
+
+
+def _teacher_reply(messages):
+    """A teacher answer that differs per request (so a reply reused for the wrong request
+    would show in the files)."""
+    tag = messages_hash(messages)[:8]
+    if "Question to answer:" in messages[-1]["content"]:
+        return f"A plain picture, number {tag}, with a few simple objects."
+    return f"Question: What is special about picture {tag}?\nAnswer: It is picture {tag}."
+
+
+BENCH_FILES = ("questions.jsonl", "context.jsonl", "answers_reference.jsonl", "build.json")
+
+
+def _build(coco, out, url, *extra):
+    return cli.main(["eval", "build", "--coco", str(coco), "--images", "2", "--out", str(out),
+                     "--teacher", "openai", "--base-url", url, "--model", "m", "--http-retries",
+                     "0", "--backoff", "0", "--retries", "1", *extra])  # fmt: skip
+
+
+def _sent(server):
+    return [messages_hash(r["messages"]) for r in server.requests]
+
+
+def test_a_build_stopped_by_a_dead_teacher_resumes_asking_only_the_rest(
+    coco, tmp_path, scripted_judge, capsys
+):
+    whole = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, tmp_path / "whole", whole.url) == 0
+    assert len(whole.requests) == 6
+    out = tmp_path / "bench"
+    dying = scripted_judge({}, default=_teacher_reply, dies_after=4)
+    assert _build(coco, out, dying.url) == 2
+    err = capsys.readouterr().err
+    assert f"4 of 6 answers are kept in {out / 'build_requests.jsonl'}" in err
+    assert "rerun with --resume" in err
+    assert len(dying.requests) == 4 + 2  # the fifth question's two tries, then it stops
+    assert not (out / "questions.jsonl").exists()
+    working = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, out, working.url) == 0
+    assert _sent(working) == _sent(whole)[4:]  # only the two never answered
+    for name in BENCH_FILES:
+        assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    again = scripted_judge({}, default=503)
+    assert _build(coco, out, again.url) == 0 and again.requests == []
+
+
+def test_a_build_interrupted_mid_write_resumes_past_a_torn_line(coco, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    args = ["eval", "build", "--coco", str(coco), "--images", "2", "--out", str(out)]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls = []
+    respond = RulesTeacher.respond
+
+    def interrupted(self, request):  # Ctrl-C while the fourth question is asked
+        calls.append(request.response_type)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return respond(self, request)
+
+    monkeypatch.setattr(RulesTeacher, "respond", interrupted)
+    assert cli.main(args) == 130
+    with (out / "build_requests.jsonl").open("ab") as kept:  # killed mid-write: a torn line
+        kept.write(b'{"prompt_key": "0123", "content": "caf\xc3')
+    calls.clear()
+    monkeypatch.setattr(
+        RulesTeacher, "respond", lambda self, r: calls.append(1) or respond(self, r)
+    )
+    assert cli.main(args) == 0
+    assert len(calls) == 3  # the three not answered before the interrupt
+    for name in BENCH_FILES:
+        assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    calls.clear()
+    assert cli.main(args) == 0
+    assert calls == []  # the answer written after the torn line was kept on a line of its own
+
+
+def test_a_build_asks_again_when_the_requests_change(coco, tmp_path, scripted_judge):
+    out = tmp_path / "bench"
+    first = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, out, first.url) == 0
+    for extra in (["--model", "m2"], ["--temperature", "0.7"], ["--no-resume"]):
+        server = scripted_judge({}, default=_teacher_reply)
+        assert _build(coco, out, server.url, *extra) == 0
+        assert len(server.requests) == 6, extra  # another teacher (or a fresh start)
+    assert len((out / "build_requests.jsonl").read_text().splitlines()) == 6  # --no-resume
+    # another seed asks other detail questions (here of the same two images): only the
+    # requests whose messages changed are asked again
+    fresh = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, tmp_path / "fresh", fresh.url, "--seed", "5") == 0
+    seeded = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, out, seeded.url, "--seed", "5") == 0
+    assert _sent(seeded) == [h for h in _sent(fresh) if h not in _sent(first)]
+    assert [r["messages"][-1]["content"].count("Question to answer:") for r in seeded.requests
+            ] == [1, 1]  # fmt: skip
+    for name in BENCH_FILES:
+        assert (out / name).read_text() == (tmp_path / "fresh" / name).read_text(), name
 
 
 def test_build_needs_enough_images(coco):

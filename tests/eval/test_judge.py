@@ -173,7 +173,9 @@ def test_a_judge_down_on_every_try_stops_the_run_and_resume_goes_on(
     server = scripted_judge({}, default=503)
     out = tmp_path / "out"
     assert cli.main(_args(files, server.url, out, "--no-resume")) == 2
-    assert "rerun with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"0 of 5 answers are kept in {out / 'raw_judgements.jsonl'}" in err
+    assert "rerun with --resume" in err
     assert len(server.requests) == 3  # q1's 3 tries, then the run stops: not 5 x 3
     assert len((out / "raw_judgements.jsonl").read_text().splitlines()) == 3
     working = scripted_judge({}, default="8 4")

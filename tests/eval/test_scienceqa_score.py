@@ -261,3 +261,93 @@ def test_cli_judge_ensemble(sqa_files, tmp_path, write_jsonl, scripted_judge):
     )
     raw = [json.loads(x) for x in (out / "raw_judgements.jsonl").read_text().splitlines()]
     assert len(raw) == 6 + 3 * 2  # every attempt kept
+
+
+# The judge's letter per pid where the two models differ (every one of the nine parses)
+JUDGED = {"1": "A", "3": "C", "4": "A", "5": "B", "6": "C", "7": "A", "8": "A", "9": "D", "10": "A"}
+
+
+def _judge_script(pids=tuple(JUDGED)):
+    return {f"item {pid}?": [f"The answer is {JUDGED[pid]}."] for pid in pids}
+
+
+def _ensemble(sqa_files, tmp_path, write_jsonl, out, url, *extra, other=OTHER):
+    ours = write_jsonl(
+        tmp_path / "o.jsonl", [{"question_id": k, "text": v} for k, v in OURS.items()]
+    )
+    other = write_jsonl(
+        tmp_path / "g.jsonl", [{"question_id": k, "text": v} for k, v in other.items()]
+    )
+    return _run(
+        ["--problems", str(sqa_files[0]), "--splits", str(sqa_files[1]), "--predictions",
+         str(ours), "--ensemble", "judge", "--other", str(other), "--out", str(out),
+         "--judge-base-url", url, "--judge-model", "j", "--http-retries", "0", "--backoff",
+         "0", "--retries", "1", *extra]
+    )  # fmt: skip
+
+
+def test_a_judge_ensemble_stopped_by_a_dead_judge_resumes_asking_only_the_rest(
+    sqa_files, tmp_path, write_jsonl, scripted_judge, capsys
+):
+    whole = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, tmp_path / "whole", whole.url) == 0
+    assert len(whole.requests) == 9
+    out = tmp_path / "out"
+    dying = scripted_judge(_judge_script(), default="unexpected request", dies_after=4)
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, dying.url) == 2
+    err = capsys.readouterr().err
+    assert f"4 of 9 answers are kept in {out / 'raw_judgements.jsonl'}" in err
+    assert "rerun with --resume" in err
+    assert len(dying.requests) == 4 + 2  # pid 5's two tries, then the run stops
+    assert not (out / "report.json").exists()
+    working = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, working.url) == 0
+    # answered before the judge died: 1, 3, 4, 5; asked now: the other five, once each
+    assert [working.asked(f"item {pid}?") for pid in JUDGED] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    for name in ("report.json", "report.md"):
+        assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"]["asked"] == list(JUDGED) and report["judge"]["failures"]["count"] == 0
+    # wrong on 6 and 8 only (the judge says C and A; both are B) -> 8 / 10
+    assert report["average"] == pytest.approx(80.0)
+
+
+def test_a_judge_ensemble_resumes_past_a_torn_line_and_asks_failures_again(
+    sqa_files, tmp_path, write_jsonl, scripted_judge
+):
+    out = tmp_path / "out"
+    script = _judge_script() | {"item 6?": ["Hmm.", "Unsure."]}  # pid 6 fails both tries
+    first = scripted_judge(script, default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, first.url) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"]["failures"]["question_ids"] == ["6"]
+    with (out / "raw_judgements.jsonl").open("ab") as raw:  # killed mid-write: a torn line
+        raw.write(b'{"question_id": "7", "prompt_key": "0123", "content": "caf\xc3')
+    second = scripted_judge(_judge_script(["6"]), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, second.url) == 0
+    assert len(second.requests) == 1 and second.asked("item 6?") == 1
+    down = scripted_judge({}, default=503)
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, down.url) == 0
+    assert down.requests == []  # 6's answer was kept on a line of its own
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"]["failures"]["count"] == 0
+    assert report["ensemble"]["parsed"]["6"] == "C"  # the judge's letter now, not ours (B)
+
+
+def test_a_judge_ensemble_asks_again_when_the_requests_change(
+    sqa_files, tmp_path, write_jsonl, scripted_judge
+):
+    out = tmp_path / "out"
+    first = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, first.url) == 0
+    for extra in (["--judge-model", "j2"], ["--temperature", "0.7"], ["--no-resume"]):
+        server = scripted_judge(_judge_script(), default="unexpected request")
+        assert _ensemble(sqa_files, tmp_path, write_jsonl, out, server.url, *extra) == 0
+        assert len(server.requests) == 9, extra  # another judge (or a fresh start)
+    raw = [json.loads(x) for x in (out / "raw_judgements.jsonl").read_text().splitlines()]
+    assert len(raw) == 9  # --no-resume started the file afresh
+    # the other model's text changes on pid 3 (same letter): only that request is new
+    changed = OTHER | {"3": "Clearly the answer is C."}
+    server = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, server.url, other=changed) == 0
+    assert len(server.requests) == 1 and server.asked("item 3?") == 1

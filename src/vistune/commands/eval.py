@@ -6,7 +6,9 @@
         --predictions P.jsonl --out DIR [--ensemble judge --other P2.jsonl ...]
 
 Each run writes DIR/report.json, report.md, report.png and config.json (every flag);
-the judge also keeps every request's reply in DIR/raw_judgements.jsonl and resumes from it.
+the judge (and `--ensemble judge`) also keeps every request's reply in
+DIR/raw_judgements.jsonl as it arrives, and `eval build` every accepted teacher reply in
+DIR/build_requests.jsonl: a rerun resumes from them (`--no-resume` starts afresh).
 File formats: docs/EVAL.md.
 """
 
@@ -59,6 +61,7 @@ def _progress(total: int, desc: str):
 def run_judge(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
     from vistune.eval import judge
+    from vistune.eval.journal import appender
     from vistune.eval.report import markdown_table, write_run
 
     if args.repeats < 1 or args.retries < 0 or args.workers < 1:
@@ -78,12 +81,7 @@ def run_judge(args: argparse.Namespace) -> int:
     if not args.resume:
         raw_path.unlink(missing_ok=True)
     bar = _progress(len(items) * args.repeats, "judging")
-    with _append(raw_path) as raw:
-
-        def log(record: dict) -> None:
-            raw.write(json.dumps(record, ensure_ascii=False) + "\n")
-            raw.flush()
-
+    with appender(raw_path) as log:
         workers = args.workers if args.local_judge is None else 1
         try:
             judgements = judge.run_judge(
@@ -92,9 +90,10 @@ def run_judge(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except EndpointDownError as err:
             bar.close()
+            keys = [(r, i.question_id) for r in range(args.repeats) for i in items]
             raise VistuneError(
-                f"the judge is unreachable or refuses us ({err}); every finished judgement is "
-                f"in {raw_path}: rerun with --resume to go on from there"
+                f"the judge is unreachable or refuses us ({err}); "
+                f"{_kept(keys, judge.reusable(raw_path, items, judge_id), raw_path)}"
             ) from None
     bar.close()
     report = judge.summarize(items, judgements, args.repeats)
@@ -174,8 +173,35 @@ def _generate(args: argparse.Namespace, problems: list) -> dict[str, str]:
     return _answer(args, questions, root, args.out / "predictions.jsonl")
 
 
-def run_scienceqa(args: argparse.Namespace) -> int:
+def _judge_ensemble(args: argparse.Namespace, problems: list, ours_text: dict, other_text: dict):
+    """`--ensemble judge`, each reply appended to raw_judgements.jsonl as it arrives."""
     from vistune.chat_client import EndpointDownError
+    from vistune.eval import scienceqa as sqa
+    from vistune.eval.journal import appender, prompt_key
+
+    client = _client(args, args.judge_base_url, args.judge_model, "judge-")
+    judge_id = f"{args.judge_model}|temperature={args.temperature}"
+    raw_path = args.out / "raw_judgements.jsonl"
+    done = sqa.kept_replies(raw_path) if args.resume else {}
+    if not args.resume:
+        raw_path.unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with appender(raw_path) as log:
+            return sqa.judge_ensemble(problems, ours_text, other_text, client.complete,
+                                      args.retries, log, done, judge_id)  # fmt: skip
+    except EndpointDownError as err:
+        keys = [prompt_key(m, judge_id)
+                for m in sqa.judge_requests(problems, ours_text, other_text).values()]  # fmt: skip
+        raise VistuneError(
+            f"the judge is unreachable or refuses us ({err}); "
+            f"{_kept(keys, sqa.kept_replies(raw_path), raw_path)}"
+        ) from None
+    finally:
+        client.close()
+
+
+def run_scienceqa(args: argparse.Namespace) -> int:
     from vistune.data.scienceqa import load_scienceqa
     from vistune.eval import scienceqa as sqa
     from vistune.eval.report import markdown_table, write_run
@@ -201,19 +227,12 @@ def run_scienceqa(args: argparse.Namespace) -> int:
         if args.ensemble == "complement":
             final = sqa.score(problems, sqa.complement(problems, ours.parsed, other_letters))
         else:
-            client = _client(args, args.judge_base_url, args.judge_model, "judge-")
-            try:
-                result = sqa.judge_ensemble(
-                    problems, ours_text, other_text, client.complete, args.retries
-                )
-            except EndpointDownError as err:
-                raise VistuneError(f"the judge is unreachable or refuses us ({err})") from None
+            result = _judge_ensemble(args, problems, ours_text, other_text)
             final = sqa.score(problems, result.letters)
             report["judge"] = {
                 "asked": result.asked,
                 "failures": {"count": len(result.failures), "question_ids": result.failures},
             }
-            _write_jsonl(args.out / "raw_judgements.jsonl", result.raw)
         report["ensemble"] = {"method": args.ensemble, **final.to_dict()}
         rows.append((f"ensemble ({args.ensemble})", [final.accuracy[c] for c in sqa.COLUMNS]))
     report["accuracy"] = final.accuracy
@@ -236,7 +255,8 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
     from vistune.datagen.teachers import make_teacher
-    from vistune.eval.build import build_bench, sample_contexts
+    from vistune.eval.build import build_bench, kept_replies, request_keys, sample_contexts
+    from vistune.eval.journal import appender
     from vistune.eval.report import atomic_write_json
 
     if args.images < 1:
@@ -252,17 +272,30 @@ def run_build(args: argparse.Namespace) -> int:
         options = {"model_dir": args.local_model}
     contexts = sample_contexts(args.coco, args.split, args.images, args.seed)
     teacher = make_teacher(args.teacher, **options)
+    teacher_id = teacher.name
+    if args.teacher == "openai":
+        teacher_id += f"|temperature={args.temperature}"
+    elif args.teacher == "local":  # the folder itself: two models may share a folder name
+        teacher_id = f"local:{Path(args.local_model).resolve()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept_path = args.out / "build_requests.jsonl"
+    done = kept_replies(kept_path) if args.resume else {}
+    if not args.resume:
+        kept_path.unlink(missing_ok=True)
     bar = _progress(len(contexts) * 3, "building")
     try:
-        bench = build_bench(contexts, teacher, args.seed, args.retries, bar.update)
+        with appender(kept_path) as log:
+            bench = build_bench(contexts, teacher, args.seed, args.retries, bar.update, log,
+                                done, teacher_id)  # fmt: skip
     except EndpointDownError as err:
+        keys = request_keys(contexts, args.seed, teacher_id)
         raise VistuneError(
-            f"the teacher is unreachable or refuses us ({err}); nothing was written to {args.out}"
+            f"the teacher is unreachable or refuses us ({err}); no benchmark file was written; "
+            f"{_kept(keys, kept_replies(kept_path), kept_path)}"
         ) from None
     finally:
         bar.close()
         teacher.close()
-    args.out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(args.out / "questions.jsonl", bench.questions)
     _write_jsonl(args.out / "context.jsonl", bench.contexts)
     _write_jsonl(args.out / "answers_reference.jsonl", bench.references)
@@ -312,18 +345,14 @@ def run_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _append(path: Path):
-    """`path` opened to append lines, starting on a fresh line: a run killed while writing
-    can leave a torn last line, which the next record must not be glued to."""
-    torn = False
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, 2)
-            torn = f.read(1) != b"\n"
-    handle = path.open("a", encoding="utf-8")
-    if torn:
-        handle.write("\n")
-    return handle
+def _kept(keys: list, kept: dict, path: Path) -> str:
+    """What a stopped run leaves for the next: how many of its requests (`keys`) have a
+    reusable answer in `kept`, for its error message."""
+    n = sum(k in kept for k in set(keys))
+    return (
+        f"{n} of {len(set(keys))} answers are kept in {path}: "
+        "rerun with --resume (the default) to ask only the rest"
+    )
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -40,6 +40,16 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") 
     )
 
 
+def _resume_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"reuse {what} from an earlier run with the same settings "
+        "(--no-resume deletes that file and asks everything again)",
+    )
+
+
 def _answer_flags(p: argparse.ArgumentParser) -> None:
     """Generation settings for --model (seeded by --seed where the subcommand has one)."""
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
@@ -70,12 +80,7 @@ def _add_judge(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="a local Hugging Face causal LM folder to judge with instead of an endpoint",
     )
-    j.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse successful judgements in DIR/raw_judgements.jsonl",
-    )
+    _resume_flag(j, "successful judgements in DIR/raw_judgements.jsonl")
     _client_flags(j, "")
 
 
@@ -95,6 +100,7 @@ def _add_scienceqa(sub: argparse._SubParsersAction) -> None:
         help="combine with --other's predictions (paper §5.2)",
     )
     s.add_argument("--other", type=Path, help="the second model's predictions JSONL")
+    _resume_flag(s, "--ensemble judge's replies in DIR/raw_judgements.jsonl")
     _client_flags(s, "judge-")
     _answer_flags(s)
 
@@ -122,6 +128,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--local-model", type=Path, help="HF causal LM folder for --teacher local")
     b.add_argument("--out", type=Path, required=True, help="benchmark folder")
+    _resume_flag(b, "the teacher replies in DIR/build_requests.jsonl")
     _client_flags(b, "", role="teacher")
 
 

@@ -15,6 +15,8 @@ LLaVA-Bench's files (formats in docs/EVAL.md):
     context.jsonl            {id, image, captions, instances: [{category, bbox}]}
     answers_reference.jsonl  {question_id, text, answer_id, model_id}
     build.json               teacher, seed, split, images, failed questions
+    build_requests.jsonl     every accepted teacher reply as it arrives, keyed by
+                             prompt_key (vistune.eval.journal): a rerun reuses them
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.pipeline import build_messages, detail_question, screen_contexts
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
+from vistune.eval.journal import prompt_key, read_records
 
 BENCH_CATEGORY = {"conversation": "conv", "detail": "detail", "complex": "complex"}
 """Our response types -> LLaVA-Bench's category names."""
@@ -80,17 +83,52 @@ def first_pair(rtype: str, text: str, question: str | None) -> tuple[str, str]:
     return human, turns[1]["value"].strip()
 
 
-def _ask(teacher: Teacher, rtype: str, ctx: ImageContext, seed: int, retries: int):
+def _request(rtype: str, ctx: ImageContext, seed: int) -> Request:
     question = detail_question(ctx.image_id, seed) if rtype == "detail" else None
-    request = Request(rtype, ctx, build_messages(rtype, ctx, question), question)
+    return Request(rtype, ctx, build_messages(rtype, ctx, question), question)
+
+
+def request_keys(contexts: list[ImageContext], seed: int, teacher_id: str) -> list[str]:
+    """The prompt key of every request `build_bench` makes (to count what is kept)."""
+    return [prompt_key(_request(rtype, ctx, seed).messages, teacher_id)
+            for ctx in contexts for rtype in RESPONSE_TYPES]  # fmt: skip
+
+
+def _ask(
+    teacher: Teacher,
+    rtype: str,
+    ctx: ImageContext,
+    seed: int,
+    retries: int,
+    done: dict[str, str],
+    log: Callable[[dict], None] | None,
+    teacher_id: str,
+) -> tuple[tuple[str, str] | None, str | None]:
+    """(question, answer) from a kept reply or the teacher, else (None, why it failed).
+
+    An accepted reply is logged before it is used, so a run stopped later keeps it."""
+    request = _request(rtype, ctx, seed)
+    question = request.question
+    key = prompt_key(request.messages, teacher_id)
+    if key in done:
+        try:
+            return first_pair(rtype, done[key], question), None
+        except RejectedOutput:
+            pass  # kept under an older parser that accepted it: ask again
     reason = ""
     for attempt in range(retries + 1):
         try:
-            return first_pair(rtype, teacher.respond(request), question), None
+            reply = teacher.respond(request)
+            pair = first_pair(rtype, reply, question)
         except (RejectedOutput, EndpointError) as err:
             if isinstance(err, EndpointDownError) and attempt == retries:
-                raise  # down on every try: every question would fail, stop before writing
+                raise  # down on every try: every question would fail, stop the build
             reason = str(err)
+            continue
+        if log is not None:
+            log({"prompt_key": key, "image": ctx.image, "category": rtype,
+                 "attempt": attempt, "content": reply})  # fmt: skip
+        return pair, None
     return None, reason
 
 
@@ -100,18 +138,24 @@ def build_bench(
     seed: int = 0,
     retries: int = 2,
     progress: Callable[[], None] | None = None,
+    log: Callable[[dict], None] | None = None,
+    done: dict[str, str] | None = None,
+    teacher_id: str = "",
 ) -> Bench:
     """One question per type per image, with the teacher's answer as the reference.
 
     A reply the parser rejects (or a failing endpoint) is asked again up to `retries`
     times; a question still missing is recorded in `failures`, never invented. An endpoint
-    down on every try raises EndpointDownError.
+    down on every try raises EndpointDownError. `done` holds replies kept by an earlier run
+    (`kept_replies`), used without asking; each newly accepted reply goes to `log` as it
+    arrives, its prompt key naming `teacher_id` (another teacher is asked afresh).
     """
+    done = done or {}
     bench = Bench()
     for ctx in contexts:
         bench.contexts.append(context_row(ctx))
         for rtype in RESPONSE_TYPES:
-            pair, reason = _ask(teacher, rtype, ctx, seed, retries)
+            pair, reason = _ask(teacher, rtype, ctx, seed, retries, done, log, teacher_id)
             if progress is not None:
                 progress()
             if pair is None:
@@ -123,3 +167,12 @@ def build_bench(
             bench.references.append({"question_id": qid, "text": pair[1],
                                      "answer_id": f"ref-{qid}", "model_id": teacher.name})  # fmt: skip
     return bench
+
+
+def kept_replies(path: str | Path) -> dict[str, str]:
+    """prompt key -> accepted teacher reply, from an earlier build_requests.jsonl."""
+    return {
+        str(r["prompt_key"]): r["content"]
+        for r in read_records(path)
+        if "prompt_key" in r and isinstance(r.get("content"), str)
+    }

@@ -20,8 +20,6 @@ File formats (LLaVA-Bench's own): questions {question_id, image, text, category}
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import statistics
 import threading
@@ -34,6 +32,7 @@ from pathlib import Path
 from vistune.chat_client import EndpointDownError
 from vistune.datagen.context import Box
 from vistune.errors import DataError, VistuneError
+from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
 
 CATEGORIES = ("conversation", "detail", "complex")
@@ -184,12 +183,6 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     return a, b
 
 
-def prompt_key(messages: list[dict], judge_id: str = "") -> str:
-    """Identifies a request (the judge and the exact messages) for resuming."""
-    blob = json.dumps([judge_id, messages], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def judge_one(
     item: BenchItem,
     repeat: int,
@@ -338,9 +331,6 @@ def reusable(
 ) -> dict[tuple[int, str], Judgement]:
     """Successful judgements in an earlier raw_judgements.jsonl by the same judge on the
     same prompt (so an interrupted run resumes without asking again)."""
-    path = Path(raw_path)
-    if not path.is_file():
-        return {}
     keys = {
         i.question_id: (
             i.category,
@@ -349,9 +339,8 @@ def reusable(
         for i in items
     }
     done: dict[tuple[int, str], Judgement] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for rec in read_records(raw_path):
         try:
-            rec = json.loads(line)
             qid, scores = str(rec["question_id"]), rec.get("scores")
             if scores and qid in keys and rec.get("prompt_key") == keys[qid][1]:
                 done[(int(rec["repeat"]), qid)] = Judgement(

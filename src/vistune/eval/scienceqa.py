@@ -15,7 +15,9 @@ problems. A column with no problems is None (the official script would divide by
 
 Ensembling (§5.2): `complement` keeps the other model's answer and uses ours only where
 the other gives no parsable answer; `judge` asks a judge model for the final answer
-wherever the two parsed answers differ (including where one is unparsed).
+wherever the two parsed answers differ (including where one is unparsed). Its replies are
+logged as they arrive, and one that gave a letter is reused by a rerun that would send the
+same judge the same messages (vistune.eval.journal).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from vistune.chat_client import EndpointDownError
 from vistune.data.scienceqa import OPTIONS, SUBJECTS, ScienceQAProblem, build_question
 from vistune.errors import VistuneError
+from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, read_jsonl
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "average")
@@ -163,14 +166,28 @@ def parse_judge_letter(text: str, n_choices: int) -> str | None:
     return letter if letter is not None and letter in OPTIONS[:n_choices] else None
 
 
+def judge_requests(
+    problems: Sequence[ScienceQAProblem], ours_text: dict[str, str], other_text: dict[str, str]
+) -> dict[str, list[dict]]:
+    """pid -> the judge's messages, for the problems whose two parsed answers differ."""
+    prompt = load_judge_prompt()
+    ours = parse_all(problems, ours_text)
+    other = parse_all(problems, other_text)
+    return {
+        p.pid: judge_messages(p, ours_text[p.pid], other_text[p.pid], prompt)
+        for p in problems
+        if ours[p.pid] != other[p.pid]
+    }
+
+
 @dataclass
 class JudgeEnsemble:
     letters: dict[str, str | None]
     asked: list[str]
-    """pids where the two models differed and the judge was asked."""
+    """pids where the two models differed and the judge was asked (now or in a run whose
+    replies were kept)."""
     failures: list[str]
     """pids where the judge gave no letter after all tries (our answer kept)."""
-    raw: list[dict]
 
 
 def judge_ensemble(
@@ -179,44 +196,73 @@ def judge_ensemble(
     other_text: dict[str, str],
     complete: Callable[[list[dict]], str],
     retries: int = 2,
+    log: Callable[[dict], None] | None = None,
+    done: dict[str, str] | None = None,
+    judge_id: str = "",
 ) -> JudgeEnsemble:
     """Where the parsed answers differ, ask `complete` (a judge model) for the final letter.
 
     Ours is Assistant 1, the other model Assistant 2. A judge that fails (endpoint error
     or no letter) `retries + 1` times keeps our answer and is listed in `failures`; one
-    down on its last try (EndpointDownError) stops the ensemble with that error.
+    down on its last try (EndpointDownError) stops the ensemble with that error. Every
+    reply or error goes to `log` as it arrives; `done` holds replies kept by an earlier run
+    (`kept_replies`), used without asking when they give a letter.
     """
-    prompt = load_judge_prompt()
     ours = parse_all(problems, ours_text)
-    other = parse_all(problems, other_text)
+    requests = judge_requests(problems, ours_text, other_text)
+    done = done or {}
     letters: dict[str, str | None] = {}
-    asked, failures, raw = [], [], []
+    asked, failures = [], []
     for p in problems:
-        if ours[p.pid] == other[p.pid]:
+        if p.pid not in requests:  # both gave the same letter (or none)
             letters[p.pid] = ours[p.pid]
             continue
         asked.append(p.pid)
-        messages = judge_messages(p, ours_text[p.pid], other_text[p.pid], prompt)
-        letter = None
-        for attempt in range(retries + 1):
-            try:
-                reply = complete(messages)
-            except VistuneError as err:
-                raw.append({"question_id": p.pid, "attempt": attempt, "error": str(err)})
-                if isinstance(err, EndpointDownError) and attempt == retries:
-                    raise  # down on every try: it would be for every question
-                continue
-            letter = parse_judge_letter(reply, len(p.choices))
-            raw.append(
-                {"question_id": p.pid, "attempt": attempt, "content": reply, "letter": letter}
-            )
-            if letter is not None:
-                break
+        messages = requests[p.pid]
+        key = prompt_key(messages, judge_id)
+        letter = parse_judge_letter(done[key], len(p.choices)) if key in done else None
+        if letter is None:
+            letter = _ask_judge(p, messages, key, complete, retries, log)
         if letter is None:
             failures.append(p.pid)
             letter = ours[p.pid]
         letters[p.pid] = letter
-    return JudgeEnsemble(letters, asked, failures, raw)
+    return JudgeEnsemble(letters, asked, failures)
+
+
+def _ask_judge(
+    p: ScienceQAProblem,
+    messages: list[dict],
+    key: str,
+    complete: Callable[[list[dict]], str],
+    retries: int,
+    log: Callable[[dict], None] | None,
+) -> str | None:
+    """The judge's letter for one problem in at most `retries + 1` requests, else None."""
+    log = log or (lambda record: None)
+    for attempt in range(retries + 1):
+        record = {"question_id": p.pid, "attempt": attempt, "prompt_key": key}
+        try:
+            reply = complete(messages)
+        except VistuneError as err:
+            log({**record, "error": str(err)})
+            if isinstance(err, EndpointDownError) and attempt == retries:
+                raise  # down on every try: it would be for every question
+            continue
+        letter = parse_judge_letter(reply, len(p.choices))
+        log({**record, "content": reply, "letter": letter})
+        if letter is not None:
+            return letter
+    return None
+
+
+def kept_replies(path: str | Path) -> dict[str, str]:
+    """prompt key -> a judge reply that gave a letter, from an earlier raw_judgements.jsonl."""
+    return {
+        str(r["prompt_key"]): r["content"]
+        for r in read_records(path)
+        if "prompt_key" in r and r.get("letter") and isinstance(r.get("content"), str)
+    }
 
 
 ENSEMBLES = ("complement", "judge")

@@ -1,0 +1,65 @@
+"""Append-only JSONL journals of finished teacher and judge requests, so that a run stopped
+by Ctrl-C, `kill -9` or a dead endpoint resumes without asking anything twice.
+
+Each request is identified by `prompt_key`: a hash of the model that answers it and the
+exact messages sent. A run appends one record per reply as it arrives (flushed at once);
+the next run with the same settings reuses the replies whose key it would send again.
+Used by `eval judge` and `eval scienceqa --ensemble judge` (raw_judgements.jsonl) and
+`eval build` (build_requests.jsonl).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def prompt_key(messages: list[dict], model_id: str = "") -> str:
+    """Identifies a request (the model and the exact messages) for resuming."""
+    blob = json.dumps([model_id, messages], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextmanager
+def appender(path: str | Path) -> Iterator[Callable[[dict], None]]:
+    """A function writing one record a line to the end of `path`, flushed at once.
+
+    A run killed while writing can leave a torn last line; the first record then starts on
+    a fresh line rather than being glued to it (and lost with it).
+    """
+    path = Path(path)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+    with path.open("a", encoding="utf-8") as handle:
+        if torn:
+            handle.write("\n")
+
+        def write(record: dict) -> None:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+
+        yield write
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a journal, [] when there is none. A torn line (possibly cut inside
+    a UTF-8 character) or any line that is not a JSON object is skipped: its request is
+    simply asked again."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -1,0 +1,36 @@
+"""The request journals that make `eval judge`, `eval build` and `--ensemble judge`
+resumable: what reaches the disk when, and what a torn file gives back."""
+
+from __future__ import annotations
+
+from vistune.eval.journal import appender, prompt_key, read_records
+
+
+def test_each_record_is_on_disk_before_the_next_request(tmp_path):
+    path = tmp_path / "j.jsonl"
+    with appender(path) as log:
+        log({"prompt_key": "a", "content": "café"})
+        # a kill -9 now loses nothing: the record is already in the file
+        assert path.read_bytes() == '{"prompt_key": "a", "content": "café"}\n'.encode()
+        log({"prompt_key": "b", "content": "x"})
+        assert [r["prompt_key"] for r in read_records(path)] == ["a", "b"]
+
+
+def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next_record(tmp_path):
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(
+        b'{"prompt_key": "a"}\n[1, 2]\nnot json\n{"prompt_key": "b", "content": "caf\xc3'
+    )
+    assert read_records(path) == [{"prompt_key": "a"}]
+    with appender(path) as log:
+        log({"prompt_key": "c"})
+    assert read_records(path) == [{"prompt_key": "a"}, {"prompt_key": "c"}]
+    assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_prompt_key_names_the_model_and_the_exact_messages():
+    messages = [{"role": "user", "content": "Q?"}]
+    key = prompt_key(messages, "gpt|temperature=0.2")
+    assert key == prompt_key([{"content": "Q?", "role": "user"}], "gpt|temperature=0.2")
+    assert key != prompt_key(messages, "gpt|temperature=0.7")
+    assert key != prompt_key([{"role": "user", "content": "Q? "}], "gpt|temperature=0.2")
