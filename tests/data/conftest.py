@@ -63,3 +63,45 @@ def tiny_tokenizer():
 def bos_tokenizer():
     """The same tokenizer, but it puts "<s>" before every encoded text (like Llama's)."""
     return _build(bos=True)
+
+
+def _sentencepiece(legacy: bool):
+    """A Llama-style SentencePiece BPE (byte fallback, "▁" for spaces, BOS "<s>") as
+    transformers builds from a `tokenizer.model`: `legacy=True` as LLaMA-1 / Vicuna v0
+    load (a `Prepend("▁")` normalizer: every encode call starts with a word marker), else
+    Metaspace with `prepend_scheme="first"`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()  # learn pieces within words, as SP does
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]  # fmt: skip
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=["▁"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if legacy:
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+        tok.pre_tokenizer = None
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["legacy", "metaspace"])
+def sentencepiece_tokenizer(request):
+    return _sentencepiece(legacy=request.param)

@@ -28,7 +28,9 @@ How text becomes tokens (the BPE-boundary choice): every template produces a lis
 segments that alternate context / supervised, cut exactly where generation starts and stops
 (after "Assistant:", after "<|im_start|>assistant\\n", after "<image>"). Each segment is
 tokenised on its own (without special tokens), split on "<image>" with IMAGE_TOKEN_ID put in
-between, so no token straddles a prompt/answer boundary. `tokenize_prompt` uses the same
+between, so no token straddles a prompt/answer boundary. Tokenizers that mark a word start at
+the beginning of every encode call (SentencePiece's dummy prefix: legacy Llama / Vicuna) get
+each piece that follows text encoded as it would be after that text (`_encode_text`). `tokenize_prompt` uses the same
 segments, so the ids the model sees at inference are exactly a training prefix, and the
 answer is tokenised as the model would emit it after the prompt. For `vicuna_v0` and `plain`
 the tokenizer's own leading special tokens (a BOS, if it adds one) go first; the chat template
@@ -39,6 +41,7 @@ expected text; any difference raises TemplateMismatchError naming the sample.
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -245,14 +248,61 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def _encode_text(text: str, tokenizer: Any) -> list[int]:
+_ANCHOR = "\n"
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _encode_after_text(text: str, tokenizer: Any) -> list[int] | None:
+    """Ids of `text` as they come after other text: encoded behind an anchor ("\\n") that is
+    then cut off. None where the anchor's ids do not stay apart (it merged with `text`)."""
+    head = tokenizer.encode(_ANCHOR, add_special_tokens=False)
+    ids = tokenizer.encode(_ANCHOR + text, add_special_tokens=False)
+    return ids[len(head) :] if ids[: len(head)] == head else None
+
+
+def _prefixes(tokenizer: Any) -> bool:
+    """Whether encoding text on its own marks a word start that the same text would not get
+    after other text: SentencePiece's dummy prefix, as in legacy Llama/Vicuna tokenizers (a
+    `Prepend("▁")` normalizer: " answer" alone is "▁" "▁answer") and in Metaspace's
+    `prepend_scheme="first"` ("###" alone is "▁###"). BPE tokenizers (GPT-2, SmolLM2,
+    Llama 3) encode the same either way."""
+    try:
+        return _PREFIXES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    found = False
+    for probe in ("a", " a"):
+        after = _encode_after_text(probe, tokenizer)
+        found |= after is not None and after != tokenizer.encode(probe, add_special_tokens=False)
+    try:
+        _PREFIXES[tokenizer] = found
+    except TypeError:  # not weakly referenceable: asked again next time
+        pass
+    return found
+
+
+def _encode_text(text: str, tokenizer: Any, after_text: bool) -> tuple[list[int], bool]:
+    """Ids of one segment ("<image>" -> IMAGE_TOKEN_ID), and whether it ends in text.
+
+    A piece that follows text of the same sequence (`after_text`, or an earlier piece) is
+    encoded as it would be inside one string, where the tokenizer adds a word-start marker
+    to every encode call (`_prefixes`); without that, a legacy Llama tokenizer would put
+    an extra "▁" before every answer and its spans could not match. The sequence's first
+    piece and a piece right after the image keep the marker, as LLaVA's
+    tokenizer_image_token gives them (it encodes the text around "<image>" call by call)."""
     ids: list[int] = []
+    anchored = _prefixes(tokenizer)
     for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if k:
             ids.append(IMAGE_TOKEN_ID)
+            after_text = False
         if piece:
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
-    return ids
+            got = _encode_after_text(piece, tokenizer) if after_text and anchored else None
+            ids.extend(
+                got if got is not None else tokenizer.encode(piece, add_special_tokens=False)
+            )
+            after_text = True
+    return ids, after_text
 
 
 def _decode_span(tokenizer: Any, ids: list[int], start: int, end: int) -> str:
@@ -275,8 +325,9 @@ def _encode_segments(
     ids = _special_prefix(tokenizer) if template.special_prefix else []
     labels = [IGNORE_INDEX] * len(ids)
     spans = []
+    after_text = False  # a BOS is not text: the first piece keeps its word-start marker
     for seg in segments:
-        piece = _encode_text(seg.text, tokenizer)
+        piece, after_text = _encode_text(seg.text, tokenizer, after_text)
         if seg.supervised:
             spans.append((len(ids), len(ids) + len(piece), seg.text))
             labels.extend(piece)
