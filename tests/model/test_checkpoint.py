@@ -164,6 +164,16 @@ def test_bad_model_settings(saved, tmp_path):
         LlavaModel.load(path)
 
 
+def test_unknown_template_is_a_model_dir_error(saved, tmp_path):
+    """A template name no vistune knows fails at load, not later in the chat or the engine."""
+    path = _copy(saved, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["template"] = "alpaca"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match=r"unknown template 'alpaca'; valid: vicuna_v0"):
+        LlavaModel.load(path)
+
+
 def test_projector_shape_mismatch(saved, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -291,3 +301,51 @@ def test_load_in_bfloat16(saved, trained):
         logits = _logits(loaded)
     assert logits.shape == reference.shape
     assert (logits.float() - reference).abs().max() < 0.5
+
+
+LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    "config, weights",
+    [
+        ("{not json", None),
+        ("{}", None),  # no peft_type
+        (json.dumps({**LORA, "target_modules": ["no_such_proj"]}), None),
+        (json.dumps(LORA), b"\0" * 64),  # not a safetensors file
+        (json.dumps({**LORA, "r": 8}), "r4"),  # tensors of another rank
+    ],
+    ids=["bad json", "no peft_type", "unknown modules", "garbage weights", "wrong shapes"],
+)
+def test_broken_adapter_is_a_model_dir_error(saved, tmp_path, config, weights):
+    from safetensors.torch import save_file
+
+    path = _copy(saved, tmp_path)
+    adapter = path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    if weights == "r4":
+        a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        save_file(
+            {a: torch.zeros(4, 32), b: torch.zeros(32, 4)}, adapter / "adapter_model.safetensors"
+        )
+    else:
+        (adapter / "adapter_model.safetensors").write_bytes(weights or b"")
+    with pytest.raises(ModelDirError, match=r"adapter: cannot load the LoRA adapter"):
+        LlavaModel.load(path)
+
+
+@pytest.mark.parametrize("part", ["llm", "vision"])
+def test_wrongly_typed_hf_config_is_a_model_dir_error(saved, tmp_path, part):
+    path = _copy(saved, tmp_path)
+    _edit_json(path / part / "config.json", hidden_size="wide")
+    with pytest.raises(ModelDirError, match=rf"{part}.*hidden_size"):
+        LlavaModel.load(path)
+
+
+def test_bad_preprocessor_config_is_a_model_dir_error(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _edit_json(path / "vision" / "preprocessor_config.json", image_mean=[0.5, 0.5])
+    with pytest.raises(ModelDirError, match=r"preprocessor_config.json: mean must have 3 values"):
+        LlavaModel.load(path)

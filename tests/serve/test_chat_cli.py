@@ -133,6 +133,36 @@ def test_exit_command_ends_the_session(model_dir, monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_bad_line_keeps_the_session(model_dir, engine, tmp_path, capsys, monkeypatch):
+    """A message the engine refuses (a second image placeholder, one too long for the
+    context) prints one error line; the session and its conversation go on without it."""
+    img = write_photo(tmp_path / "a.png", 4)
+    script = iter(["What is it?", "Look at <image> again", "word " * 600, "And the colour?"])
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(script)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    rc = main(chat("--model", str(model_dir), "--image", str(img)))
+    out, err = capsys.readouterr()
+    assert rc == 0
+    image = Image.open(img).convert("RGB")
+    q1 = {"role": "user", "content": "What is it?"}
+    a1 = ask(engine, [q1], image)
+    turn2 = [
+        q1,
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": "And the colour?"},
+    ]
+    assert out == f"{a1}\n{ask(engine, turn2, image)}\n\n"
+    errors = [line for line in err.splitlines() if line.startswith("vistune: error:")]
+    assert len(errors) == 2 and "<image>" in errors[0] and "context" in errors[1]
+    assert "Traceback" not in err
+
+
 def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], str]]:
     good = write_photo(tmp_path / "good.png", 3)
     corrupt = tmp_path / "corrupt.png"
@@ -158,6 +188,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "missing file": (["--model", str(no_proj), *q], "projector"),
         "mismatched": (["--model", str(mismatched), *q], "mismatched"),
         "bad flag": ([*m, *q, "--temperature", "-1"], "temperature"),
+        "nan temperature": ([*m, *q, "--temperature", "nan"], "temperature"),
         "bad threads": ([*m, *q, "--threads", "-2"], "--threads"),
     }
 
@@ -174,6 +205,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "missing file",
         "mismatched",
         "bad flag",
+        "nan temperature",
         "bad threads",
     ],
 )
@@ -185,6 +217,14 @@ def test_bad_input_is_one_line_and_exit_2(case, model_dir, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("vistune: error:") and mention in lines[0]
+
+
+def test_prompt_longer_than_the_context_is_one_error_line(model_dir, capsys):
+    rc = main(chat("--model", str(model_dir), "--prompt", "word " * 600))
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("vistune: error: the prompt is") and "context of 512" in last
 
 
 def test_debug_shows_the_traceback(model_dir, tmp_path, capsys):

@@ -137,3 +137,29 @@ def test_stream_checks_messages_when_called(engine):
 
     with pytest.raises(DataError):
         engine.stream([{"role": "assistant", "content": "hi"}], None, CFG)  # not iterated
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(engine):
+    """The tiny LLM takes 512 positions: a longer prompt is the user's to shorten, said
+    before anything is generated (stream included)."""
+    messages = ask("the cat sat on the mat " * 120)
+    with pytest.raises(VistuneError, match=r"prompt is \d+ tokens.*context of 512"):
+        engine.answer(messages, photo(7), CFG)
+    with pytest.raises(VistuneError, match="context of 512"):
+        engine.stream(messages, None, CFG)  # not iterated
+    with pytest.raises(VistuneError, match="context of 512"):
+        engine.answer_batch([(ask("Hi"), None), (messages, None)], CFG)
+
+
+def test_bf16_engine_keeps_rope_frequencies_float32(tiny_model, tiny_llm_dir):
+    """Casting to bf16 leaves RoPE's inv_freq in float32, as transformers' own bf16 loading
+    does: the engine's LLM gives exactly the logits of `from_pretrained(dtype=bf16)`."""
+    from transformers import LlamaForCausalLM
+
+    eng = Engine(copy.deepcopy(tiny_model), dtype=torch.bfloat16)
+    ref = LlamaForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.bfloat16).eval()
+    assert eng.model.llm.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(5, 500, (1, 480), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = eng.model.llm(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -237,3 +237,56 @@ def test_peft_wrapper_generates_as_the_model_it_wraps(tiny_llm, tiny_tokenizer):
     assert gen._cache_kw == "cache"
     out = gen.run(x, ones(x), cfg)[0]  # a fresh adapter (B = 0) changes nothing
     assert out.token_ids == ref.token_ids
+
+
+def gpt2_llm(vocab_size: int, positions: int):
+    """A tiny GPT-2: learned position embeddings, so a position past `positions` is no row."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=vocab_size, n_positions=positions,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_generation_stops_at_the_llms_context(tiny_tokenizer):
+    """Prompt + answer never run past the LLM's context (GPT-2's position table would fail
+    with an IndexError); reaching it ends the row as `length`."""
+    llm = gpt2_llm(len(tiny_tokenizer), positions=32)
+    gen = Generator(llm, tiny_tokenizer)
+    gen.eos = set()  # the random model must not end its rows early by chance
+    rows = [list(range(5, 33)), list(range(5, 25))]  # 28 and 20 tokens
+    embeds, mask = left_pad(llm, rows)
+    out = gen.run(embeds, mask, GenerationConfig(max_new_tokens=16))
+    assert [len(c.token_ids) for c in out] == [4, 4]
+    assert {c.finish_reason for c in out} == {"length"}
+    x = embed(llm, list(range(5, 37)))  # 32 tokens: no room for an answer
+    with pytest.raises(ValueError, match="context of 32"):
+        gen.run(x, ones(x), GenerationConfig(max_new_tokens=4))
+
+
+def test_fast_decoder_buffers_stop_at_the_context(tiny_llm, tiny_tokenizer):
+    """A huge max_new_tokens allocates no more than the context (512 positions here)."""
+    gen = Generator(tiny_llm, tiny_tokenizer)
+    gen.eos = set()
+    x = torch.randn(1, 505, tiny_llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    out = gen.run(x, ones(x), GenerationConfig(max_new_tokens=10**9))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    plain = Generator(tiny_llm, tiny_tokenizer, fast=False)
+    plain.eos = set()
+    assert plain.run(x, ones(x), GenerationConfig(max_new_tokens=50))[0].token_ids == out.token_ids
+
+
+def test_temperature_edge_values(tiny_llm, tiny_tokenizer):
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=float("inf"))
+    gen = Generator(tiny_llm, tiny_tokenizer)
+    embeds, mask = left_pad(tiny_llm, [tiny_tokenizer.encode(p) for p in PROMPTS])
+    greedy = [c.token_ids for c in gen.run(embeds, mask, GenerationConfig(max_new_tokens=8))]
+    for tiny in (1e-45, 1e-300):  # below float32's range: sampling is greedy, not a crash
+        cold = GenerationConfig(max_new_tokens=8, temperature=tiny, seed=0)
+        assert [c.token_ids for c in gen.run(embeds, mask, cold)] == greedy

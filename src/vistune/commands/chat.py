@@ -135,10 +135,13 @@ def _interactive(engine, image, config) -> int:
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]}; {INTERACTIVE_HELP}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        history.append(
-            {"role": "assistant", "content": _stream_answer(engine, history, image, config)}
-        )
+        asked = [*history, {"role": "user", "content": line}]
+        try:
+            reply = _stream_answer(engine, asked, image, config)
+        except VistuneError as err:  # e.g. a second <image>, or past the context: not kept
+            print(f"vistune: error: {err}", file=sys.stderr)
+            continue
+        history = [*asked, {"role": "assistant", "content": reply}]
 
 
 def _stream_answer(engine, history: list[dict], image, config) -> str:

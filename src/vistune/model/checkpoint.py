@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -39,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 import vistune
 from vistune.config import ModelConfig
+from vistune.data.conversation import get_template
 from vistune.errors import ModelDirError
 
 if TYPE_CHECKING:
@@ -125,7 +127,8 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+# StrictDataclassError: a config.json field of the wrong type (e.g. "hidden_size": "wide").
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
 
 
 def load_hf_model(
@@ -185,6 +188,7 @@ def read_model_dir(model_dir: str | Path) -> ModelDirInfo:
         )
     try:
         config = ModelConfig.from_dict(raw["model"])
+        get_template(config.template)  # ModelConfig does not know the templates
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelDirError(f"{config_path}: bad 'model' settings: {exc}") from exc
     trained = raw.get("projector_trained")
@@ -216,9 +220,12 @@ def merge_adapter(llm: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
         raise ModelDirError(
             f"{adapter_dir}: a LoRA adapter; loading it needs peft (pip install 'vistune[lora]')"
         ) from exc
-    with quiet_transformers():
-        adapted = PeftModel.from_pretrained(llm, str(adapter_dir))
-    return adapted.merge_and_unload()
+    try:
+        with quiet_transformers():
+            adapted = PeftModel.from_pretrained(llm, str(adapter_dir))
+        return adapted.merge_and_unload()
+    except (*_LOAD_ERRORS, TypeError) as exc:
+        raise ModelDirError(f"{adapter_dir}: cannot load the LoRA adapter: {exc}") from exc
 
 
 def load_projector(projector: nn.Module, path: Path, vision_hidden: int, llm_hidden: int) -> None:

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from vistune.config import ModelConfig
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
 from vistune.data.image import ImageProcessor
+from vistune.errors import ModelDirError
 from vistune.model import checkpoint
 from vistune.model.projector import build_projector
 from vistune.model.vision import VisionTower
@@ -117,9 +118,12 @@ class LlavaModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             projector = build_projector(config.projector, vision.hidden_size, llm_hidden)
-        image_processor = ImageProcessor.from_vision_dir(
-            vision_dir, size=config.image_size, aspect=config.image_aspect
-        )
+        try:
+            image_processor = ImageProcessor.from_vision_dir(
+                vision_dir, size=config.image_size, aspect=config.image_aspect
+            )
+        except (ValueError, TypeError) as exc:  # e.g. two mean values, or one that is text
+            raise ModelDirError(f"{vision_dir / 'preprocessor_config.json'}: {exc}") from exc
         return cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -119,7 +120,7 @@ class VisionTower(nn.Module):
         config_class, model_class = VISION_MODELS[model_type]
         try:
             config = config_class.from_pretrained(path)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
             raise ModelDirError(
                 f"{path / 'config.json'}: not a valid {model_type} config: {exc}"
             ) from exc

@@ -10,7 +10,9 @@ vicuna_v0, paper Table 2), any extra `config.stop`, or EOS.
     engine.answer([{"role": "user", "content": "What is shown?"}], image, GenerationConfig())
 
 The engine casts the model it is given to `dtype` once (bf16 by default: on CPUs with
-AVX-512 BF16/AMX the prefill runs about 3x faster than fp32; see docs/PERFORMANCE.md).
+AVX-512 BF16/AMX the prefill runs about 3x faster than fp32; see docs/PERFORMANCE.md),
+keeping RoPE's frequencies in float32 as transformers does. A prompt that leaves the LLM's
+context no room for an answer is a VistuneError; an answer ends (`length`) where it fills it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from vistune.config import GenerationConfig
 from vistune.data.conversation import IMAGE_PLACEHOLDER, stop_strings, tokenize_prompt
 from vistune.errors import VistuneError
-from vistune.serve.generate import Completion, Generator
+from vistune.serve.generate import Completion, Generator, context_length
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,6 +34,24 @@ if TYPE_CHECKING:
 
 Request = tuple[list[dict], "Image.Image | None"]
 DEFAULT_CONFIG = GenerationConfig()
+ROPE_BUFFERS = ("inv_freq", "original_inv_freq")
+"""RoPE frequency buffers: transformers keeps them float32 in a bf16 model (its rotary
+modules compute in float32); in bf16 they drift by up to 0.4%, a radian per ~250 positions."""
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, leaving float32 RoPE frequencies float32 (as `from_pretrained` with
+    that dtype has them)."""
+    keep = [
+        (name, buffer)
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if name.rpartition(".")[2] in ROPE_BUFFERS and buffer.dtype == torch.float32
+    ]
+    model.to(dtype)
+    for name, buffer in keep:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, buffer)
+    return model
 
 
 def with_image(messages: list[dict], image: Image.Image | None) -> list[dict]:
@@ -88,27 +108,43 @@ class Engine:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = model.to(dtype).eval()
+        self.model = cast_model(model, dtype).eval()
         self.dtype = dtype
         self.template = template or model.config.template
         self.tokenizer = model.tokenizer
         self.stop = stop_strings(self.template, self.tokenizer)
         self.generator = Generator(model.llm, self.tokenizer)
+        self.context = context_length(model.llm)
         self.batch_size = batch_size
 
     @torch.inference_mode()
     def prepare(self, requests: Sequence[Request]) -> Spliced:
-        """Left-padded LLM inputs for a batch of (messages, image) requests."""
+        """Left-padded LLM inputs for a batch of (messages, image) requests; a prompt that
+        leaves no room in the LLM's context for an answer is a VistuneError."""
         ids, images = [], []
         for messages, image in requests:
             ids.append(tokenize_prompt(with_image(messages, image), self.tokenizer, self.template))
             if image is not None:
                 images.append(image)
+            if self.context is not None:
+                self._check_length(len(ids[-1]), image is not None)
         embeds = None
         if images:
             pixels = self.model.image_processor(images)  # (M, 3, S, S)
             embeds = self.model.project(self.model.image_features(pixels))  # (M, T, D)
         return self.model.splice(ids, embeds, padding_side="left")
+
+    def _check_length(self, num_ids: int, has_image: bool) -> None:
+        """A prompt of `num_ids` ids (the image placeholder one of them) must leave the LLM
+        room for at least one answer token."""
+        image = self.model.num_image_tokens if has_image else 0
+        length = num_ids + max(image - 1, 0)  # (L,) after the splice
+        if length >= self.context:
+            counted = f" (the image counts as {image})" if has_image else ""
+            raise VistuneError(
+                f"the prompt is {length} tokens{counted}, but the model's context of "
+                f"{self.context} must also hold the answer: shorten it"
+            )
 
     def complete(
         self, requests: Sequence[Request], config: GenerationConfig = DEFAULT_CONFIG

@@ -109,7 +109,10 @@ def _pick(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) 
     """Next token per row from float logits (B, V): argmax, or temperature + top-p sampling."""
     if config.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / config.temperature, dim=-1)  # (B, V)
+    # Shifted to max 0 and divided in float64: a temperature below float32's range (1e-45)
+    # then gives the greedy token probability 1 instead of inf / inf = NaN.
+    shifted = (logits - logits.amax(-1, keepdim=True)).double()  # (B, V) <= 0
+    probs = torch.softmax(shifted / config.temperature, dim=-1)  # (B, V)
     if config.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
@@ -127,6 +130,13 @@ def _seeded_rng(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         rng.manual_seed(seed)
     return rng
+
+
+def context_length(llm: torch.nn.Module) -> int | None:
+    """Positions the LLM takes (`max_position_embeddings`: the size of a learned position
+    table, or the range RoPE was trained on); None when its config does not say."""
+    value = getattr(getattr(llm, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def eos_ids(llm: torch.nn.Module, tokenizer: object) -> set[int]:
@@ -163,6 +173,7 @@ class Generator:
         self._decoder: decoder.LlamaDecoder | None = None
         self._decoder_key: tuple = ()
         self.eos = eos_ids(llm, tokenizer)
+        self.context = context_length(llm)
         params = inspect.signature(llm.forward).parameters
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes
@@ -180,6 +191,18 @@ class Generator:
             self._decoder = decoder.LlamaDecoder(self.llm) if ok else None
             self._decoder_key = key
         return self._decoder
+
+    def _new_token_limit(self, attention_mask: torch.Tensor, config: GenerationConfig) -> int:
+        """max_new_tokens, capped so that no row's prompt + answer runs past the context."""
+        if self.context is None or attention_mask.numel() == 0:
+            return config.max_new_tokens
+        longest = int(attention_mask.sum(-1).max())  # the longest prompt, without padding
+        if longest >= self.context:
+            raise ValueError(
+                f"the prompt is {longest} tokens; the LLM's context of {self.context} leaves "
+                "no room for an answer"
+            )
+        return min(config.max_new_tokens, self.context - longest)
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
         """Stops that are added/special tokens (e.g. "<|im_end|>") match by id, since
@@ -228,7 +251,8 @@ class Generator:
         """Run the loop; after each step yield (new text per row, Completion per finished row).
 
         A row's Completion appears once, on the step it finishes; finished rows leave the
-        batch (and the KV cache) and yield "" afterwards.
+        batch (and the KV cache) and yield "" afterwards. A row also ends (`length`) where
+        prompt + answer fill the LLM's context; a prompt that fills it is a ValueError.
         """
         from transformers import DynamicCache
 
@@ -238,6 +262,7 @@ class Generator:
                 f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
             )
         batch = inputs_embeds.shape[0]
+        limit = self._new_token_limit(attention_mask, config)
         text_stops, stop_ids = self._split_stops((*stop, *config.stop))
         states = [_TextState(self.tokenizer, text_stops) for _ in range(batch)]
         rng = _seeded_rng(config.seed, inputs_embeds.device)
@@ -249,14 +274,14 @@ class Generator:
         cache, kv = None, None
         fast = self._fast_decoder() if use_cache and self.fast else None
         if fast is not None:  # Llama family: vistune.serve.decoder end to end
-            kv = fast.allocate(mask, config.max_new_tokens)
+            kv = fast.allocate(mask, limit)
             logits = fast.forward(kv, embeds, positions, mask)  # (A, V)
         else:
             cache = DynamicCache(config=self.llm.config) if use_cache else None
             logits = self._forward(embeds, mask, positions, cache)  # (A, V)
         while True:
             tokens = _pick(logits, config, rng)  # (A,)
-            deltas, done, keep = self._advance(states, active, tokens, stop_ids, config)
+            deltas, done, keep = self._advance(states, active, tokens, stop_ids, limit)
             yield deltas, done
             if not keep:
                 return
@@ -287,9 +312,10 @@ class Generator:
         active: list[int],
         tokens: torch.Tensor,
         stop_ids: set[int],
-        config: GenerationConfig,
+        limit: int,
     ) -> tuple[list[str], list[Completion | None], list[int]]:
-        """Give each active row its token: (new text per row, finished rows, slots to keep)."""
+        """Give each active row its token: (new text per row, finished rows, slots to keep);
+        a row ends as `length` at `limit` tokens."""
         deltas = [""] * len(states)
         done: list[Completion | None] = [None] * len(states)
         keep: list[int] = []
@@ -304,7 +330,7 @@ class Generator:
                 state.push(token)
                 if state.stopped:
                     reason = "stop"
-                elif len(state.ids) >= config.max_new_tokens:
+                elif len(state.ids) >= limit:
                     reason = "length"
             if reason is None:
                 deltas[row] = state.take(final=False)
