@@ -151,3 +151,32 @@ def test_cli_answer_with_the_real_engine(bench, tmp_path, tiny_model):
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0]["model_id"] == "model"
     assert all(r["text"] for r in rows)  # the tiny model says something (not a vacuous match)
+
+
+def test_load_engine_loads_bf16_directly_with_the_same_answers(tiny_model, tmp_path, monkeypatch):
+    """An fp32 load cast afterwards held both copies at once (28 GB for a 7B LLM); the
+    model now loads in bf16 and answers exactly as the fp32-then-cast engine did."""
+    import torch
+
+    import vistune.model
+    from vistune.model import load_model
+    from vistune.serve.engine import Engine
+
+    loaded = []
+
+    def spy(spec, dtype=None):
+        model = load_model(spec, dtype=dtype)
+        loaded.append({p.dtype for p in model.llm.parameters()})
+        return model
+
+    monkeypatch.setattr(vistune.model, "load_model", spy)
+    model_dir = tiny_model.save(tmp_path / "model")
+    engine = answer.load_engine(model_dir, batch_size=2)
+    assert loaded == [{torch.bfloat16}]  # as loaded, before the engine casts anything
+    monkeypatch.undo()
+    cast = Engine(load_model(model_dir), batch_size=2)
+    image = Image.new("RGB", (16, 16), "blue")
+    requests = [([{"role": "user", "content": "<image>\nWhat is it?"}], image),
+                ([{"role": "user", "content": "Hello"}], None)]  # fmt: skip
+    config = GenerationConfig(max_new_tokens=6)
+    assert engine.answer_batch(requests, config) == cast.answer_batch(requests, config)

@@ -40,12 +40,17 @@ def require_engine() -> None:
 
 
 def load_engine(model: str | Path, batch_size: int = 8) -> AnswerEngine:
-    """`vistune.model.load_model(model)` (a folder or "default") in the serving engine (bf16)."""
+    """`vistune.model.load_model(model)` (a folder or "default") in the serving engine (bf16).
+
+    Loaded in bf16 directly, as `vistune chat` does: an fp32 load cast afterwards holds both
+    copies at once (28 GB for a 7B LLM)."""
     require_engine()
+    import torch
+
     from vistune.model import load_model
     from vistune.serve.engine import Engine
 
-    return Engine(load_model(model), batch_size=batch_size)
+    return Engine(load_model(model, dtype=torch.bfloat16), batch_size=batch_size)
 
 
 def messages_for(question: dict) -> list[dict]:
