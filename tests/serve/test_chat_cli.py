@@ -187,8 +187,9 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "no model dir": (["--model", str(tmp_path / "none"), *q], "none"),
         "missing file": (["--model", str(no_proj), *q], "projector"),
         "mismatched": (["--model", str(mismatched), *q], "mismatched"),
-        "bad flag": ([*m, *q, "--temperature", "-1"], "temperature"),
-        "nan temperature": ([*m, *q, "--temperature", "nan"], "temperature"),
+        "bad flag": ([*m, *q, "--temperature", "-1"], "--temperature must"),
+        "nan temperature": ([*m, *q, "--temperature", "nan"], "--temperature must"),
+        "bad top-p": ([*m, *q, "--top-p", "0"], "--top-p must"),
         "bad threads": ([*m, *q, "--threads", "-2"], "--threads"),
     }
 
@@ -206,6 +207,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "mismatched",
         "bad flag",
         "nan temperature",
+        "bad top-p",
         "bad threads",
     ],
 )

@@ -58,7 +58,8 @@ def _generation_config(args: argparse.Namespace):
             seed=args.seed,
         )
     except ValueError as exc:  # a bad flag value is the user's to fix
-        raise VistuneError(str(exc).replace("max_new_tokens", "--max-tokens")) from exc
+        message = str(exc).replace("max_new_tokens", "--max-tokens").replace("top_p", "--top-p")
+        raise VistuneError(message.replace("temperature", "--temperature", 1)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
