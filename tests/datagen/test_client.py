@@ -46,7 +46,9 @@ def test_api_key_comes_from_the_environment(chat_server, monkeypatch):
     assert chat_server.headers[0]["Authorization"] == "Bearer sk-env"
 
 
-@pytest.mark.parametrize("fault", ["500", "503", "malformed", "cut", "empty", "length"])
+@pytest.mark.parametrize(
+    "fault", ["500", "501", "503", "520", "529", "malformed", "cut", "empty", "length"]
+)
 def test_transient_faults_are_retried(chat_server, fault):
     chat_server.inject(fault, fault)
     with client(chat_server) as c:

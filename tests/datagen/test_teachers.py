@@ -150,12 +150,24 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
+def test_local_teachers_in_folders_of_the_same_name_are_different_teachers(tmp_path):
+    """The name is the store's cache key: `runs/a/checkpoint-9` must not reuse the answers
+    of `runs/b/checkpoint-9`."""
+    a, b = (
+        LocalTeacher(tmp_path / "a" / "checkpoint-9"),
+        LocalTeacher(tmp_path / "b" / "checkpoint-9"),
+    )
+    assert a.name != b.name
+    assert a.name == f"local:{(tmp_path / 'a' / 'checkpoint-9').resolve()}"
+    assert LocalTeacher().name == "local:default SmolLM2-135M-Instruct"
+
+
 def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
-    assert teacher.name == f"local:{tiny_lm_dir.name}" and not teacher.concurrent
+    assert teacher.name == f"local:{tiny_lm_dir.resolve()}" and not teacher.concurrent
     assert teacher._model is None  # loads on first use
     req = request("conversation")
     with pytest.raises(RejectedOutput) as first:  # a random tiny LM never stops by itself

@@ -60,6 +60,28 @@ def test_build_writes_llava_bench_files(coco, tmp_path, scripted_judge):
     assert items[0].context.count("\n\n") == 1  # captions, blank line, boxes
 
 
+def test_build_with_the_default_local_teacher(coco, tmp_path, monkeypatch):
+    """`--teacher local` without --local-model is the packaged SmolLM2 (as in datagen), and
+    --max-tokens reaches it; the model itself is stood in for by the rules."""
+    from vistune.datagen import teachers
+
+    seen = []
+
+    def respond(self, request):
+        seen.append((self.model_dir, self.max_new_tokens))
+        return RulesTeacher().respond(request)
+
+    monkeypatch.setattr(teachers.LocalTeacher, "respond", respond)
+    out = tmp_path / "bench"
+    rc = cli.main(["eval", "build", "--coco", str(coco), "--images", "2", "--teacher", "local",
+                   "--max-tokens", "77", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    assert seen == [(None, 77)] * 6
+    assert len(_jsonl(out / "questions.jsonl")) == 6
+    kept = _jsonl(out / "build_requests.jsonl")
+    assert len(kept) == 6 and len({k["prompt_key"] for k in kept}) == 6
+
+
 class _FlakyTeacher(RulesTeacher):
     """Answers complex questions with text the datagen parser rejects."""
 

@@ -269,14 +269,12 @@ def run_build(args: argparse.Namespace) -> int:
                    "max_retries": args.http_retries, "backoff": args.backoff,
                    "temperature": args.temperature, "max_tokens": args.max_tokens}  # fmt: skip
     elif args.teacher == "local":
-        options = {"model_dir": args.local_model}
+        options = {"model_dir": args.local_model, "max_new_tokens": args.max_tokens}
     contexts = sample_contexts(args.coco, args.split, args.images, args.seed)
     teacher = make_teacher(args.teacher, **options)
     teacher_id = teacher.name
     if args.teacher == "openai":
         teacher_id += f"|temperature={args.temperature}"
-    elif args.teacher == "local":  # the folder itself: two models may share a folder name
-        teacher_id = f"local:{Path(args.local_model).resolve()}"
     args.out.mkdir(parents=True, exist_ok=True)
     kept_path = args.out / "build_requests.jsonl"
     done = kept_replies(kept_path) if args.resume else {}

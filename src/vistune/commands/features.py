@@ -1,6 +1,6 @@
 """`vistune features`: fill the frozen feature store for a data file before training.
 
-    vistune features --data data/scenes/llava_pretrain.json --init default
+    vistune features --data data/scenes/brief.json --image-size 112 --init default
 
 The vision tower is frozen in both stages (paper §4.2), so its features are computed once
 per image (batched, with a progress bar) and reused by every stage and epoch; `vistune

@@ -81,7 +81,8 @@ class LocalTeacher(Teacher):
     def __init__(self, model_dir: str | Path | None = None, max_new_tokens: int = 512) -> None:
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.max_new_tokens = max_new_tokens
-        label = self.model_dir.name if self.model_dir else "default SmolLM2-135M-Instruct"
+        # the folder's full path: two models may share a folder name (checkpoint-1000)
+        label = self.model_dir.resolve() if self.model_dir else "default SmolLM2-135M-Instruct"
         self.name = f"local:{label}"
         self._lock = threading.Lock()
         self._model: Any = None
