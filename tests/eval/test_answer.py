@@ -98,6 +98,23 @@ def test_cli_answer(bench, tmp_path, fake_engine):
     assert len(out.read_text().splitlines()) == 5
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--answer-temperature", "-1"], "--answer-temperature must be a finite number"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_cli_bad_answer_flags_are_one_line(bench, tmp_path, fake_engine, capsys, flags, message):
+    q_path, _ = bench
+    rc = cli.main(["eval", "answer", "--model", "m", "--questions", str(q_path), "--out",
+                   str(tmp_path / "a.jsonl"), *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("vistune: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and fake_engine.batches == []
+
+
 def test_cli_scienceqa_model(sqa_files, tmp_path, fake_engine):
     images = tmp_path / "images"
     for pid in ("1", "2", "5", "9"):  # the fixture's problems with an image

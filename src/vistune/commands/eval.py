@@ -135,10 +135,19 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
     from vistune.config import GenerationConfig
     from vistune.eval.answer import answer_questions, check_images, load_engine
 
+    if args.batch_size < 1:
+        raise VistuneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                  temperature=args.answer_temperature,
+                                  seed=getattr(args, "seed", 0))  # fmt: skip
+    except ValueError as err:  # a bad flag value
+        names = {"max_new_tokens": "--max-new-tokens", "temperature": "--answer-temperature"}
+        message = str(err)
+        for field, flag in names.items():
+            message = message.replace(field, flag, 1)
+        raise VistuneError(message) from None
     check_images(questions, images)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens,
-                              temperature=args.answer_temperature,
-                              seed=getattr(args, "seed", 0))  # fmt: skip
     engine = load_engine(args.model, args.batch_size)
     bar = _progress(len(questions), "answering")
     try:
