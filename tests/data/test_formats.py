@@ -252,6 +252,73 @@ def test_load_pairs_errors(tmp_path: Path) -> None:
         load_pairs(latin)
 
 
+def test_tsv_pairs_not_utf8_oversized_or_with_a_bom(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes(b"a.jpg\ta dog\nb.jpg\tcaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.tsv: not UTF-8 text"):
+        load_pairs(latin)
+    huge = tmp_path / "huge.tsv"  # e.g. a binary file named .tsv: csv's field size limit
+    huge.write_text("a.jpg\t" + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"huge\.tsv: line 1: field larger than field limit"):
+        load_pairs(huge)
+    bom = tmp_path / "bom.tsv"  # as Windows tools save UTF-8: the header is still a header
+    bom.write_bytes("image\tcaption\na.jpg\ta dog\n".encode("utf-8-sig"))
+    contexts, skipped = load_pairs(bom)
+    assert [(c.image, c.captions) for c in contexts] == [("a.jpg", ("a dog",))] and not skipped
+
+
+def test_pairs_with_a_null_id_fall_back_to_the_image(tmp_path: Path) -> None:
+    jsonl = tmp_path / "pairs.jsonl"
+    rows = [
+        {"id": None, "image": "1.jpg", "caption": "a dog"},
+        {"id": None, "image": "2.jpg", "caption": "a cat"},
+        {"id": "", "image": "3.jpg", "caption": "a cow"},
+    ]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    contexts, _ = load_pairs(jsonl)
+    assert [c.image_id for c in contexts] == ["1.jpg", "2.jpg", "3.jpg"]
+
+
+def test_unreadable_paths_and_deep_nesting_are_data_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "data.json"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"data\.json: cannot read"):
+        read_llava_json(folder)
+    folder_jsonl = tmp_path / "data.jsonl"
+    folder_jsonl.mkdir()
+    with pytest.raises(DataError, match=r"data\.jsonl: cannot read"):
+        read_llava_json(folder_jsonl)
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(DataError, match=r"deep\.json: .*nested too deeply"):
+        read_llava_json(tmp_path / "deep.json")
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl: line 1 .*nested too deeply"):
+        read_llava_json(tmp_path / "deep.jsonl")
+
+
+def test_coco_boxes_nan_or_outside_within_tolerance_are_dropped_not_the_image(tmp_path: Path):
+    (tmp_path / "annotations").mkdir()
+    images = [{"id": 1, "file_name": "a.png", "width": 100, "height": 50}]
+    captions = [{"id": 1, "image_id": 1, "caption": "A star."}]
+    boxes = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 0, 5, 5]},
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, float("nan"), 5]},
+        {"id": 4, "image_id": 1, "category_id": 1, "bbox": [100.2, 0, 0.5, 5]},  # right of it
+        {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, -0.9, 5, 0.6]},  # above it
+    ]
+    cats = [{"id": 1, "name": "star"}]
+    ann = tmp_path / "annotations"
+    (ann / "captions_val.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (ann / "instances_val.json").write_text(
+        json.dumps({"images": images, "annotations": boxes, "categories": cats})
+    )
+    contexts, skipped = load_coco(tmp_path, "val")
+    assert [(b.category, b.xyxy) for b in contexts[0].boxes] == [("star", (0.1, 0.2, 0.3, 0.6))]
+    assert skipped == {"box out of range": 4}
+
+
 def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
     import os
     import subprocess

@@ -39,6 +39,22 @@ def test_exif_orientation_is_applied(tmp_path):
     assert bottom[2] > 200 and bottom[0] < 50
 
 
+def test_malformed_exif_still_turns_upright(tmp_path):
+    # A phone photo whose EXIF holds a tag of the wrong type (MaxSampleValue, a SHORT, stored
+    # as text): PIL reads it, but rewriting that EXIF (as ImageOps.exif_transpose does)
+    # raises struct.error, which escaped load_image as a traceback.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x0110] = "Model X"  # ASCII tag, renumbered below to MaxSampleValue (0x0119)
+    raw = exif.tobytes()
+    bad = raw.replace(b"\x01\x10\x00\x02", b"\x01\x19\x00\x02")
+    assert bad != raw
+    path = tmp_path / "odd_exif.jpg"
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(path, exif=bad)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (20, 40)
+
+
 def _save(tmp_path, image: Image.Image, name: str, **kw):
     path = tmp_path / name
     image.save(path, **kw)
@@ -112,6 +128,20 @@ def test_bad_files(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(ImageError, match=f"{name}: ({message})"):
         load_image(path)
+
+
+def test_postscript_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    # PIL renders EPS by running Ghostscript (an interpreter) on the file: a data set row or
+    # a chat image named .jpg can hold PostScript, so it is refused before anything runs.
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(1))
+    path = tmp_path / "photo.jpg"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    with pytest.raises(ImageError, match=r"photo\.jpg: .*EPS.*not read"):
+        load_image(path)
+    assert ran == []
 
 
 def test_missing_file_and_directory(tmp_path):

@@ -136,3 +136,10 @@ def test_scenes_command(tmp_path: Path, capsys) -> None:
     assert len(list((tmp_path / "train").glob("*.png"))) == 2  # round(3 * 0.2) = 1 in val
     assert main(["scenes", "--n", "2", "--out", str(tmp_path), "--val-fraction", "1"]) == 2
     assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_scenes_command_out_is_a_file(tmp_path: Path, capsys) -> None:
+    taken = tmp_path / "scenes"
+    taken.write_text("not a folder")
+    assert main(["scenes", "--n", "2", "--out", str(taken)]) == 2
+    assert f"--out {taken} is a file, not a folder" in capsys.readouterr().err

@@ -134,6 +134,8 @@ def test_missing_images_listed(release, tmp_path):
         ({"1": _problem(choices=["x"])}, {"test": ["1"]}, "test", r"problem 1 needs 2-5 choices"),
         ({"1": {"question": "?"}}, {"test": ["1"]}, "test", r"problem 1 lacks choices, answer"),
         ({"1": _problem()}, {"test": []}, "test", r"split 'test' in .* is empty"),
+        ({"1": _problem()}, {"test": 1}, "test", r"split 'test' in .* is not a list of pids"),
+        ({"12": _problem()}, {"test": "12"}, "test", r"split 'test' in .* is not a list of pids"),
     ],
 )  # fmt: skip
 def test_bad_release(tmp_path, problems, splits, split, message):

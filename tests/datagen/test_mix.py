@@ -110,6 +110,16 @@ def test_mix_command(files, tmp_path: Path, capsys) -> None:
     assert "unknown mix 'nope'" in capsys.readouterr().err
 
 
+def test_mix_command_refuses_a_type_given_twice(files, tmp_path: Path, capsys) -> None:
+    # two files for one type: taking the last would drop the first file's samples unseen
+    out = tmp_path / "mix.json"
+    argv = ["mix", "--out", str(out), "--ratios", "detail=1"]
+    argv += ["--input", f"detail={files['detail']}", "--input", f"detail={files['complex']}"]
+    assert main(argv) == 2
+    assert "--input gives detail twice" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_datagen_file_of_several_types_gives_each_type_its_own_samples(tmp_path):
     both = [
         {**_sample(rtype, i), "id": f"{i:012d}_{rtype}"}
@@ -129,3 +139,9 @@ def test_ids_with_an_underscore_but_no_type_keep_the_whole_file(tmp_path):
     path = tmp_path / "official.json"
     write_llava_json([{**_sample("detail", i), "id": f"img_{i}"} for i in range(10)], path)
     assert mix_with_counts({"detail": path}, "detail=1", seed=0)[1] == {"detail": 10}
+
+
+def test_mix_command_out_is_a_folder(files, tmp_path: Path, capsys) -> None:
+    argv = ["mix", "--out", str(tmp_path), "--ratios", "detail=1"]
+    assert main([*argv, "--input", f"detail={files['detail']}"]) == 2
+    assert f"--out {tmp_path} is a folder, not a file" in capsys.readouterr().err

@@ -39,11 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from vistune.data.formats import write_llava_json
     from vistune.datagen.mix import mix_with_counts
 
+    if args.out.is_dir():
+        raise VistuneError(f"--out {args.out} is a folder, not a file")
     files = {}
     for item in args.input:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise VistuneError(f"--input takes TYPE=FILE, got {item!r}")
+        if name in files:
+            raise VistuneError(
+                f"--input gives {name} twice ({files[name]}, {path}); one file a type"
+            )
         files[name] = Path(path)
     try:
         samples, counts = mix_with_counts(files, args.ratios, args.seed)

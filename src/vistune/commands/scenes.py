@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise VistuneError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.size < 32:
         raise VistuneError(f"--size must be at least 32, got {args.size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise VistuneError(f"--out {args.out} is a file, not a folder")
     with tqdm(total=args.n, desc="scenes", unit="img", file=sys.stderr) as bar:
         counts = make_scenes(
             args.out, args.n, args.seed, args.val_fraction, args.size, progress=bar.update

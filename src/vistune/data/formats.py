@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +54,8 @@ def load_json(path: str | Path) -> Any:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:  # a folder, no permission
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -60,6 +63,8 @@ def load_json(path: str | Path) -> Any:
             f"{path}: malformed JSON at line {err.lineno} column {err.colno} "
             f"(char {err.pos}): {err.msg}"
         ) from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
 
 
 def remove_orphaned_temps(folder: Path, pattern: str, pid_field: int) -> list[Path]:
@@ -132,7 +137,8 @@ def write_llava_json(
 def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
     """Read a LLaVA JSON file (a list of sample objects) unchanged; `.jsonl` is one a line.
 
-    Samples are not validated here: use `validate_llava_sample` (training does).
+    Samples are not validated here: use `validate_llava_sample` (training checks each row
+    itself in vistune.data.dataset, skipping and counting the bad ones).
     """
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -314,11 +320,15 @@ def _normalise_box(bbox: Any, width: int, height: int) -> tuple[float, float, fl
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         return None
     x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):  # JSON readers accept NaN, Infinity
+        return None
     tol = BOX_TOLERANCE_PX
     if w <= 0 or h <= 0 or x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
         return None
-    x1, y1 = max(x, 0.0) / width, max(y, 0.0) / height
-    x2, y2 = min(x + w, width) / width, min(y + h, height) / height
+    x1, y1 = min(max(x, 0.0), width) / width, min(max(y, 0.0), height) / height
+    x2, y2 = max(min(x + w, width), 0.0) / width, max(min(y + h, height), 0.0) / height
+    if x1 >= x2 or y1 >= y2:  # within the tolerance but wholly outside: nothing left
+        return None
     return (x1, y1, x2, y2)
 
 
@@ -376,7 +386,9 @@ def _pair_context(row: Any, skipped: Counter) -> ImageContext | None:
     if not caption.strip():
         skipped["empty caption"] += 1
         return None
-    image_id = row.get("id", image)
+    image_id = row.get("id")
+    if image_id is None or image_id == "":  # null or empty: no id given
+        image_id = image.strip()
     return ImageContext(image_id=str(image_id), image=image.strip(), captions=(caption.strip(),))
 
 
@@ -385,6 +397,8 @@ def _iter_jsonl(path: Path) -> Iterable[Any]:
         f = path.open("rb")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -399,21 +413,32 @@ def _iter_jsonl(path: Path) -> Iterable[Any]:
                 raise DataError(
                     f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}"
                 ) from None
+            except RecursionError:
+                raise DataError(
+                    f"{path}: line {lineno} is malformed JSON (nested too deeply)"
+                ) from None
 
 
 def _iter_tsv(path: Path) -> Iterable[dict[str, str] | None]:
-    try:
-        f = path.open(encoding="utf-8", newline="")
+    try:  # utf-8-sig: a BOM (Windows tools write one) is not part of the header
+        f = path.open(encoding="utf-8-sig", newline="")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     with f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for i, fields in enumerate(reader):
-            if not fields or fields == [""]:
-                continue
-            if i == 0 and [v.strip().lower() for v in fields[:2]] == ["image", "caption"]:
-                continue
-            yield {"image": fields[0], "caption": fields[1]} if len(fields) == 2 else None
+        try:
+            for i, fields in enumerate(reader):
+                if not fields or fields == [""]:
+                    continue
+                if i == 0 and [v.strip().lower() for v in fields[:2]] == ["image", "caption"]:
+                    continue
+                yield {"image": fields[0], "caption": fields[1]} if len(fields) == 2 else None
+        except UnicodeDecodeError as err:  # decoded a block at a time: no exact line
+            raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
+        except csv.Error as err:  # e.g. a field over csv's size limit (a binary file)
+            raise DataError(f"{path}: line {reader.line_num}: {err}") from None
 
 
 def _kind(value: Any) -> str:

@@ -3,13 +3,16 @@
 `load_image` turns any file a user may point at into an RGB PIL image, or one clear
 ImageError naming the path:
 
-- EXIF orientation is applied (`ImageOps.exif_transpose`), so phone photos stand upright.
+- EXIF orientation is applied (as `ImageOps.exif_transpose` does, without its rewrite of
+  the EXIF bytes, which raises on malformed tags), so phone photos stand upright.
 - Transparency (RGBA, LA, PA, P with a transparent colour) is composited on white: the
   transparent pixels of diagrams and icons (ScienceQA) are paper-coloured by intent, and
   white keeps dark line art readable.
 - Grey (L, 1), palette (P), CMYK, YCbCr convert to RGB; 16- and 32-bit integer grey (I;16,
   I) is scaled from 0..65535 to 0..255; float grey (F) is taken as 0..1 if its maximum is at
   most 1, else as 0..255, and clipped.
+- PostScript (EPS) is refused before it is decoded: PIL renders it by running Ghostscript
+  on the file, an interpreter no data set row or chat image should reach.
 - Decompression bombs: the pixel count is read from the header (PIL opens lazily) and an
   image over `max_pixels` is refused before any pixel is decoded. PIL's own global limit
   (its DecompressionBombWarning/Error) is also turned into ImageError.
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from vistune.config import IMAGE_ASPECTS
 from vistune.errors import ImageError, ModelDirError
@@ -54,6 +57,18 @@ NORMALISATION_BY_MODEL_TYPE: dict[str, tuple[tuple[float, ...], tuple[float, ...
 """Mean/std by config.json model_type when a directory has no preprocessor_config.json;
 any other model type (DINOv2, ViT, ...) gets ImageNet's."""
 
+_TRANSPOSE_BY_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF Orientation -> the transpose that makes the image upright (ImageOps.exif_transpose)."""
+_REFUSED_FORMATS = ("EPS",)
+"""Formats PIL decodes with an external program (Ghostscript), never run on input files."""
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -73,6 +88,13 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
         values = values / 257.0  # 65535 -> 255
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A copy of `image` turned as its EXIF Orientation says."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    method = _TRANSPOSE_BY_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image.copy()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -97,6 +119,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.format in _REFUSED_FORMATS:
+                    raise ImageError(f"{path}: {image.format} (PostScript) images are not read")
                 width, height = image.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
                     raise ImageError(
@@ -104,7 +128,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"over the limit of {max_pixels}"
                     )
                 image.load()
-                upright = ImageOps.exif_transpose(image)
+                upright = _upright(image)
                 try:
                     return to_rgb(upright)
                 except ValueError:

@@ -160,6 +160,8 @@ def load_scienceqa(
         raise DataError(f"ScienceQA files must hold JSON objects: {problems}, {splits}")
     if split not in all_splits:
         raise DataError(f"split {split!r} not in {splits}; valid: {', '.join(sorted(all_splits))}")
+    if not isinstance(all_splits[split], list):
+        raise DataError(f"split {split!r} in {splits} is not a list of pids")
     pids = [str(p) for p in all_splits[split]]
     if not pids:
         raise DataError(f"split {split!r} in {splits} is empty")
