@@ -86,3 +86,46 @@ def test_cosine_schedule_with_warmup():
     assert lrs[middle] == pytest.approx(0.5 * (1 + math.cos(math.pi * (middle - 3) / 97)))
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_size", 0, "image_size must be at least 1, got 0"),
+        ("image_size", -14, "image_size must be at least 1, got -14"),
+        ("lora_dropout", 1.5, r"lora_dropout must be in \[0, 1\), got 1.5"),
+        ("lora_alpha", 0.0, "lora_alpha must be positive, got 0.0"),
+        ("lr", math.inf, "lr must be a positive number, got inf"),
+        ("max_grad_norm", math.nan, "max_grad_norm must be >= 0, got nan"),
+        ("weight_decay", math.nan, "weight_decay must be >= 0, got nan"),
+        ("weight_decay", math.inf, "weight_decay must be >= 0, got inf"),
+    ],
+)
+def test_bad_numbers_are_refused_naming_the_field(field, value, message):
+    """Each of these used to pass and then gave a traceback (image_size with init default,
+    lora_dropout, a NaN weight_decay), NaN weights (a NaN max_grad_norm) or an update by
+    an infinite lr before the NaN stop."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(stage="finetune", **{field: value})
+
+
+def test_a_value_of_the_wrong_kind_names_its_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, message in (("lr: [1]\n", "lr must be a float"), ("epochs: {a: 1}\n", "epochs must")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_config(path, {})
+
+
+def test_fresh_model_settings_the_tower_refuses_are_one_line(
+    tiny_clip_dir, tiny_llm_dir, tiny_data, tmp_path, capsys
+):
+    parts = ["--init", "default", "--vision", str(tiny_clip_dir), "--llm", str(tiny_llm_dir)]
+    for flag, value, message in (
+        ("--vision-layer", "10", "vision layer 10 out of range for a 2-layer tower"),
+        ("--image-size", "0", "image_size must be at least 1"),
+    ):
+        argv = ["train", *parts, "--data", str(tiny_data), "--out", str(tmp_path / "out")]
+        assert main([*argv, "--features", str(tmp_path / "f"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -238,3 +238,24 @@ def test_resume_past_the_runs_last_step_is_refused(tiny_data, tiny_model_dir, tm
     train(TrainConfig(**args, max_steps=4))
     with pytest.raises(VistuneError, match="is at step 4, past this run's 2 steps"):
         train(TrainConfig(**args, max_steps=2, resume=True))
+
+
+def test_an_output_or_feature_folder_that_cannot_be_made_is_one_line(
+    tiny_data, tiny_model_dir, tmp_path, capsys
+):
+    from vistune.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir)
+    argv = ["train", "--data", args["data"], "--init", args["init"]]
+    argv += ["--batch-size", "4", "--per-device-batch", "2", "--max-steps", "1", "--no-plot"]
+    for where, out, features in (
+        ("out", blocker, tmp_path / "f"),
+        ("out", blocker / "run", tmp_path / "f"),
+        ("features", tmp_path / "out", blocker / "store"),
+    ):
+        code = main([*argv, "--out", str(out), "--features", str(features)])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-800:]
+        assert f"cannot use the {where} folder" in err

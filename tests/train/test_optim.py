@@ -66,3 +66,45 @@ def test_a_non_finite_gradient_raises_before_the_step(fused, bad):
         clip_and_step(optimizer, params, 1.0)
     for p, b in zip(params, before, strict=True):
         assert torch.equal(p.detach(), b)
+
+
+def _decay_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_biases_and_norm_weights_are_not_decayed(fused):
+    """As HF Trainer (which LLaVA trains with): weight decay on matrices only."""
+    model = _decay_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(list(model.parameters()), lr=0.1, weight_decay=0.5, fused=fused)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own update is then 0: only the decay moves
+    clip_and_step(optimizer, list(model.parameters()), 1.0)
+    after = dict(model.named_parameters())
+    torch.testing.assert_close(after["0.weight"].detach(), before["0.weight"] * (1 - 0.1 * 0.5))
+    for name in ("0.bias", "1.weight", "1.bias"):
+        assert torch.equal(after[name].detach(), before[name]), name
+
+
+def test_a_resumed_optimizer_takes_the_runs_weight_decay(tmp_path):
+    """A resume may change weight_decay (it is named as a changed setting): the new value
+    applies, not the checkpoint's, and the moments are the checkpoint's."""
+    from vistune.train.optim import load_optimizer, optimizer_state, save_optimizer
+
+    model = _decay_model()
+    params = list(model.parameters())
+    optimizer = build_optimizer(params, lr=0.1, weight_decay=0.0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    clip_and_step(optimizer, params, 1.0)
+    save_optimizer(optimizer_state(model, optimizer), tmp_path)
+    for p in params:
+        p.grad = None
+    resumed = build_optimizer(params, lr=0.1, weight_decay=0.25)
+    load_optimizer(model, resumed, tmp_path)
+    decays = {id(p): g["weight_decay"] for g in resumed.param_groups for p in g["params"]}
+    assert [decays[id(p)] for p in params] == [0.25, 0.0, 0.0, 0.0]
+    for p in params:
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])

@@ -105,3 +105,35 @@ def test_resume_refuses_a_new_data_order_and_names_schedule_changes(tmp_path):
             check_resumed_config({**saved, **change}, saved, tmp_path, said.append)
     check_resumed_config({**saved, "lr": 5e-4, "max_steps": 90}, saved, tmp_path, said.append)
     assert said == ["resuming with changed settings: lr 0.001 -> 0.0005, max_steps 0 -> 90"]
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    """What the trainable tensors are, or the frozen weights they go with, may not change
+    on a resume: a new lora_r gave a size-mismatch traceback, a new init was taken silently
+    (the checkpoint's projector then went with another LLM)."""
+    import pytest
+
+    from vistune.errors import VistuneError
+    from vistune.train.checkpoint import check_resumed_config
+    from vistune.train.config import TrainConfig
+
+    tuned = TrainConfig(stage="finetune", lora_r=4, init="runs/pretrain").to_dict()
+    fresh = TrainConfig(stage="pretrain", init="default").to_dict()
+    changes = [
+        (tuned, {"lora_r": 8}),
+        (tuned, {"lora_alpha": 32.0}),
+        (tuned, {"init": "runs/other"}),
+        (tuned, {"stage": "pretrain", "lora_r": 0}),
+        (fresh, {"llm": "/models/other"}),
+        (fresh, {"projector": "linear"}),
+        (fresh, {"vision_layer": -1}),
+        (fresh, {"image_size": 112}),
+    ]
+    for saved, change in changes:
+        key = next(iter(change))
+        with pytest.raises(VistuneError, match=f"resuming with {key} .* the model"):
+            check_resumed_config({**saved, **change}, saved, tmp_path, print)
+    # the settings of a fresh model do nothing when `init` is a model directory
+    said: list[str] = []
+    check_resumed_config({**tuned, "image_size": 112}, tuned, tmp_path, said.append)
+    assert said == []

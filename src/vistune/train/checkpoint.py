@@ -146,6 +146,11 @@ def restore_rng(path: Path, state: dict[str, Any], rank: int = 0) -> None:
 
 ORDER_FIELDS = ("batch_size", "seed", "group_by_length", "length_group")
 """Settings that decide which samples make each step: a resume must keep them."""
+MODEL_FIELDS = ("stage", "init", "vision", "llm", "lora_r", "lora_alpha")
+"""Settings that decide what the checkpoint's tensors are and the frozen weights they go
+with (rebuilt from `init` on a resume): a resume must keep them."""
+FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
+"""Settings of a fresh model (`init` default only; ignored with a model directory)."""
 SCHEDULE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", "max_grad_norm")
 """Settings a resume may change (to train longer, say), with a warning."""
 
@@ -153,8 +158,8 @@ SCHEDULE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", 
 def check_resumed_config(
     now: dict[str, Any], saved: dict[str, Any], latest: Path, say: Callable[[str], None]
 ) -> None:
-    """Refuse a resume whose settings (`now`) would change the data order of the
-    checkpoint's (`saved`); say which schedule settings changed (the run then differs
+    """Refuse a resume whose settings (`now`) would change the model or the data order of
+    the checkpoint's (`saved`); say which schedule settings changed (the run then differs
     from an uninterrupted one)."""
 
     def changed(fields: tuple[str, ...]) -> list[str]:
@@ -162,6 +167,15 @@ def check_resumed_config(
             f"{k} {saved[k]!r} -> {now[k]!r}" for k in fields if k in saved and saved[k] != now[k]
         ]
 
+    model = changed(MODEL_FIELDS)
+    if saved.get("init") == "default":
+        model += changed(FRESH_MODEL_FIELDS)
+    if model:
+        raise VistuneError(
+            f"{latest}: resuming with {', '.join(model)} would change the model the checkpoint "
+            "was training; resume with the checkpoint's settings (train_config.json) or pick a "
+            "new --out"
+        )
     order = changed(ORDER_FIELDS)
     if order:
         raise VistuneError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     """Linear warmup share of the steps before the cosine decay (LLaVA's 0.03)."""
     weight_decay: float = 0.0
-    """AdamW weight decay (LLaVA uses none)."""
+    """AdamW weight decay of the weight matrices; biases and norms never decay (HF Trainer). LLaVA uses none."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables; HF Trainer's 1.0)."""
     precision: str = "bf16"
@@ -149,18 +150,27 @@ class TrainConfig:
             raise ValueError("lora_r applies to the finetune stage only")
         if (self.vision or self.llm) and self.init != "default":
             raise ValueError("vision/llm build a fresh model: use them with init 'default'")
-        positive = ("epochs", "batch_size", "per_device_batch", "model_max_length")
+        positive = ("epochs", "batch_size", "per_device_batch", "model_max_length", "image_size")
         for name in (*positive, "save_every", "keep_last", "feature_batch", "length_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0:
             raise ValueError("max_steps, lora_r and threads must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+        # written as `not (...)` so that NaN, which fails every comparison, is refused too
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name, value in (
+            ("warmup_ratio", self.warmup_ratio),
+            ("lora_dropout", self.lora_dropout),
+        ):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.max_grad_norm >= 0:  # inf: no clipping, as 0
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
 
     @property
     def plan(self) -> dict[str, str]:
@@ -197,7 +207,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: a list or mapping
         raise ValueError(f"{name} must be a {kind.split()[0]}, got {value!r}") from err
     if kind.startswith("str") and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")

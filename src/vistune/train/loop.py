@@ -134,6 +134,10 @@ def train(
     """Run one stage as `cfg` says; returns where the model went and the final loss."""
     if not cfg.out:
         raise VistuneError("no output directory: set `out` or --out")
+    try:  # before the model loads and the features fill, not after
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VistuneError(f"{cfg.out}: cannot use the out folder ({err.strerror})") from err
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))

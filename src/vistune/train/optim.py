@@ -43,14 +43,21 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (fp32 master weights).
 
-    `fused` runs one kernel over all parameters (CPU and CUDA): the update is memory-bound,
-    and the fused kernel reads each tensor once instead of once per elementwise op.
+    Weight decay applies to matrices only, not to biases and norm weights (the 1-D tensors),
+    as HF Trainer's get_decay_parameter_names. `fused` runs one kernel over all parameters
+    (CPU and CUDA): the update is memory-bound, and the fused kernel reads each tensor once
+    instead of once per elementwise op.
     """
     if not params:
         raise VistuneError("nothing to train: every parameter is frozen")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
     if fused:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
 class NonFiniteGradientError(VistuneError):
@@ -113,11 +120,19 @@ def save_optimizer(state: dict, folder: Path) -> None:
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Restore what save_optimizer wrote into `optimizer` (every rank calls this)."""
+    """Restore what save_optimizer wrote into `optimizer` (every rank calls this).
+
+    The moments and step counts come from the checkpoint, the hyperparameters from
+    `optimizer` as this run built it: a resume may change weight_decay (lr is set per step).
+    """
     groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
+    if len(groups) != len(optimizer.param_groups):
+        raise VistuneError(
+            f"{folder}: {len(groups)} optimizer parameter groups, this run has "
+            f"{len(optimizer.param_groups)}"
+        )
+    for group, now in zip(groups, optimizer.param_groups, strict=True):
+        group.update({k: v for k, v in now.items() if k != "params"})
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():

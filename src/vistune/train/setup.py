@@ -8,9 +8,10 @@ features filled into the feature store once (stage 1 and 2 never run the tower i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ def _default_parts(cfg: TrainConfig, say: Say) -> tuple[Path, Path]:
     return Path(vision), Path(llm)
 
 
+@contextlib.contextmanager
+def _settings_refused(what: str) -> Iterator[None]:
+    """Parts that refuse the run's settings (vision_layer past the tower's depth,
+    cls_patch on a tower without a CLS token) are the user's error: one line, not a
+    traceback."""
+    try:
+        yield
+    except ValueError as err:
+        raise VistuneError(f"cannot build {what}: {err}") from err
+
+
 def build_encoder(cfg: TrainConfig, say: Say) -> Encoder:
     """The run's vision tower + processor + settings, without loading the LLM."""
     from vistune.data.image import ImageProcessor
@@ -59,9 +71,10 @@ def build_encoder(cfg: TrainConfig, say: Say) -> Encoder:
     else:
         info = read_model_dir(model_dir_of(cfg.init))
         vision_dir, config = info.vision_dir, info.config
-    tower = VisionTower.from_pretrained(
-        vision_dir, layer=config.vision_layer, select=config.vision_select
-    )
+    with _settings_refused(f"the vision tower from {vision_dir}"):
+        tower = VisionTower.from_pretrained(
+            vision_dir, layer=config.vision_layer, select=config.vision_select
+        )
     processor = ImageProcessor.from_vision_dir(
         vision_dir, size=config.image_size, aspect=config.image_aspect
     )
@@ -74,7 +87,8 @@ def build_model(cfg: TrainConfig, say: Say) -> Any:
 
     if cfg.init == "default":
         vision, llm = _default_parts(cfg, say)
-        model = LlavaModel.from_parts(vision, llm, _fresh_config(cfg), seed=cfg.seed)
+        with _settings_refused(f"a model from {vision} and {llm}"):
+            model = LlavaModel.from_parts(vision, llm, _fresh_config(cfg), seed=cfg.seed)
     else:
         model = LlavaModel.load(model_dir_of(cfg.init))
         model.config = dataclasses.replace(model.config, template=cfg.template)
@@ -231,7 +245,12 @@ def prepare_samples(
         strict=cfg.strict,
     )
     skipped.update(malformed)
-    store = open_store(feature_root(cfg), model)
+    try:
+        store = open_store(feature_root(cfg), model)
+    except OSError as err:
+        raise VistuneError(
+            f"{feature_root(cfg)}: cannot use the features folder ({err.strerror})"
+        ) from err
     paths = [s.image for s in samples if s.image is not None]
     if world > 1:
         store.writer = f"rank{rank}"
