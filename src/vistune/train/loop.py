@@ -179,8 +179,14 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
             f"{cfg.data}: {len(samples)} samples, fewer than one batch ({cfg.batch_size})"
         )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    model.to(info.device)
     sharded = cfg.fsdp and info.world > 1  # FSDP's DTensor weights: transformers' forward
+    if sharded:  # fully_shard moves each decoder layer to the device as it shards it, so
+        # the whole LLM never sits on one GPU (52 GB for 13B in fp32)
+        for child in model.children():
+            if child is not model.llm:
+                child.to(info.device)
+    else:
+        model.to(info.device)
     step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
     trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
     fingerprint = data_fingerprint(samples)
