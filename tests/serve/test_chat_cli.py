@@ -57,6 +57,18 @@ def chat(*args: str) -> list[str]:
     return ["chat", *args, "--dtype", "fp32", "--max-tokens", str(MAX_TOKENS)]
 
 
+def type_lines(monkeypatch, script) -> None:
+    """`input()` returns the lines of `script` (an iterator), then raises EOFError."""
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(script)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+
+
 def ask(engine, history, image) -> str:
     return engine.answer(history, image, GenerationConfig(max_new_tokens=MAX_TOKENS))
 
@@ -102,13 +114,7 @@ def test_interactive_session(model_dir, engine, tmp_path, capsys, monkeypatch):
         ]
     )
 
-    def fake_input(prompt: str = "") -> str:
-        try:
-            return next(script)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr(builtins, "input", fake_input)
+    type_lines(monkeypatch, script)
     rc = main(chat("--model", str(model_dir), "--image", str(img_a)))
     out, err = capsys.readouterr()
     assert rc == 0
@@ -139,13 +145,7 @@ def test_a_bad_line_keeps_the_session(model_dir, engine, tmp_path, capsys, monke
     img = write_photo(tmp_path / "a.png", 4)
     script = iter(["What is it?", "Look at <image> again", "word " * 600, "And the colour?"])
 
-    def fake_input(prompt: str = "") -> str:
-        try:
-            return next(script)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr(builtins, "input", fake_input)
+    type_lines(monkeypatch, script)
     rc = main(chat("--model", str(model_dir), "--image", str(img)))
     out, err = capsys.readouterr()
     assert rc == 0
