@@ -105,6 +105,11 @@ def test_resume_refuses_a_new_data_order_and_names_schedule_changes(tmp_path):
             check_resumed_config({**saved, **change}, saved, tmp_path, said.append)
     check_resumed_config({**saved, "lr": 5e-4, "max_steps": 90}, saved, tmp_path, said.append)
     assert said == ["resuming with changed settings: lr 0.001 -> 0.0005, max_steps 0 -> 90"]
+    said.clear()
+    check_resumed_config({**saved, "precision": "fp32", "image_folder": "/elsewhere"}, saved,
+                         tmp_path, said.append)  # fmt: skip
+    assert said == ["resuming with changed settings: precision 'bf16' -> 'fp32', "
+                    "image_folder '' -> '/elsewhere'"]  # fmt: skip
 
 
 def test_resume_refuses_a_different_model(tmp_path):

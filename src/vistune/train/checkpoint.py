@@ -151,15 +151,17 @@ MODEL_FIELDS = ("stage", "init", "vision", "llm", "lora_r", "lora_alpha")
 with (rebuilt from `init` on a resume): a resume must keep them."""
 FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
 """Settings of a fresh model (`init` default only; ignored with a model directory)."""
-SCHEDULE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", "max_grad_norm")
-"""Settings a resume may change (to train longer, say), with a warning."""
+CHANGEABLE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", "max_grad_norm",
+                   "precision", "image_folder")  # fmt: skip
+"""Settings a resume may change (to train longer, say, or on a CPU after a GPU), with a
+warning: the run then differs from an uninterrupted one."""
 
 
 def check_resumed_config(
     now: dict[str, Any], saved: dict[str, Any], latest: Path, say: Callable[[str], None]
 ) -> None:
     """Refuse a resume whose settings (`now`) would change the model or the data order of
-    the checkpoint's (`saved`); say which schedule settings changed (the run then differs
+    the checkpoint's (`saved`); say which other settings changed (the run then differs
     from an uninterrupted one)."""
 
     def changed(fields: tuple[str, ...]) -> list[str]:
@@ -182,6 +184,6 @@ def check_resumed_config(
             f"{latest}: resuming with {', '.join(order)} would change which samples make each "
             "step; resume with the checkpoint's settings (train_config.json) or pick a new --out"
         )
-    schedule = changed(SCHEDULE_FIELDS)
-    if schedule:
-        say(f"resuming with changed settings: {', '.join(schedule)}")
+    changes = changed(CHANGEABLE_FIELDS)
+    if changes:
+        say(f"resuming with changed settings: {', '.join(changes)}")
