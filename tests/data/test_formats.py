@@ -349,3 +349,18 @@ def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
     FeatureStore(tmp_path / "features", "enc", tokens=4, dim=6, settings={})
     assert [p.name for p in store.glob(".tmp-*")] == [f".tmp-{alive}-shard-000001.npy"]
     assert remove_orphaned_temps(store, ".tmp-*", 1) == []
+
+
+def test_load_coco_takes_whole_float_sizes(tmp_path: Path) -> None:
+    """Some exporters write sizes as 640.0; a size that is not whole is still refused."""
+    (tmp_path / "annotations").mkdir()
+    images = [{"id": 1, "file_name": "a.png", "width": 200.0, "height": 100.0},
+              {"id": 2, "file_name": "b.png", "width": 200.5, "height": 100}]  # fmt: skip
+    captions = [{"id": 1, "image_id": 1, "caption": "A star."},
+                {"id": 2, "image_id": 2, "caption": "A circle."}]  # fmt: skip
+    (tmp_path / "annotations" / "captions_val.json").write_text(
+        json.dumps({"images": images, "annotations": captions})
+    )
+    contexts, skipped = load_coco(tmp_path, "val")
+    assert [(c.image_id, c.width, c.height) for c in contexts] == [("1", 200, 100)]
+    assert skipped["image record without width/height"] == 1

@@ -333,6 +333,9 @@ def _normalise_box(bbox: Any, width: int, height: int) -> tuple[float, float, fl
 
 
 def _positive_int(value: Any) -> bool:
+    """A whole number above 0; 640.0 counts (some exporters write sizes as floats)."""
+    if isinstance(value, float):
+        return value.is_integer() and value > 0
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
