@@ -34,3 +34,14 @@ def test_prompt_key_names_the_model_and_the_exact_messages():
     assert key == prompt_key([{"content": "Q?", "role": "user"}], "gpt|temperature=0.2")
     assert key != prompt_key(messages, "gpt|temperature=0.7")
     assert key != prompt_key([{"role": "user", "content": "Q? "}], "gpt|temperature=0.2")
+
+
+def test_a_reply_holding_a_unicode_line_separator_is_kept(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw; they must not
+    # split the record (which would drop a good reply and ask its request on every rerun)
+    path = tmp_path / "j.jsonl"
+    contents = ["8 7\u2028Assistant 1 is better.", "para\u2029graph", "next\x85line"]
+    with appender(path) as log:
+        for i, content in enumerate(contents):
+            log({"prompt_key": str(i), "content": content})
+    assert [r["content"] for r in read_records(path)] == contents

@@ -247,3 +247,14 @@ def test_local_judge_failure_is_reported(tiny_llm_dir):
     assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     (j,) = judge.run_judge([item], local.complete, repeats=1, retries=1)
     assert j.scores is None and j.attempts == 2 and "unparsable" in j.reason
+
+
+def test_a_judge_down_stops_every_worker(tmp_path, write_jsonl, scripted_judge, capsys):
+    files = _bench(tmp_path, write_jsonl)
+    server = scripted_judge({}, default=503)
+    out = tmp_path / "out"
+    assert cli.main(_args(files, server.url, out, "--workers", "2")) == 2
+    assert "0 of 5 answers are kept" in capsys.readouterr().err
+    # at most the two questions in flight when the judge was found down are tried (2 x 3),
+    # not every question (5 x 3)
+    assert len(server.requests) <= 6

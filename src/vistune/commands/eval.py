@@ -70,7 +70,7 @@ def run_judge(args: argparse.Namespace) -> int:
     if args.local_judge is not None:
         complete, judge_id = (
             judge.LocalJudge(args.local_judge, args.max_tokens).complete,
-            str(args.local_judge),
+            str(Path(args.local_judge).resolve()),  # two models may share a folder name
         )
     else:
         complete = _client(args, args.base_url, args.model, "").complete

@@ -55,7 +55,9 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # split on "\n" alone: str.splitlines() also breaks at U+2028, U+2029 and U+0085,
+    # which json.dumps(ensure_ascii=False) leaves raw inside a reply
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         try:
             record = json.loads(line)
         except ValueError:

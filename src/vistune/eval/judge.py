@@ -24,7 +24,7 @@ import re
 import statistics
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -292,17 +292,25 @@ def run_judge(
 ) -> list[Judgement]:
     """Judge every item `repeats` times, `workers` requests in flight (the client must be
     thread-safe when > 1); `done` holds judgements reused from a previous run. Results are
-    in (repeat, item) order whatever order they finish in."""
+    in (repeat, item) order whatever order they finish in. A job that raises (the judge
+    down) stops the run: only the jobs already in flight finish, no other starts."""
     if repeats < 1 or retries < 0 or workers < 1:
         raise ValueError(f"need repeats >= 1, retries >= 0, workers >= 1; got {repeats}, "
                          f"{retries}, {workers}")  # fmt: skip
     done = done or {}
     lock = threading.Lock()
+    stop = threading.Event()  # set by a job that raised: no later job sends a request
 
     def one(r: int, item: BenchItem) -> Judgement:
         prior = done.get((r, item.question_id))
         if prior is None:
-            prior = judge_one(item, r, complete, retries, _locked(log, lock), judge_id)
+            if stop.is_set():
+                raise CancelledError
+            try:
+                prior = judge_one(item, r, complete, retries, _locked(log, lock), judge_id)
+            except BaseException:
+                stop.set()
+                raise
         if progress is not None:
             with lock:
                 progress()
