@@ -129,3 +129,24 @@ def test_fresh_model_settings_the_tower_refuses_are_one_line(
         assert main([*argv, "--features", str(tmp_path / "f"), flag, value]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_fresh_model_settings_with_a_model_directory_must_match_it(tiny_model_dir, tmp_path):
+    """A model directory keeps its own projector, tower layer and image size: a different
+    value given with it is refused (it used to be ignored silently), an equal one passes."""
+    init, size = str(tiny_model_dir), 28  # the tiny model's image side (tests/conftest.py)
+    with pytest.raises(
+        DataError, match=r"^flags: image_size 64 \(the model's: 28\): .*init default"
+    ):
+        load_config(None, {"init": init, "stage": "finetune", "image_size": 64})
+    path = tmp_path / "stage2.yaml"
+    path.write_text(f"stage: finetune\ninit: {init}\nprojector: linear\nvision_layer: -1\n")
+    with pytest.raises(DataError, match=r"stage2.yaml: projector 'linear' \(the model's: "
+                       r"'mlp2x_gelu'\), vision_layer -1 \(the model's: -2\)"):  # fmt: skip
+        load_config(path, {})
+    same = {"init": init, "image_size": size, "projector": "mlp2x_gelu"}
+    assert load_config(None, same).image_size == size
+    # not given: the dataclass default stands beside the model's own value, as before
+    assert load_config(None, {"init": init}).image_size == 224
+    # an unreadable directory is left for building the model to report
+    assert load_config(None, {"init": str(tmp_path), "image_size": 64}).image_size == 64

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from vistune.data.formats import remove_orphaned_temps
 from vistune.errors import VistuneError
+from vistune.train.config import FRESH_MODEL_FIELDS
 from vistune.train.optim import save_optimizer
 
 PREFIX = "step-"
@@ -149,8 +150,6 @@ ORDER_FIELDS = ("batch_size", "seed", "group_by_length", "length_group")
 MODEL_FIELDS = ("stage", "init", "vision", "llm", "lora_r", "lora_alpha")
 """Settings that decide what the checkpoint's tensors are and the frozen weights they go
 with (rebuilt from `init` on a resume): a resume must keep them."""
-FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
-"""Settings of a fresh model (`init` default only; ignored with a model directory)."""
 CHANGEABLE_FIELDS = ("lr", "warmup_ratio", "epochs", "max_steps", "weight_decay", "max_grad_norm",
                    "precision", "image_folder")  # fmt: skip
 """Settings a resume may change (to train longer, say, or on a CPU after a GPU), with a

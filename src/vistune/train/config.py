@@ -53,7 +53,7 @@ class TrainConfig:
     out: str = ""
     """Output directory: the model (loadable by `vistune chat`), log, curve, checkpoints."""
     init: str = "default"
-    """Model to start from: a model directory (e.g. the pretrain output) or `default`."""
+    """Model to start from: a model directory (e.g. the pretrain output) or `default`. A model directory keeps its own projector, vision layer and select, image size and aspect: values given for those must equal its."""
     vision: str = ""
     """Vision tower directory for a fresh model (init `default` only; empty: packaged DINOv2)."""
     llm: str = ""
@@ -245,6 +245,38 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
+        cfg = TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
     except (TypeError, ValueError) as err:
         raise DataError(f"{where}: {err}") from err
+    _check_fresh_settings(cfg, [k for k in FRESH_MODEL_FIELDS if k in data], where)
+    return cfg
+
+
+FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
+"""Settings of a fresh model (`init` default); a model directory keeps its own."""
+
+
+def _check_fresh_settings(cfg: TrainConfig, given: list[str], where: str) -> None:
+    """Refuse fresh-model settings given with a model-directory `init` that differ from that
+    model's: they cannot apply (the model keeps its projector, tower layer and image size),
+    and taking them silently would train a model other than the one asked for. Settings
+    equal to the model's pass, so a stage-1 config copied for stage 2 still works."""
+    if cfg.init == "default" or not given:
+        return
+    from vistune.model import model_dir_of
+    from vistune.model.checkpoint import ModelDirError, read_model_dir
+
+    try:
+        model = read_model_dir(model_dir_of(cfg.init)).config
+    except ModelDirError:
+        return  # building the model reports the unreadable directory
+    differ = [
+        f"{k} {getattr(cfg, k)!r} (the model's: {getattr(model, k)!r})"
+        for k in given
+        if getattr(cfg, k) != getattr(model, k)
+    ]
+    if differ:
+        raise DataError(
+            f"{where}: {', '.join(differ)}: these settings build a fresh model (init default) "
+            f"and cannot change the model in {cfg.init}; drop them, or start from init default"
+        )
