@@ -108,3 +108,28 @@ def test_a_resumed_optimizer_takes_the_runs_weight_decay(tmp_path):
     assert [decays[id(p)] for p in params] == [0.25, 0.0, 0.0, 0.0]
     for p in params:
         torch.testing.assert_close(resumed.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+
+
+def test_a_one_group_checkpoint_from_before_the_decay_groups_resumes(tmp_path):
+    """Checkpoints written before biases and norms left weight decay hold one parameter
+    group: a resume regroups them by the saved moments' dimensions and takes each
+    parameter's moments, instead of refusing the checkpoint."""
+    from vistune.train.optim import load_optimizer, optimizer_state, save_optimizer
+
+    model = _decay_model()
+    params = list(model.parameters())
+    old = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)  # one group, as before
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i + 1))
+    old.step()
+    save_optimizer(optimizer_state(model, old), tmp_path)
+    for p in params:
+        p.grad = None  # as in a new process
+    resumed = build_optimizer(params, lr=0.1, weight_decay=0.5)
+    assert len(resumed.param_groups) == 2
+    load_optimizer(model, resumed, tmp_path)
+    for p in params:
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], old.state[p]["exp_avg"])
+        torch.testing.assert_close(resumed.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
+    decays = {id(p): g["weight_decay"] for g in resumed.param_groups for p in g["params"]}
+    assert [decays[id(p)] for p in params] == [0.5, 0.0, 0.0, 0.0]

@@ -126,6 +126,13 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     `optimizer` as this run built it: a resume may change weight_decay (lr is set per step).
     """
     groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        param, key = name.rsplit("::", 1)
+        state.setdefault(param, {})[key] = value
+    if len(groups) != len(optimizer.param_groups):
+        groups = _regrouped(groups, state, len(optimizer.param_groups))
     if len(groups) != len(optimizer.param_groups):
         raise VistuneError(
             f"{folder}: {len(groups)} optimizer parameter groups, this run has "
@@ -133,10 +140,19 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
         )
     for group, now in zip(groups, optimizer.param_groups, strict=True):
         group.update({k: v for k, v in now.items() if k != "params"})
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        param, key = name.rsplit("::", 1)
-        state.setdefault(param, {})[key] = value
     full = {"state": state, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=_FULL)
+
+
+def _regrouped(groups: list[dict], state: dict[str, dict[str, torch.Tensor]], want: int) -> list:
+    """A checkpoint's parameter names regrouped as build_optimizer groups them now
+    (matrices, then 1-D tensors), for checkpoints written before weight decay skipped the
+    1-D tensors (one group). A parameter's dimensions come from its saved moment, which is
+    unsharded. Unchanged when some parameter has no moment or the count still differs."""
+    names = [name for group in groups for name in group["params"]]
+    if any("exp_avg" not in state.get(name, {}) for name in names):
+        return groups
+    matrices = [n for n in names if state[n]["exp_avg"].ndim >= 2]
+    vectors = [n for n in names if state[n]["exp_avg"].ndim < 2]
+    regrouped = [{**groups[0], "params": part} for part in (matrices, vectors) if part]
+    return regrouped if len(regrouped) == want else groups
