@@ -200,10 +200,13 @@ def test_a_build_asks_again_when_the_requests_change(coco, tmp_path, scripted_ju
     out = tmp_path / "bench"
     first = scripted_judge({}, default=_teacher_reply)
     assert _build(coco, out, first.url) == 0
-    for extra in (["--model", "m2"], ["--temperature", "0.7"], ["--no-resume"]):
+    for extra in (["--model", "m2"], ["--temperature", "0.7"], ["--max-tokens", "2048"],
+                  ["--no-resume"]):  # fmt: skip
         server = scripted_judge({}, default=_teacher_reply)
         assert _build(coco, out, server.url, *extra) == 0
-        assert len(server.requests) == 6, extra  # another teacher (or a fresh start)
+        # another teacher, sampling or reply limit (a larger one must not reuse replies
+        # cut at the old), or a fresh start
+        assert len(server.requests) == 6, extra
     assert len((out / "build_requests.jsonl").read_text().splitlines()) == 6  # --no-resume
     # another seed asks other detail questions (here of the same two images): only the
     # requests whose messages changed are asked again

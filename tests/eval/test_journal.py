@@ -3,7 +3,7 @@ resumable: what reaches the disk when, and what a torn file gives back."""
 
 from __future__ import annotations
 
-from vistune.eval.journal import appender, prompt_key, read_records
+from vistune.eval.journal import appender, prompt_key, read_records, requester_id
 
 
 def test_each_record_is_on_disk_before_the_next_request(tmp_path):
@@ -34,6 +34,16 @@ def test_prompt_key_names_the_model_and_the_exact_messages():
     assert key == prompt_key([{"content": "Q?", "role": "user"}], "gpt|temperature=0.2")
     assert key != prompt_key(messages, "gpt|temperature=0.7")
     assert key != prompt_key([{"role": "user", "content": "Q? "}], "gpt|temperature=0.2")
+
+
+def test_requester_id_names_every_setting_that_changes_the_reply():
+    endpoint = requester_id("gpt", temperature=0.2, max_tokens=1024)
+    assert endpoint == "gpt|max_tokens=1024|temperature=0.2"  # sorted, whatever the order
+    assert endpoint == requester_id("gpt", max_tokens=1024, temperature=0.2)
+    messages = [{"role": "user", "content": "Q?"}]
+    larger = requester_id("gpt", temperature=0.2, max_tokens=2048)
+    assert prompt_key(messages, endpoint) != prompt_key(messages, larger)
+    assert requester_id("rules (not an LLM)") == "rules (not an LLM)"
 
 
 def test_a_reply_holding_a_unicode_line_separator_is_kept(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from vistune import cli
 from vistune.errors import DataError
 from vistune.eval import judge
+from vistune.eval.journal import prompt_key
 
 
 @pytest.mark.parametrize(
@@ -164,6 +165,67 @@ def test_resume_asks_only_what_failed(tmp_path, write_jsonl, scripted_judge):
     assert report["relative"]["all"] == pytest.approx(
         (6 + 9 + 3 + 5 + 3) / (8 + 9 + 7 + 10 + 6) * 100
     )
+
+
+def test_resume_asks_again_when_the_judge_or_its_settings_change(
+    tmp_path, write_jsonl, scripted_judge
+):
+    files = _bench(tmp_path, write_jsonl)
+    out = tmp_path / "out"
+    assert cli.main(_args(files, scripted_judge({}, default="8 4").url, out)) == 0
+    # a larger reply limit must not reuse judgements cut at the old one
+    for extra in (["--model", "j2"], ["--temperature", "0.7"], ["--max-tokens", "2048"]):
+        server = scripted_judge({}, default="8 4")
+        assert cli.main(_args(files, server.url, out, *extra)) == 0
+        assert len(server.requests) == 5, extra
+        again = scripted_judge({}, default="8 4")
+        assert cli.main(_args(files, again.url, out, *extra)) == 0
+        assert again.requests == [], extra
+
+
+def test_a_journal_from_before_the_token_limit_was_keyed_is_asked_again(
+    tmp_path, write_jsonl, scripted_judge
+):
+    """Old records (keyed by model and temperature alone) cannot show which limit cut
+    them: they are ignored, and their questions asked again, not reused or a crash."""
+    files = _bench(tmp_path, write_jsonl)
+    out = tmp_path / "out"
+    out.mkdir()
+    items = judge.load_bench(**files)
+    old = [{"repeat": 0, "question_id": i.question_id, "category": i.category, "attempt": 0,
+            "prompt_key": prompt_key(judge.judge_messages(i, judge.load_rubric(i.category)),
+                                     "judge|temperature=0.2"),
+            "content": "9 1", "scores": [9, 1], "error": None} for i in items]  # fmt: skip
+    write_jsonl(out / "raw_judgements.jsonl", old)
+    server = scripted_judge({}, default="8 4")
+    assert cli.main(_args(files, server.url, out)) == 0
+    assert len(server.requests) == 5
+    assert json.loads((out / "report.json").read_text())["relative"]["all"] == 50.0
+
+
+def test_a_local_judge_asks_again_under_another_token_limit(tmp_path, write_jsonl, monkeypatch):
+    limits = []
+
+    class FakeLocalJudge:
+        def __init__(self, model_dir, max_new_tokens):
+            self.max_new_tokens = max_new_tokens
+
+        def complete(self, messages):
+            limits.append(self.max_new_tokens)
+            return "8 4"
+
+    monkeypatch.setattr(judge, "LocalJudge", FakeLocalJudge)
+    files = _bench(tmp_path, write_jsonl)
+    args = ["eval", "judge", "--local-judge", str(tmp_path), "--out", str(tmp_path / "out")]
+    for name, path in files.items():
+        args += [f"--{name}", str(path)]
+    for extra, asked in ((["--max-tokens", "8"], [8] * 5), (["--max-tokens", "8"], []),
+                         (["--max-tokens", "16"], [16] * 5),
+                         # greedy: the temperature changes nothing, nothing is asked again
+                         (["--max-tokens", "16", "--temperature", "0.7"], [])):  # fmt: skip
+        limits.clear()
+        assert cli.main([*args, *extra]) == 0
+        assert limits == asked, extra
 
 
 def test_a_judge_down_on_every_try_stops_the_run_and_resume_goes_on(

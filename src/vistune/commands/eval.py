@@ -52,6 +52,13 @@ def _client(args: argparse.Namespace, base_url: str | None, model: str | None, f
     )
 
 
+def _endpoint_id(model: str, args: argparse.Namespace) -> str:
+    """The journal's name for an endpoint model with the settings `_client` sends it."""
+    from vistune.eval.journal import requester_id
+
+    return requester_id(model, temperature=args.temperature, max_tokens=args.max_tokens)
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -61,20 +68,19 @@ def _progress(total: int, desc: str):
 def run_judge(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
     from vistune.eval import judge
-    from vistune.eval.journal import appender
+    from vistune.eval.journal import appender, requester_id
     from vistune.eval.report import markdown_table, write_run
 
     if args.repeats < 1 or args.retries < 0 or args.workers < 1:
         raise VistuneError("--repeats and --workers must be >= 1, --retries >= 0")
     items = judge.load_bench(args.questions, args.context, args.reference, args.answers)
     if args.local_judge is not None:
-        complete, judge_id = (
-            judge.LocalJudge(args.local_judge, args.max_tokens).complete,
-            str(Path(args.local_judge).resolve()),  # two models may share a folder name
-        )
+        complete = judge.LocalJudge(args.local_judge, args.max_tokens).complete
+        # the full path: two models may share a folder name; greedy, so no temperature
+        judge_id = requester_id(str(Path(args.local_judge).resolve()), max_tokens=args.max_tokens)
     else:
         complete = _client(args, args.base_url, args.model, "").complete
-        judge_id = f"{args.model}|temperature={args.temperature}"
+        judge_id = _endpoint_id(args.model, args)
     args.out.mkdir(parents=True, exist_ok=True)
     raw_path = args.out / "raw_judgements.jsonl"
     done = judge.reusable(raw_path, items, judge_id) if args.resume else {}
@@ -189,7 +195,7 @@ def _judge_ensemble(args: argparse.Namespace, problems: list, ours_text: dict, o
     from vistune.eval.journal import appender, prompt_key
 
     client = _client(args, args.judge_base_url, args.judge_model, "judge-")
-    judge_id = f"{args.judge_model}|temperature={args.temperature}"
+    judge_id = _endpoint_id(args.judge_model, args)
     raw_path = args.out / "raw_judgements.jsonl"
     done = sqa.kept_replies(raw_path) if args.resume else {}
     if not args.resume:
@@ -265,7 +271,7 @@ def run_build(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
     from vistune.datagen.teachers import make_teacher
     from vistune.eval.build import build_bench, kept_replies, request_keys, sample_contexts
-    from vistune.eval.journal import appender
+    from vistune.eval.journal import appender, requester_id
     from vistune.eval.report import atomic_write_json
 
     if args.images < 1:
@@ -281,9 +287,11 @@ def run_build(args: argparse.Namespace) -> int:
         options = {"model_dir": args.local_model, "max_new_tokens": args.max_tokens}
     contexts = sample_contexts(args.coco, args.split, args.images, args.seed)
     teacher = make_teacher(args.teacher, **options)
-    teacher_id = teacher.name
+    teacher_id = teacher.name  # the rules ignore the sampling flags
     if args.teacher == "openai":
-        teacher_id += f"|temperature={args.temperature}"
+        teacher_id = _endpoint_id(teacher.name, args)
+    elif args.teacher == "local":  # greedy, so no temperature
+        teacher_id = requester_id(teacher.name, max_tokens=args.max_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     kept_path = args.out / "build_requests.jsonl"
     done = kept_replies(kept_path) if args.resume else {}

@@ -1,9 +1,11 @@
 """Append-only JSONL journals of finished teacher and judge requests, so that a run stopped
 by Ctrl-C, `kill -9` or a dead endpoint resumes without asking anything twice.
 
-Each request is identified by `prompt_key`: a hash of the model that answers it and the
-exact messages sent. A run appends one record per reply as it arrives (flushed at once);
-the next run with the same settings reuses the replies whose key it would send again.
+Each request is identified by `prompt_key`: a hash of who answers it (`requester_id`: the
+model and every setting that changes its reply, such as the temperature and the reply
+token limit) and the exact messages sent. A run appends one record per reply as it
+arrives (flushed at once); the next run with the same settings reuses the replies whose
+key it would send again.
 Used by `eval judge` and `eval scienceqa --ensemble judge` (raw_judgements.jsonl) and
 `eval build` (build_requests.jsonl).
 """
@@ -17,8 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def requester_id(model: str, **settings: object) -> str:
+    """`model|name=value|...` (settings sorted by name): the model and each request setting
+    that changes its reply, for `prompt_key`. A setting left out here would let a rerun
+    with another value reuse replies made under the old one (with a raised `max_tokens`,
+    replies cut at the old limit)."""
+    return "|".join([model, *(f"{k}={v}" for k, v in sorted(settings.items()))])
+
+
 def prompt_key(messages: list[dict], model_id: str = "") -> str:
-    """Identifies a request (the model and the exact messages) for resuming."""
+    """Identifies a request (`model_id`, from `requester_id`, and the exact messages)."""
     blob = json.dumps([model_id, messages], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
