@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -13,6 +14,7 @@ from vistune.data.scenes import KINDS, SceneObject, make_scenes
 from vistune.datagen.teachers import RulesTeacher
 from vistune.errors import DataError
 from vistune.eval import build, judge, scenes
+from vistune.eval.journal import appender
 
 from ..datagen.conftest import messages_hash
 
@@ -219,6 +221,42 @@ def test_a_build_asks_again_when_the_requests_change(coco, tmp_path, scripted_ju
             ] == [1, 1]  # fmt: skip
     for name in BENCH_FILES:
         assert (out / name).read_text() == (tmp_path / "fresh" / name).read_text(), name
+
+
+class _NumberedTeacher(RulesTeacher):
+    """A sampling teacher: every reply is new (numbered), even to the same messages."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def respond(self, request):
+        self.calls += 1
+        if request.response_type == "detail":
+            return f"A plain picture, reply {self.calls}, with a few simple objects."
+        return f"Question: What is in this picture?\nAnswer: Reply {self.calls}."
+
+
+def test_two_images_with_identical_annotations_keep_their_own_replies(coco, tmp_path):
+    """The teacher sees only the annotations, so two images annotated alike send the same
+    messages: their kept replies must still be told apart by image."""
+    (ctx,) = build.sample_contexts(coco, "val", 1, seed=0)
+    twin = dataclasses.replace(ctx, image_id=f"{ctx.image_id}-twin", image="val/twin.png")
+    path = tmp_path / "build_requests.jsonl"
+    with appender(path) as log:
+        whole = build.build_bench([ctx, twin], _NumberedTeacher(), log=log, teacher_id="t")
+    assert whole.references[0]["text"] != whole.references[3]["text"]  # two replies
+    teacher = _NumberedTeacher()
+    again = build.build_bench([ctx, twin], teacher, done=build.kept_replies(path), teacher_id="t")
+    assert teacher.calls == 0
+    assert (again.questions, again.references) == (whole.questions, whole.references)
+    # stopped after the first image: the twin is asked, not given the first image's replies
+    part = tmp_path / "part.jsonl"
+    with appender(part) as log:
+        build.build_bench([ctx], _NumberedTeacher(), log=log, teacher_id="t")
+        log({"prompt_key": "0123", "content": "no image named"})  # not attributable: skipped
+    teacher = _NumberedTeacher()
+    build.build_bench([ctx, twin], teacher, done=build.kept_replies(part), teacher_id="t")
+    assert teacher.calls == 3
 
 
 def test_build_needs_enough_images(coco):

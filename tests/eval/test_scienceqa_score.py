@@ -17,6 +17,7 @@ pid subject hint image grade answer  prediction               parsed  right  col
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -158,6 +159,27 @@ def test_judge_ensemble(problems, scripted_judge):
     # both full outputs reach the judge
     first = server.requests[0]["messages"][-1]["content"]
     assert OURS["1"] in first and OTHER["1"] in first and "(A) choice 1-0" in first
+
+
+def test_twin_problems_keep_their_own_judge_replies(problems, tmp_path):
+    """ScienceQA repeats questions: two problems with the same text and the same two
+    outputs send the judge the same messages; a resumed run keeps each one's reply."""
+    from vistune.eval.journal import appender
+
+    twin = dataclasses.replace(problems[0], pid="twin")
+    pair = [problems[0], twin]
+    ours, other = {"1": OURS["1"], "twin": OURS["1"]}, {"1": OTHER["1"], "twin": OTHER["1"]}
+    replies = iter(["The answer is A.", "The answer is B."])  # a judge that samples
+    path = tmp_path / "raw_judgements.jsonl"
+    with appender(path) as log:
+        whole = sqa.judge_ensemble(pair, ours, other, lambda m: next(replies), 0, log)
+    assert whole.letters == {"1": "A", "twin": "B"}
+
+    def unreachable(messages):
+        raise AssertionError("asked again")
+
+    again = sqa.judge_ensemble(pair, ours, other, unreachable, 0, done=sqa.kept_replies(path))
+    assert again.letters == whole.letters
 
 
 def _run(args):

@@ -206,8 +206,8 @@ def _judge_ensemble(args: argparse.Namespace, problems: list, ours_text: dict, o
             return sqa.judge_ensemble(problems, ours_text, other_text, client.complete,
                                       args.retries, log, done, judge_id)  # fmt: skip
     except EndpointDownError as err:
-        keys = [prompt_key(m, judge_id)
-                for m in sqa.judge_requests(problems, ours_text, other_text).values()]  # fmt: skip
+        keys = [(pid, prompt_key(m, judge_id))
+                for pid, m in sqa.judge_requests(problems, ours_text, other_text).items()]  # fmt: skip
         raise VistuneError(
             f"the judge is unreachable or refuses us ({err}); "
             f"{_kept(keys, sqa.kept_replies(raw_path), raw_path)}"

@@ -15,8 +15,9 @@ LLaVA-Bench's files (formats in docs/EVAL.md):
     context.jsonl            {id, image, captions, instances: [{category, bbox}]}
     answers_reference.jsonl  {question_id, text, answer_id, model_id}
     build.json               teacher, seed, split, images, failed questions
-    build_requests.jsonl     every accepted teacher reply as it arrives, keyed by
-                             prompt_key (vistune.eval.journal): a rerun reuses them
+    build_requests.jsonl     every accepted teacher reply as it arrives, keyed by its
+                             image and prompt_key (vistune.eval.journal): a rerun
+                             reuses them
 """
 
 from __future__ import annotations
@@ -88,9 +89,15 @@ def _request(rtype: str, ctx: ImageContext, seed: int) -> Request:
     return Request(rtype, ctx, build_messages(rtype, ctx, question), question)
 
 
-def request_keys(contexts: list[ImageContext], seed: int, teacher_id: str) -> list[str]:
-    """The prompt key of every request `build_bench` makes (to count what is kept)."""
-    return [prompt_key(_request(rtype, ctx, seed).messages, teacher_id)
+ReplyKey = tuple[str, str]
+"""(image, prompt key). The teacher sees only the annotations, so two images annotated
+alike send the same messages; the image keeps their replies apart (as an uninterrupted
+run, which asks each image's request)."""
+
+
+def request_keys(contexts: list[ImageContext], seed: int, teacher_id: str) -> list[ReplyKey]:
+    """The key of every request `build_bench` makes (to count what is kept)."""
+    return [(ctx.image, prompt_key(_request(rtype, ctx, seed).messages, teacher_id))
             for ctx in contexts for rtype in RESPONSE_TYPES]  # fmt: skip
 
 
@@ -100,7 +107,7 @@ def _ask(
     ctx: ImageContext,
     seed: int,
     retries: int,
-    done: dict[str, str],
+    done: dict[ReplyKey, str],
     log: Callable[[dict], None] | None,
     teacher_id: str,
 ) -> tuple[tuple[str, str] | None, str | None]:
@@ -110,9 +117,9 @@ def _ask(
     request = _request(rtype, ctx, seed)
     question = request.question
     key = prompt_key(request.messages, teacher_id)
-    if key in done:
+    if (ctx.image, key) in done:
         try:
-            return first_pair(rtype, done[key], question), None
+            return first_pair(rtype, done[ctx.image, key], question), None
         except RejectedOutput:
             pass  # kept under an older parser that accepted it: ask again
     reason = ""
@@ -139,7 +146,7 @@ def build_bench(
     retries: int = 2,
     progress: Callable[[], None] | None = None,
     log: Callable[[dict], None] | None = None,
-    done: dict[str, str] | None = None,
+    done: dict[ReplyKey, str] | None = None,
     teacher_id: str = "",
 ) -> Bench:
     """One question per type per image, with the teacher's answer as the reference.
@@ -169,10 +176,11 @@ def build_bench(
     return bench
 
 
-def kept_replies(path: str | Path) -> dict[str, str]:
-    """prompt key -> accepted teacher reply, from an earlier build_requests.jsonl."""
+def kept_replies(path: str | Path) -> dict[ReplyKey, str]:
+    """(image, prompt key) -> accepted teacher reply, from an earlier build_requests.jsonl
+    (a record naming no image cannot be told apart from a twin's and is skipped)."""
     return {
-        str(r["prompt_key"]): r["content"]
+        (str(r["image"]), str(r["prompt_key"])): r["content"]
         for r in read_records(path)
-        if "prompt_key" in r and isinstance(r.get("content"), str)
+        if "prompt_key" in r and "image" in r and isinstance(r.get("content"), str)
     }

@@ -197,7 +197,7 @@ def judge_ensemble(
     complete: Callable[[list[dict]], str],
     retries: int = 2,
     log: Callable[[dict], None] | None = None,
-    done: dict[str, str] | None = None,
+    done: dict[tuple[str, str], str] | None = None,
     judge_id: str = "",
 ) -> JudgeEnsemble:
     """Where the parsed answers differ, ask `complete` (a judge model) for the final letter.
@@ -220,7 +220,8 @@ def judge_ensemble(
         asked.append(p.pid)
         messages = requests[p.pid]
         key = prompt_key(messages, judge_id)
-        letter = parse_judge_letter(done[key], len(p.choices)) if key in done else None
+        kept = done.get((p.pid, key))
+        letter = parse_judge_letter(kept, len(p.choices)) if kept is not None else None
         if letter is None:
             letter = _ask_judge(p, messages, key, complete, retries, log)
         if letter is None:
@@ -256,12 +257,17 @@ def _ask_judge(
     return None
 
 
-def kept_replies(path: str | Path) -> dict[str, str]:
-    """prompt key -> a judge reply that gave a letter, from an earlier raw_judgements.jsonl."""
+def kept_replies(path: str | Path) -> dict[tuple[str, str], str]:
+    """(pid, prompt key) -> a judge reply that gave a letter, from an earlier
+    raw_judgements.jsonl. Keyed by pid too: ScienceQA repeats questions, so two problems
+    can send the same messages, and each keeps its own reply as in an uninterrupted run."""
     return {
-        str(r["prompt_key"]): r["content"]
+        (str(r["question_id"]), str(r["prompt_key"])): r["content"]
         for r in read_records(path)
-        if "prompt_key" in r and r.get("letter") and isinstance(r.get("content"), str)
+        if "prompt_key" in r
+        and "question_id" in r
+        and r.get("letter")
+        and isinstance(r.get("content"), str)
     }
 
 
