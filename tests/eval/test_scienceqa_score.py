@@ -83,6 +83,22 @@ def test_parse_answer(text, n, want):
     assert sqa.parse_answer(text, n) == want
 
 
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("Reasoning step by step.\nThe answer is C.", "C"),
+        ("Final answer: A", "A"),
+        ("Final answer: (B).", "B"),
+        ("My answer is D", "D"),
+        ("Answer: Both assistants are wrong here.", None),  # not B: no letter given
+        ("The best answer: Clearly neither.", None),  # not C
+        ("I cannot tell.", None),
+    ],
+)
+def test_parse_judge_letter(text, want):
+    assert sqa.parse_judge_letter(text, 4) == want
+
+
 def test_score_by_table7_columns(problems):
     result = sqa.score(problems, sqa.parse_all(problems, OURS))
     acc = result.accuracy

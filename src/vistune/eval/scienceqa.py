@@ -37,7 +37,8 @@ from vistune.eval.report import check_same_ids, index_by, read_jsonl
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "average")
 _PREFIX = re.compile(r"^([A-E])\.(?:\s|$)")
 _ANSWER_IS = re.compile(r"The answer is \(?([A-E])\)?")
-_JUDGE_LETTER = re.compile(r"\b(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*\(?([A-E])\)?")
+# the letter must stand alone: "Answer: Both are wrong" gives no letter, not B
+_JUDGE_LETTER = re.compile(r"\b(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*\(?([A-E])\b\)?")
 
 
 def parse_answer(text: str, n_choices: int) -> str | None:
