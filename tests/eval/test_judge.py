@@ -291,6 +291,26 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
     assert "malformed lines: line 2 (not JSON)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-tokens", "0", "must be at least 1, got 0"),
+        ("--timeout", "0", "must be above 0, got 0"),
+        ("--backoff", "-1", "must be at least 0, got -1"),
+        ("--http-retries", "-1", "must be at least 0, got -1"),
+        ("--retries", "-1", "must be at least 0, got -1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["judge", "build", "scienceqa"])
+def test_bad_endpoint_flags_are_one_line_not_a_traceback(command, flag, value, message, capsys):
+    """Each subcommand with a judge or teacher: a bad value is named before any work (a
+    negative --retries used to ask nothing and fail every question)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", command, flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_local_judge_failure_is_reported(tiny_llm_dir):
     """A local HF judge (a tiny random LM: its text never holds two scores) plugs into the
     same loop, and what it cannot score is reported as a failure."""

@@ -13,6 +13,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """A number of retries (a negative one would ask nothing and fail every question)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _delay(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
     """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`)."""
     reply = "a judgement" if role == "judge" else "a teacher reply"
@@ -23,18 +45,18 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") 
     )
     p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
     p.add_argument("--temperature", type=float, default=0.2, help=f"{role} sampling temperature")
-    p.add_argument("--max-tokens", type=int, default=1024, help=f"{role} reply token limit")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-tokens", type=_positive, default=1024, help=f"{role} reply token limit")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request")
     p.add_argument(
         "--http-retries",
-        type=int,
+        type=_count,
         default=5,
         help="client-level retries of 5xx/429/timeouts/malformed replies",
     )
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds")
+    p.add_argument("--backoff", type=_delay, default=1.0, help="first retry delay in seconds")
     p.add_argument(
         "--retries",
-        type=int,
+        type=_count,
         default=2,
         help=f"new requests for {reply} that failed or could not be parsed",
     )
