@@ -72,6 +72,81 @@ def test_resume_after_interrupt(bench, tmp_path):
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
 
 
+def _interrupted(questions, tmp_path, out, **kwargs):
+    """A run killed after its first batch (Q0, Q1)."""
+    with pytest.raises(KeyboardInterrupt):
+        answer.answer_questions(FakeEngine(die_after=1), questions, tmp_path, out,
+                                GenerationConfig(), "m", batch_size=2, **kwargs)  # fmt: skip
+
+
+def _asked(engine):
+    return [m[0]["content"] for b in engine.batches for m, _ in b]
+
+
+@pytest.mark.parametrize(
+    ("change", "asked_again"),
+    [
+        ({"config": GenerationConfig(max_new_tokens=64)}, 5),  # answers may be cut shorter
+        ({"config": GenerationConfig(temperature=0.7, seed=1)}, 5),
+        ({"model_id": "other"}, 5),
+        ({"model_key": "/runs/b/checkpoint-1000"}, 5),  # same folder name, another model
+        ({"text": {0: "Q0, reworded?"}}, 4),
+        ({"image": {0: "b.png"}}, 4),
+        ({}, 3),
+    ],
+)
+def test_resume_reuses_only_answers_to_the_same_request(bench, tmp_path, change, asked_again):
+    _, questions = bench
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    out = tmp_path / "ans.jsonl"
+    _interrupted(questions, tmp_path, out, model_key="/runs/a/checkpoint-1000")
+    questions = [dict(q, text=change.get("text", {}).get(i, q["text"]),
+                      image=change.get("image", {}).get(i, q["image"]))
+                 for i, q in enumerate(questions)]  # fmt: skip
+    engine = FakeEngine()
+    rows = answer.answer_questions(engine, questions, tmp_path, out,
+                                   change.get("config", GenerationConfig()),
+                                   change.get("model_id", "m"), batch_size=2,
+                                   model_key=change.get("model_key", "/runs/a/checkpoint-1000"))  # fmt: skip
+    assert len(_asked(engine)) == asked_again
+    assert [r["prompt"] for r in rows] == [q["text"] for q in questions]
+
+
+def test_resume_past_a_torn_partial_line(bench, tmp_path):
+    """A kill mid-write can cut a line inside a UTF-8 character: the next run skips it
+    (no UnicodeDecodeError) and writes its first answer on a line of its own."""
+    _, questions = bench
+    out = tmp_path / "ans.jsonl"
+    _interrupted(questions, tmp_path, out)
+    partial = tmp_path / "ans.jsonl.partial"
+    with partial.open("ab") as fh:
+        fh.write(b'{"question_id": 2, "text": "caf\xc3')
+    with pytest.raises(KeyboardInterrupt):
+        answer.answer_questions(FakeEngine(die_after=1), questions, tmp_path, out,
+                                GenerationConfig(), "m", batch_size=2)  # fmt: skip
+    engine = FakeEngine()
+    rows = answer.answer_questions(engine, questions, tmp_path, out, GenerationConfig(), "m")
+    assert _asked(engine) == ["<image>\nQ4?"]  # Q2, Q3 answered after the torn line: kept
+    assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+def test_an_answer_holding_a_unicode_line_separator_is_resumed(bench, tmp_path):
+    _, questions = bench
+
+    class Separated(FakeEngine):
+        def answer_batch(self, requests, config):
+            return [t + "\u2028more" for t in super().answer_batch(requests, config)]
+
+    out = tmp_path / "ans.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        answer.answer_questions(Separated(die_after=1), questions, tmp_path, out,
+                                GenerationConfig(), "m", batch_size=2)  # fmt: skip
+    engine = FakeEngine()
+    rows = answer.answer_questions(engine, questions, tmp_path, out, GenerationConfig(), "m")
+    assert len(_asked(engine)) == 3
+    assert rows[0]["text"] == "answer to: <image>\nQ0? \u2028more"
+
+
 def test_missing_image_listed(bench, tmp_path):
     _, questions = bench
     (tmp_path / "a.png").unlink()
@@ -96,6 +171,21 @@ def test_cli_answer(bench, tmp_path, fake_engine):
     assert rc == 0
     assert [len(b) for b in fake_engine.batches] == [4, 1]
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_cli_resume_tells_models_that_share_a_folder_name(bench, tmp_path, fake_engine):
+    q_path, _ = bench
+    out = tmp_path / "answers.jsonl"
+
+    def run(model):
+        return cli.main(["eval", "answer", "--model", str(tmp_path / model / "checkpoint-1000"),
+                         "--questions", str(q_path), "--out", str(out), "--batch-size", "2"])  # fmt: skip
+
+    fake_engine.die_after = 1
+    assert run("a") == 130
+    fake_engine.die_after, fake_engine.batches = None, []
+    assert run("b") == 0
+    assert sum(len(b) for b in fake_engine.batches) == 5  # a's two answers are not b's
 
 
 @pytest.mark.parametrize(

@@ -155,10 +155,12 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
         raise VistuneError(message) from None
     check_images(questions, images)
     engine = load_engine(args.model, args.batch_size)
+    # resuming tells models by their full path: two may share a folder name (checkpoint-1000)
+    model_key = args.model if args.model == "default" else str(Path(args.model).resolve())
     bar = _progress(len(questions), "answering")
     try:
         rows = answer_questions(engine, questions, images, out, config, Path(args.model).name,
-                                args.batch_size, bar.update)  # fmt: skip
+                                args.batch_size, bar.update, model_key)  # fmt: skip
     finally:
         bar.close()
     return {str(r["question_id"]): r["text"] for r in rows}

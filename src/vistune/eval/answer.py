@@ -3,10 +3,12 @@
 Each question {question_id, image, text, ...} becomes one single-turn request, the image
 placeholder first as in LLaVA's model_vqa.py ("<image>\\n" + text; no placeholder for a
 question without an image), answered through `vistune.serve.engine.Engine.answer_batch`.
-Answers are appended to `<out>.partial` as each batch finishes (an interrupted run
-resumes from it and never answers a question twice), then written atomically to `out` in
-question order as LLaVA-Bench answer lines {question_id, prompt, text, answer_id,
-model_id, metadata}.
+Answers are appended to `<out>.partial` as each batch finishes, each with the key of its
+request (vistune.eval.journal: the model, the generation settings, the image and the
+messages), then written atomically to `out` in question order as LLaVA-Bench answer lines
+{question_id, prompt, text, answer_id, model_id, metadata}. An interrupted run resumes
+from the partial file and never answers a question twice; an answer made for another
+request (another model, --max-new-tokens, temperature, text or image) is answered again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 
 from vistune.config import GenerationConfig
 from vistune.errors import VistuneError
+from vistune.eval.journal import appender, prompt_key, read_records, requester_id
 from vistune.eval.report import atomic_write_text, list_ids
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -68,16 +71,30 @@ def check_images(questions: Sequence[dict], image_root: Path) -> None:
                            f"{list_ids(missing)}")  # fmt: skip
 
 
-def _done(partial: Path) -> dict[str, dict]:
-    """Answers already in the partial file (a torn last line from a kill is ignored)."""
+def request_key(question: dict, config: GenerationConfig, model_key: str, model_id: str) -> str:
+    """What an answer was made for: the model (and the id its rows carry), the settings
+    that change it, the image and the messages (the seed only matters when sampling)."""
+    settings = {"model_id": model_id, "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature, "top_p": config.top_p,
+                "stop": list(config.stop)}  # fmt: skip
+    if config.temperature > 0:
+        settings["seed"] = config.seed
+    image = question.get("image")
+    messages = [{"image": str(image) if image else None}, *messages_for(question)]
+    return prompt_key(messages, requester_id(model_key, **settings))
+
+
+def _done(partial: Path, keys: dict[str, str]) -> dict[str, dict]:
+    """question id -> answer row in the partial file made for the request now asked
+    (`keys`, by question id). Lines from an older vistune (no key), for another request,
+    torn by a kill or not JSON are skipped: their questions are answered again."""
     done = {}
-    if partial.is_file():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[str(row["question_id"])] = row
-            except (ValueError, KeyError, TypeError):
-                continue
+    for record in read_records(partial):
+        row = record.get("row")
+        if isinstance(row, dict) and "question_id" in row and isinstance(row.get("text"), str):
+            qid = str(row["question_id"])
+            if record.get("request_key") == keys.get(qid):
+                done[qid] = row
     return done
 
 
@@ -90,20 +107,27 @@ def answer_questions(
     model_id: str,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    model_key: str | None = None,
 ) -> list[dict]:
-    """Answer every question not yet in `<out>.partial`, then write `out`; returns its rows."""
+    """Answer every question not yet in `<out>.partial`, then write `out`; returns its rows.
+
+    `model_key` tells models apart for resuming (default `model_id`; give the full path
+    where two models may share a folder name)."""
     from vistune.data.image import load_image
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_images(questions, image_root)
     partial = out.with_name(out.name + ".partial")
-    done = _done(partial)
+    model_key = model_id if model_key is None else model_key
+    keys = {str(q["question_id"]): request_key(q, config, model_key, model_id)
+            for q in questions}  # fmt: skip
+    done = _done(partial, keys)
     todo = [q for q in questions if str(q["question_id"]) not in done]
     if progress is not None and len(done):
         progress(len(questions) - len(todo))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with partial.open("a", encoding="utf-8") as fh:
+    with appender(partial) as log:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             requests = [(messages_for(q), load_image(image_root / q["image"]) if q.get("image")
@@ -115,8 +139,7 @@ def answer_questions(
                        "metadata": {"max_new_tokens": config.max_new_tokens,
                                     "temperature": config.temperature}}  # fmt: skip
                 done[str(q["question_id"])] = row
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
+                log({"request_key": keys[str(q["question_id"])], "row": row})
             if progress is not None:
                 progress(len(batch))
     rows = [done[str(q["question_id"])] for q in questions]
