@@ -269,6 +269,10 @@ def test_all_judgements_failing_exits_1_and_says_why(tmp_path, write_jsonl, scri
          r"image a.jpg needs `caption`"),
         ("context", [{"image": "a.jpg", "caption": "x", "instances": [{"category": "dog", "bbox": [0, 0, 1]}]},
                      {"image": "b.jpg", "caption": "x"}], r"image a.jpg has a malformed instance"),
+        ("context", [{"image": "a.jpg", "caption": "x", "instances": 5},
+                     {"image": "b.jpg", "caption": "x"}], r"image a.jpg: `instances` must be a list"),
+        ("questions", [{"question_id": "q1", "image": "a.jpg", "text": "?", "category": ["conv"]}],
+         r"unknown category for question ids q1"),
     ],
 )  # fmt: skip
 def test_bad_input_names_ids(tmp_path, write_jsonl, target, rows, message):
@@ -329,6 +333,30 @@ def test_local_judge_failure_is_reported(tiny_llm_dir):
     assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     (j,) = judge.run_judge([item], local.complete, repeats=1, retries=1)
     assert j.scores is None and j.attempts == 2 and "unparsable" in j.reason
+
+
+def test_a_local_judge_folder_is_checked_and_never_unpickled(tiny_llm_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vistune.errors import ModelDirError
+
+    with pytest.raises(ModelDirError, match="judge directory not found"):
+        judge.LocalJudge(tmp_path / "nope")
+    pickled = shutil.copytree(tiny_llm_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match=r"pickle \.bin files are never loaded"):
+        judge.LocalJudge(pickled)
+    bare = shutil.copytree(tiny_llm_dir, tmp_path / "bare")
+    (bare / "chat_template.jinja").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="has no chat template"):
+        judge.LocalJudge(bare)
 
 
 def test_a_judge_down_stops_every_worker(tmp_path, write_jsonl, scripted_judge, capsys):

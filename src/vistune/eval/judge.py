@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vistune.chat_client import EndpointDownError
 from vistune.datagen.context import Box
-from vistune.errors import DataError, VistuneError
+from vistune.errors import DataError, ModelDirError, VistuneError
 from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
 
@@ -92,8 +92,14 @@ def render_context(row: dict, path: str | Path) -> str:
             "(a string) or `captions` (a list of strings)"
         )
     text = "\n".join(c.strip() for c in captions)
+    instances = row.get("instances", row.get("boxes")) or []
+    if not isinstance(instances, list):
+        raise DataError(
+            f"context file {path}: image {row.get('image')}: `instances` must be a list of "
+            f"{{category, bbox: [x1, y1, x2, y2]}}, got {instances!r}"
+        )
     boxes = []
-    for inst in row.get("instances", row.get("boxes")) or []:
+    for inst in instances:
         try:
             xyxy = tuple(float(v) for v in inst["bbox"])
             if len(xyxy) != 4:
@@ -119,7 +125,8 @@ def load_bench(
     """
     q_rows = read_jsonl(questions, "questions", ("question_id", "image", "text", "category"))
     q_by_id = index_by(q_rows, "question_id", "questions", questions)
-    bad_cat = [k for k, r in q_by_id.items() if r["category"] not in CATEGORY_ALIASES]
+    bad_cat = [k for k, r in q_by_id.items()
+               if not isinstance(r["category"], str) or r["category"] not in CATEGORY_ALIASES]  # fmt: skip
     if bad_cat:
         raise DataError(
             f"questions file {questions}: unknown category for question ids "
@@ -365,13 +372,23 @@ def reusable(
 
 
 class LocalJudge:
-    """A judge from a local Hugging Face causal LM directory (its chat template, greedy)."""
+    """A judge from a local Hugging Face causal LM directory (its chat template, greedy).
+
+    The folder is checked first (safetensors weights only, never a pickle; no custom code)
+    and a problem with it is one ModelDirError."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 256) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+        from transformers import AutoModelForCausalLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        from vistune.model.checkpoint import check_hf_dir, load_hf_model, load_tokenizer
+
+        path = Path(model_dir)
+        check_hf_dir(path, "judge", tokenizer=True)
+        self.tokenizer = load_tokenizer(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelDirError(f"{path}: the judge's tokenizer has no chat template")
+        self.model = load_hf_model(AutoModelForCausalLM, path, "judge", torch.float32)
         self.max_new_tokens = max_new_tokens
 
     def complete(self, messages: list[dict]) -> str:
