@@ -223,6 +223,34 @@ def test_cli_scienceqa_model(sqa_files, tmp_path, fake_engine):
     assert (out / "predictions.jsonl").is_file()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ensemble", "complement", "--other", "MALFORMED"], "line 1 (not JSON)"),
+        (["--ensemble", "complement", "--other", "MISSING"], "predictions file not found"),
+        (["--ensemble", "judge", "--other", "GOOD"], "needs --judge-base-url and --judge-model"),
+    ],
+)
+def test_cli_scienceqa_model_checks_the_ensemble_before_generating(
+    sqa_files, tmp_path, fake_engine, capsys, flags, message
+):
+    """Generated predictions are not reused by a rerun, so a bad --other file or missing
+    judge flags must stop the run before the model answers, not after."""
+    for pid in ("1", "2", "5", "9"):  # the fixture's problems with an image
+        (tmp_path / pid).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / pid / "image.png")
+    (tmp_path / "MALFORMED").write_text("{oops\n")
+    (tmp_path / "GOOD").write_text(
+        "".join(json.dumps({"question_id": str(i), "text": "A"}) + "\n" for i in range(1, 11))
+    )
+    flags = [str(tmp_path / f) if f.isupper() else f for f in flags]
+    rc = cli.main(["eval", "scienceqa", "--problems", str(sqa_files[0]), "--splits",
+                   str(sqa_files[1]), "--model", "m", "--image-root", str(tmp_path),
+                   "--out", str(tmp_path / "out"), *flags])  # fmt: skip
+    assert rc == 2 and message in capsys.readouterr().err
+    assert fake_engine.batches == []
+
+
 def test_cli_without_engine_is_clear(bench, tmp_path, capsys, monkeypatch):
     import importlib.util
 

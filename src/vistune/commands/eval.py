@@ -226,6 +226,10 @@ def run_scienceqa(args: argparse.Namespace) -> int:
     problems = load_scienceqa(args.problems, args.splits, args.split, args.image_root)
     if args.ensemble and args.other is None:
         raise VistuneError(f"--ensemble {args.ensemble} needs --other PREDICTIONS.jsonl")
+    if args.ensemble == "judge" and not (args.judge_base_url and args.judge_model):
+        raise VistuneError("--ensemble judge needs --judge-base-url and --judge-model")
+    # checked before --model generates: a rerun answers every question again
+    other_text = sqa.read_predictions(args.other, problems) if args.ensemble else {}
     ours_text = (
         sqa.read_predictions(args.predictions, problems)
         if args.predictions
@@ -236,7 +240,6 @@ def run_scienceqa(args: argparse.Namespace) -> int:
     rows = [("ours", [ours.accuracy[c] for c in sqa.COLUMNS])]
     final = ours
     if args.ensemble:
-        other_text = sqa.read_predictions(args.other, problems)
         other_letters = sqa.parse_all(problems, other_text)
         other = sqa.score(problems, other_letters)
         report["other"] = other.to_dict()
