@@ -364,3 +364,28 @@ def test_an_interrupted_run_reports_what_is_left(tmp_path, chat_server):
         run_datagen(contexts, Interrupted(chat_server.url, "m", backoff=0.001), store, out, config)
     assert len(ids(out)) == 2
     assert summary(out)["remaining"] == 3  # the third, in flight, and two never sent
+
+
+def test_a_bad_local_teacher_folder_is_one_line_and_keeps_what_is_done(
+    tmp_path, tiny_llm_dir, capsys
+):
+    """A missing folder stops before anything is read; weights that fail to load on first
+    use stop the run with one line, the brief samples written and the request left to
+    resend."""
+    import shutil
+
+    coco = make_coco(tmp_path / "coco", 2)
+    out = tmp_path / "o.json"
+    local = ("--teacher", "local", "--model-dir")
+    assert main(datagen_args(coco, out, *local, str(tmp_path / "nope"))) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope'}: teacher directory not found" in err
+    assert "Traceback" not in err and not out.exists()
+    broken = shutil.copytree(tiny_llm_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(datagen_args(coco, out, *local, str(broken))) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}: cannot load the teacher" in err and "Traceback" not in err
+    assert ids(out) == ["1_brief", "2_brief"]
+    with sqlite3.connect(str(out) + ".sqlite") as db:
+        assert db.execute("select status from requests").fetchall() == [("pending",)]

@@ -150,9 +150,13 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
-def test_local_teachers_in_folders_of_the_same_name_are_different_teachers(tmp_path):
+def test_local_teachers_in_folders_of_the_same_name_are_different_teachers(tmp_path, tiny_lm_dir):
     """The name is the store's cache key: `runs/a/checkpoint-9` must not reuse the answers
     of `runs/b/checkpoint-9`."""
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(tiny_lm_dir, tmp_path / parent / "checkpoint-9")
     a, b = (
         LocalTeacher(tmp_path / "a" / "checkpoint-9"),
         LocalTeacher(tmp_path / "b" / "checkpoint-9"),
@@ -188,3 +192,49 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
     assert out.shape[1] == ids["input_ids"].shape[1] + 8 and out[0, -1].item() != 2
     expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert text == expected
+
+
+def test_a_local_teacher_folder_is_checked_at_once_and_never_unpickled(tiny_lm_dir, tmp_path):
+    """As the local judge: a missing folder, pickle-only weights, custom code or a tokenizer
+    without a chat template is one ModelDirError when the teacher is made, before any
+    request; nothing from a .bin file is ever unpickled."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vistune.errors import ModelDirError
+
+    with pytest.raises(ModelDirError, match="teacher directory not found"):
+        LocalTeacher(tmp_path / "nope")
+    pickled = shutil.copytree(tiny_lm_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match=r"pickle \.bin files are never loaded"):
+        LocalTeacher(pickled)
+    custom = shutil.copytree(tiny_lm_dir, tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling.Evil"}
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="declares custom code"):
+        LocalTeacher(custom)
+    bare = shutil.copytree(tiny_lm_dir, tmp_path / "bare")
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelDirError, match="has no chat template"):
+        LocalTeacher(bare)
+
+
+def test_a_local_teacher_with_broken_weights_is_one_error_naming_the_folder(tiny_lm_dir, tmp_path):
+    import shutil
+
+    from vistune.errors import ModelDirError
+
+    broken = shutil.copytree(tiny_lm_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    teacher = LocalTeacher(broken, max_new_tokens=4)  # the weights load on first use
+    with pytest.raises(ModelDirError, match=rf"{broken}: cannot load the teacher"):
+        teacher.respond(request("conversation"))

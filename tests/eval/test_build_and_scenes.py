@@ -84,6 +84,25 @@ def test_build_with_the_default_local_teacher(coco, tmp_path, monkeypatch):
     assert len(kept) == 6 and len({k["prompt_key"] for k in kept}) == 6
 
 
+def test_build_with_a_pickled_local_teacher_is_one_line(coco, tmp_path, tiny_llm_dir, capsys):
+    """--local-model is checked like --local-judge: a folder holding only a pickle
+    (pytorch_model.bin) is refused before anything is asked or unpickled."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(tiny_llm_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    out = tmp_path / "bench"
+    rc = cli.main(["eval", "build", "--coco", str(coco), "--images", "2", "--teacher", "local",
+                   "--local-model", str(pickled), "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "pickle .bin files are never loaded" in err and "Traceback" not in err
+    assert not (out / "questions.jsonl").exists()
+
+
 class _FlakyTeacher(RulesTeacher):
     """Answers complex questions with text the datagen parser rejects."""
 

@@ -74,7 +74,11 @@ class OpenAITeacher(Teacher):
 
 
 class LocalTeacher(Teacher):
-    """A Hugging Face causal LM directory, greedy decoding with its chat template."""
+    """A Hugging Face causal LM directory, greedy decoding with its chat template.
+
+    A folder given is checked when the teacher is made (config, safetensors weights only,
+    never a pickle; no custom code; a tokenizer with a chat template), so a problem with it
+    is one ModelDirError before any request; the weights load on first use."""
 
     concurrent = False
 
@@ -87,18 +91,22 @@ class LocalTeacher(Teacher):
         self._lock = threading.Lock()
         self._model: Any = None
         self._tokenizer: Any = None
+        if self.model_dir is not None:
+            self._tokenizer = _checked_tokenizer(self.model_dir)
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from vistune.model.checkpoint import load_hf_model
 
         if self.model_dir is None:
             from vistune.weights import ensure_default_weights
 
             self.model_dir = ensure_default_weights().llm_dir
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self._model = model.eval()
+        if self._tokenizer is None:
+            self._tokenizer = _checked_tokenizer(self.model_dir)
+        self._model = load_hf_model(AutoModelForCausalLM, self.model_dir, "teacher", torch.float32)
 
     def respond(self, request: Request) -> str:
         import torch
@@ -124,6 +132,18 @@ class LocalTeacher(Teacher):
 
     def close(self) -> None:
         self._model = None
+
+
+def _checked_tokenizer(path: Path) -> Any:
+    """The tokenizer of a checked teacher folder (ModelDirError, one line, when unusable)."""
+    from vistune.errors import ModelDirError
+    from vistune.model.checkpoint import check_hf_dir, load_tokenizer
+
+    check_hf_dir(path, "teacher", tokenizer=True)
+    tokenizer = load_tokenizer(path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelDirError(f"{path}: the teacher's tokenizer has no chat template")
+    return tokenizer
 
 
 class RulesTeacher(Teacher):
