@@ -389,3 +389,71 @@ def test_a_bad_local_teacher_folder_is_one_line_and_keeps_what_is_done(
     assert ids(out) == ["1_brief", "2_brief"]
     with sqlite3.connect(str(out) + ".sqlite") as db:
         assert db.execute("select status from requests").fetchall() == [("pending",)]
+
+
+class LimitedTeacher(Teacher):
+    """Cuts image 1's answer below 16 tokens (a long answer); image 2's is short."""
+
+    name = "limited"
+    concurrent = False
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.asked: list[str] = []
+
+    def respond(self, request):
+        self.asked.append(request.context.image_id)
+        if request.context.image_id == "1" and self.max_tokens < 16:
+            raise RejectedOutput("truncated", f"{self.max_tokens} new tokens", raw="Question: Why")
+        return "Question: Why?\nAnswer: Because."
+
+
+def test_a_larger_max_tokens_asks_again_only_the_answers_cut_at_the_old_limit(tmp_path):
+    """Sampling settings are not part of the key, so finished answers are reused under any
+    --max-tokens; but an answer rejected as truncated at 8 tokens is asked again when the
+    run allows more (not when it allows the same or fewer)."""
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2)]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    out = tmp_path / "o.json"
+
+    def run(limit: int) -> tuple[LimitedTeacher, dict]:
+        teacher = LimitedTeacher(limit)
+        with Store(tmp_path / "s.sqlite") as store:
+            result = run_datagen(contexts, teacher, store, out, config)
+        return teacher, dict(result.per_type["complex"])
+
+    teacher, counts = run(8)
+    assert teacher.asked == ["1", "2"] and counts["rejected: truncated"] == 1
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        stored = dict(db.execute("select image_id, request from requests").fetchall())
+    assert json.loads(stored["1"])["max_tokens"] == 8
+    for limit in (8, 4):
+        teacher, counts = run(limit)
+        assert teacher.asked == [] and counts["cached rejected"] == 1
+    teacher, counts = run(32)
+    assert teacher.asked == ["1"]
+    assert counts == {"cached": 1, "done": 1}
+    assert ids(out) == ["1_complex", "2_complex"]
+
+
+def test_a_truncation_stored_without_its_limit_is_asked_again_once(tmp_path):
+    """A store written before the limit was kept: a `truncated` row cannot say which limit
+    cut it, so it is asked again (once: the new answer keeps its limit); other rejections
+    stay answered."""
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2)]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    with Store(tmp_path / "s.sqlite") as store:
+        run_datagen(contexts, LimitedTeacher(8), store, tmp_path / "o.json", config)
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:
+        for (image_id,) in db.execute("select image_id from requests").fetchall():
+            db.execute(
+                "update requests set status='rejected', reason=?, request=json_remove(request, "
+                "'$.max_tokens') where image_id=?",
+                ("truncated" if image_id == "1" else "preamble", image_id),
+            )
+    teacher = LimitedTeacher(8)
+    for asked in (["1"], []):
+        teacher.asked = []
+        with Store(tmp_path / "s.sqlite") as store:
+            run_datagen(contexts, teacher, store, tmp_path / "o.json", config)
+        assert teacher.asked == asked

@@ -32,7 +32,7 @@ from vistune.chat_client import EndpointDownError
 from vistune.data.formats import write_llava_json
 from vistune.datagen.context import ImageContext
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
-from vistune.datagen.store import Key, Store, prompt_hash
+from vistune.datagen.store import Key, Record, Store, prompt_hash
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import EndpointError
 
@@ -214,6 +214,23 @@ class _Run:
             self.teacher.name,
         )
 
+    def stored_request(self, request: Request) -> dict[str, Any]:
+        """What the store keeps of a request: the messages, the detail question and the
+        reply token limit it is sent under (not part of the key; see `cut_shorter`)."""
+        stored = {"messages": request.messages, "question": request.question}
+        if self.teacher.max_tokens is not None:
+            stored["max_tokens"] = self.teacher.max_tokens
+        return stored
+
+    def cut_shorter(self, record: Record) -> bool:
+        """Whether a stored rejection is a reply cut at a token limit below this run's, so
+        worth asking again. A store from before the limit was kept cannot say: its
+        truncated replies are asked again once (the new answer keeps its limit)."""
+        if record.reason != "truncated" or self.teacher.max_tokens is None:
+            return False
+        cut_at = record.request.get("max_tokens")
+        return not isinstance(cut_at, int) or self.teacher.max_tokens > cut_at
+
     def count(self, rtype: str, what: str, reason: str | None = None) -> None:
         self.summary.per_type[rtype][what] += 1
         if reason:
@@ -303,7 +320,8 @@ def _add_brief(run: _Run, contexts: list[ImageContext], seed: int) -> None:
 
 
 def _lookup(run: _Run, requests: list[Request]) -> list[tuple[Request, Key]]:
-    """Requests with no stored answer; stored answers count as cached (done or rejected)."""
+    """Requests with no stored answer; stored answers count as cached (done or rejected),
+    except replies cut at a smaller token limit than this run's (asked again)."""
     pending = []
     for request in requests:
         key = run.key(request)
@@ -312,7 +330,7 @@ def _lookup(run: _Run, requests: list[Request]) -> list[tuple[Request, Key]]:
         if record is not None and record.status == "done" and record.sample is not None:
             run.samples[record.sample["id"]] = record.sample
             run.count(key.type, "cached")
-        elif record is not None and record.status == "rejected":
+        elif record is not None and record.status == "rejected" and not run.cut_shorter(record):
             run.summary.per_type[key.type]["cached rejected"] += 1
             run.summary.per_type[key.type][f"rejected: {record.reason}"] += 1
             run.tally["rejected"] += 1
@@ -333,9 +351,7 @@ def _send(
             while queue or inflight:
                 while queue and len(inflight) < workers and run.summary.aborted is None:
                     request, key = queue.pop()
-                    run.store.begin(
-                        key, {"messages": request.messages, "question": request.question}
-                    )
+                    run.store.begin(key, run.stored_request(request))
                     inflight[pool.submit(run.teacher.respond, request)] = (request, key)
                 if not inflight:
                     break

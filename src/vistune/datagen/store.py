@@ -9,7 +9,8 @@ Row status:
   are sent again on resume, since no answer was kept);
 - `done`: the answer parsed; `sample` holds the LLaVA JSON sample;
 - `rejected`: the answer arrived but failed validation; `reason` and the raw `response`
-  are kept for inspection and the request is not sent again;
+  are kept for inspection and the request is not sent again (but for a reply cut at a
+  token limit, `max_tokens` in `request`, which a run allowing more sends again);
 - `failed`: the endpoint kept failing; sent again on the next run.
 
 The database runs in WAL mode with `synchronous=NORMAL`: each answer is committed as soon

@@ -50,6 +50,9 @@ class Teacher(ABC):
     concurrent = True
     """False when requests cannot overlap (one in-process model); the pipeline then runs
     them one at a time whatever --workers says."""
+    max_tokens: int | None = None
+    """The reply token limit (None: none). Kept with each stored request, so an answer
+    rejected as truncated is asked again by a run that allows more."""
 
     @abstractmethod
     def respond(self, request: Request) -> str:
@@ -65,6 +68,7 @@ class OpenAITeacher(Teacher):
     def __init__(self, base_url: str, model: str, **client_options: Any) -> None:
         self.client = ChatClient(base_url, model, **client_options)
         self.name = f"openai:{model}"
+        self.max_tokens = self.client.max_tokens
 
     def respond(self, request: Request) -> str:
         return self.client.complete(request.messages)
@@ -84,7 +88,7 @@ class LocalTeacher(Teacher):
 
     def __init__(self, model_dir: str | Path | None = None, max_new_tokens: int = 512) -> None:
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = self.max_tokens = max_new_tokens
         # the folder's full path: two models may share a folder name (checkpoint-1000)
         label = self.model_dir.resolve() if self.model_dir else "default SmolLM2-135M-Instruct"
         self.name = f"local:{label}"
