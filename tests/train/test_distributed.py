@@ -4,6 +4,9 @@ One process runs batch 4 as 2 micro-batches of 2 (accumulation 2); two processes
 micro-batch of 2 each. The loss of every micro-batch is divided by the global batch's
 count of supervised tokens (times the world size that DDP averages over), so both compute
 the gradient of the same global mean token loss; only the summation order differs.
+
+Under FSDP, rank 1 builds the LLM on the meta device and takes rank 0's weights (and
+non-persistent buffers such as rotary `inv_freq`) once sharded.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from tests.train.conftest import tiny_args
+from vistune.errors import ModelDirError
 from vistune.train.config import TrainConfig
 from vistune.train.loop import train
+from vistune.train.setup import build_model
+
+MESSAGE = "FSDP: ranks [1] built the LLM on the meta device"
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,6 +85,51 @@ def test_two_processes_match_one_ddp_and_fsdp(tiny_data, tiny_model_dir, tmp_pat
             )
         summary = json.loads((out / "summary.json").read_text())
         assert summary["processes"] == 2 and summary["accumulation"] == 1
+        assert (MESSAGE in done.stderr) == (mode == "fsdp"), done.stderr[-3000:]
+
+
+def test_meta_llm_reads_no_llm_weights(tiny_data, tiny_model_dir, tmp_path):
+    """What FSDP ranks other than 0 build: the LLM's modules on the meta device, from its
+    config alone. Its weight file here is not safetensors, which a read would refuse."""
+    init = Path(shutil.copytree(tiny_model_dir, tmp_path / "init"))
+    (init / "llm" / "model.safetensors").write_bytes(b"not weights")
+    cfg = TrainConfig(**tiny_args(tiny_data, tmp_path / "out", tmp_path / "feats", init))
+    with pytest.raises(ModelDirError, match="cannot load the LLM"):
+        build_model(cfg, lambda _m: None)
+    model = build_model(cfg, lambda _m: None, meta_llm=True)
+    assert all(p.is_meta for p in model.llm.parameters())
+    assert all(b.is_meta for b in model.llm.buffers())  # rotary inv_freq: sent by rank 0
+    llm = model.llm
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    projector = load_file(str(tiny_model_dir / "projector.safetensors"))
+    for name, value in model.projector.state_dict().items():
+        assert torch.equal(value, projector[name]), name
+
+
+def test_fsdp_resume_matches_an_uninterrupted_run(tiny_data, tiny_model_dir, tmp_path):
+    """Rank 0 loads the checkpoint before sharding and sends it; rank 1 (LLM on meta)
+    reads only the checkpoint's names. The resumed run ends where the whole one does."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = tiny_args(tiny_data, whole, tmp_path / "feats", tiny_model_dir, stage="finetune")
+    args.update(max_steps=4, save_every=2, lr=1e-3)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(args))
+    done = _run(config, 2, "--fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "model")
+    done = _run(config, 2, "--fsdp", "--out", str(resumed), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and MESSAGE in done.stderr, done.stderr[-3000:]
+    a, b = (load_file(str(out / "checkpoints" / "step-00000004" / "trainable.safetensors"))
+            for out in (whole, resumed))  # fmt: skip
+    assert a.keys() == b.keys() and any("llm" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    two, one = _weights(resumed / "model"), _weights(whole / "model")
+    for key in one:
+        assert torch.equal(two[key], one[key]), key
 
 
 def test_two_processes_resume_each_rank_s_own_dropout_masks(tiny_data, tiny_model_dir, tmp_path):

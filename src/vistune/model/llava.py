@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from vistune.config import ModelConfig
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -105,14 +105,22 @@ class LlavaModel(nn.Module):
         config: ModelConfig = ModelConfig(),  # noqa: B008 (frozen dataclass)
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        meta_llm: bool = False,
     ) -> LlavaModel:
-        """A HF vision dir + a HF causal LM dir + a fresh projector seeded with `seed`."""
+        """A HF vision dir + a HF causal LM dir + a fresh projector seeded with `seed`.
+
+        `meta_llm`: build the LLM's modules on the meta device from its config alone, its
+        weights never read (FSDP ranks other than 0 take rank 0's once sharded).
+        """
         vision_dir, llm_dir = Path(vision_dir), Path(llm_dir)
         vision = VisionTower.from_pretrained(
             vision_dir, layer=config.vision_layer, select=config.vision_select, dtype=dtype
         )
         checkpoint.check_hf_dir(llm_dir, "LLM", tokenizer=True)
-        llm = checkpoint.load_hf_model(AutoModelForCausalLM, llm_dir, "LLM", dtype=dtype)
+        if meta_llm:
+            llm = _meta_llm(llm_dir, dtype)
+        else:
+            llm = checkpoint.load_hf_model(AutoModelForCausalLM, llm_dir, "LLM", dtype=dtype)
         tokenizer = checkpoint.load_tokenizer(llm_dir)
         llm_hidden = llm.get_input_embeddings().embedding_dim
         with torch.random.fork_rng(devices=[]):
@@ -127,11 +135,19 @@ class LlavaModel(nn.Module):
         return cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
-        """Load a model directory written by `save` (never runs code from it)."""
+    def load(
+        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, meta_llm: bool = False
+    ) -> LlavaModel:
+        """Load a model directory written by `save` (never runs code from it).
+
+        `meta_llm` as in `from_parts`; a LoRA adapter is then not merged: merging keeps the
+        base LLM's modules, and the merged weights come from the rank that read them.
+        """
         info = checkpoint.read_model_dir(model_dir)
-        model = cls.from_parts(info.vision_dir, info.llm_dir, info.config, dtype=dtype)
-        if info.adapter_dir is not None:
+        model = cls.from_parts(
+            info.vision_dir, info.llm_dir, info.config, dtype=dtype, meta_llm=meta_llm
+        )
+        if info.adapter_dir is not None and not meta_llm:
             model.llm = checkpoint.merge_adapter(model.llm, info.adapter_dir)
         checkpoint.load_projector(
             model.projector, info.projector_path, model.vision.hidden_size, model.llm_hidden_size
@@ -282,6 +298,20 @@ class LlavaModel(nn.Module):
         targets = labels[:, 1:][keep[:, :-1]]  # (N_supervised,)
         loss = F.cross_entropy(logits.float(), targets)
         return LlavaOutput(loss=loss, logits=logits)
+
+
+def _meta_llm(llm_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The causal LM of `llm_dir` on the meta device: its config read, no weights."""
+    try:
+        with checkpoint.quiet_transformers():
+            config = AutoConfig.from_pretrained(
+                llm_dir, local_files_only=True, trust_remote_code=False
+            )
+            with torch.device("meta"):
+                llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelDirError(f"{llm_dir}: cannot build the LLM: {exc}") from exc
+    return llm.eval()
 
 
 def _pad(embeds: list[torch.Tensor], labels: list[torch.Tensor] | None, side: str) -> Spliced:

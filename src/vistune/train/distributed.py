@@ -14,7 +14,9 @@ multiplied by world size, because DDP and FSDP average gradients over ranks: the
 is then the gradient of the global batch's mean token loss, exactly as with one process.
 
 FSDP (`--fsdp`) uses FSDP2 (`torch.distributed.fsdp.fully_shard`): each LLM decoder layer
-is a shard unit, then the whole step module; it runs on CUDA/NCCL and on CPU/gloo.
+is a shard unit, then the whole step module; it runs on CUDA/NCCL and on CPU/gloo. Only
+rank 0 reads the LLM's weights; the others build it on the meta device and receive rank
+0's weights after sharding (`_shard`), so host memory holds one full copy, not one a rank.
 """
 
 from __future__ import annotations
@@ -93,21 +95,51 @@ def decoder_layers(llm: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def meta_ranks(module: nn.Module, info: DistInfo) -> list[int]:
+    """The ranks whose `module` has parameters on the meta device (every rank calls this)."""
+    meta = any(p.is_meta for p in module.parameters())
+    return [rank for rank, flag in enumerate(gather_objects(meta, info)) if flag]
+
+
 def wrap(module: nn.Module, llm: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     """DDP (default) or FSDP2 per decoder layer; unchanged with one process."""
     if info.world == 1:
         return module
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(llm):
-            fully_shard(layer)
-        fully_shard(module)
-        return module
+        return _shard(module, llm, info)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _shard(module: nn.Module, llm: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2 per decoder layer, then the whole module, with rank 0's weights everywhere.
+
+    Only rank 0 holds real LLM weights; the other ranks built the LLM on the meta device
+    (setup.build_model(meta_llm=True)). Once sharded, they allocate their shards
+    (`to_empty`, which blanks their projector and tower too) and receive all of rank 0's
+    weights, one tensor at a time, each rank keeping its shard (torch.distributed.
+    checkpoint's broadcast_from_rank0, the FSDP2 recipe for meta-device init). Buffers are
+    not in the state dict when non-persistent (rotary `inv_freq`), so all are sent as
+    they are. `to_empty` keeps tied parameters tied: it swaps the contents of the one
+    DTensor parameter both modules hold.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    # rank 0's full tensors, taken before sharding (references: they live until sent)
+    full = module.state_dict() if info.is_main else {}
+    for layer in decoder_layers(llm):
+        fully_shard(layer)
+    fully_shard(module)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        module.to_empty(device=info.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full, options=options)
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+    return module
 
 
 @contextlib.contextmanager

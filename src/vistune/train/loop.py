@@ -44,6 +44,7 @@ from vistune.train.distributed import (
     gather_objects,
     grad_sync,
     init_distributed,
+    meta_ranks,
     shutdown,
     wrap,
 )
@@ -156,7 +157,9 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     if latest is not None and not cfg.resume:
         raise VistuneError(f"{out} already has checkpoints; add --resume or pick another --out")
     seed_everything(cfg.seed)
-    model = build_model(cfg, say)
+    sharded = cfg.fsdp and info.world > 1
+    # under FSDP only rank 0 reads the LLM's weights; the others get them as they shard
+    model = build_model(cfg, say, meta_llm=sharded and not info.is_main)
     attention = model.llm.config._attn_implementation
     apply_stage(model, cfg, info.device)
     if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen" and not cfg.fsdp:
@@ -179,7 +182,6 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
             f"{cfg.data}: {len(samples)} samples, fewer than one batch ({cfg.batch_size})"
         )
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    sharded = cfg.fsdp and info.world > 1  # FSDP's DTensor weights: transformers' forward
     if sharded:  # fully_shard moves each decoder layer to the device as it shards it, so
         # the whole LLM never sits on one GPU (52 GB for 13B in fp32)
         for child in model.children():
@@ -187,6 +189,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
                 child.to(info.device)
     else:
         model.to(info.device)
+    # FSDP's DTensor weights run through transformers' forward, not vistune's CPU kernels
     step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
     trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
     fingerprint = data_fingerprint(samples)
@@ -200,6 +203,9 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit and cfg.model_max_length > limit:
         say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
+    if sharded:
+        ranks = meta_ranks(model.llm, info)
+        say(f"FSDP: ranks {ranks} built the LLM on the meta device; rank 0 sends its weights")
     wrapped = wrap(step_module, model.llm, info, sharded)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
@@ -241,16 +247,33 @@ def _load_resume(
     if latest is None:
         say(f"no checkpoint in {cfg.out}: starting at step 0")
         return {}
-    tensors, state = ckpt.load_checkpoint(latest)
+    # A rank holding the LLM on the meta device reads only the names: it takes rank 0's
+    # weights (the checkpoint's, loaded here before `wrap`) as it shards.
+    meta = any(p.is_meta for p in step_module.parameters())
+    tensors, state = _checkpoint_names(latest) if meta else ckpt.load_checkpoint(latest)
     if state.get("fingerprint") != fingerprint:
         raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
     ckpt.check_resumed_config(cfg.to_dict(), state.get("config", {}), latest, say)
     missing = sorted(set(trainable) - set(tensors))
     if missing:
         raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
-    step_module.load_state_dict(tensors, strict=False)
+    if not meta:
+        step_module.load_state_dict(tensors, strict=False)
     say(f"resuming from {latest} (step {state['step']})")
     return state
+
+
+def _checkpoint_names(path: Path) -> tuple[dict[str, None], dict[str, Any]]:
+    """(trainable tensor names, state dict) of a checkpoint folder; reads no tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as file:
+            names = dict.fromkeys(file.keys())
+    except (OSError, ValueError, SafetensorError) as err:
+        raise VistuneError(f"{path}: unreadable checkpoint ({err})") from err
+    return names, state
 
 
 def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> float:

@@ -81,16 +81,22 @@ def build_encoder(cfg: TrainConfig, say: Say) -> Encoder:
     return Encoder(tower, processor, config)
 
 
-def build_model(cfg: TrainConfig, say: Say) -> Any:
-    """The LlavaModel a run starts from, fp32, with the run's template in its config."""
+def build_model(cfg: TrainConfig, say: Say, meta_llm: bool = False) -> Any:
+    """The LlavaModel a run starts from, fp32, with the run's template in its config.
+
+    `meta_llm`: the LLM on the meta device, its weights not read (FSDP ranks other than 0:
+    a 13B LLM is 52 GB of host memory per process otherwise; see distributed.wrap).
+    """
     from vistune.model.llava import LlavaModel
 
     if cfg.init == "default":
         vision, llm = _default_parts(cfg, say)
         with _settings_refused(f"a model from {vision} and {llm}"):
-            model = LlavaModel.from_parts(vision, llm, _fresh_config(cfg), seed=cfg.seed)
+            model = LlavaModel.from_parts(
+                vision, llm, _fresh_config(cfg), seed=cfg.seed, meta_llm=meta_llm
+            )
     else:
-        model = LlavaModel.load(model_dir_of(cfg.init))
+        model = LlavaModel.load(model_dir_of(cfg.init), meta_llm=meta_llm)
         model.config = dataclasses.replace(model.config, template=cfg.template)
     return model
 
