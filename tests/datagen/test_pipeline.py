@@ -457,3 +457,110 @@ def test_a_truncation_stored_without_its_limit_is_asked_again_once(tmp_path):
         with Store(tmp_path / "s.sqlite") as store:
             run_datagen(contexts, teacher, store, tmp_path / "o.json", config)
         assert teacher.asked == asked
+
+
+def _stored(path: Path) -> dict[str, str]:
+    from contextlib import closing
+
+    with closing(sqlite3.connect(path)) as db:  # `with connect()` alone leaves it open
+        return dict(db.execute("select image_id, status from requests").fetchall())
+
+
+def test_a_store_locked_by_another_process_is_named_as_locked(tmp_path):
+    """Not 'not a vistune request store': the cause, in one line, and the store untouched."""
+    import pytest
+
+    from vistune.errors import DataError
+
+    path = tmp_path / "s.sqlite"
+    contexts = [ImageContext("1", "1.png", ("A cup.",))]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    with Store(path) as store:
+        run_datagen(contexts, LimitedTeacher(32), store, tmp_path / "o.json", config)
+    for journal in ("wal", "delete"):  # a WAL store, and one some tool switched back
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute(f"PRAGMA journal_mode={journal}")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(DataError, match="locked by another process") as err:
+            with Store(path, busy_timeout=0.05) as store:
+                run_datagen(contexts, LimitedTeacher(32), store, tmp_path / "o.json", config)
+        assert "not a vistune request store" not in str(err.value)
+        other.execute("ROLLBACK")
+        other.close()
+        assert _stored(path) == {"1": "done"}
+
+
+def test_a_lock_during_a_run_stops_it_with_one_error_and_keeps_every_answer(tmp_path):
+    """Another process takes the store's write lock while the second answer is on its way:
+    the run stops with a DataError naming the lock (no sqlite3 traceback), the first answer
+    stays in the store and in the output, and a rerun once the lock is gone finishes."""
+    import pytest
+
+    from vistune.errors import DataError
+
+    path = tmp_path / "s.sqlite"
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2, 3)]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    holder: list[sqlite3.Connection] = []
+
+    class Locking(LimitedTeacher):
+        def respond(self, request):
+            if request.context.image_id == "2":
+                other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                other.execute("BEGIN EXCLUSIVE")
+                holder.append(other)
+            return super().respond(request)
+
+    out = tmp_path / "o.json"
+    with Store(path, busy_timeout=0.05) as store:
+        with pytest.raises(DataError, match="locked by another process") as err:
+            run_datagen(contexts, Locking(32), store, out, config)
+    assert "Wrote 1 finished samples" in str(err.value)
+    assert ids(out) == ["1_complex"] and "locked" in summary(out)["aborted"]
+    holder[0].execute("ROLLBACK")
+    holder[0].close()
+    assert _stored(path) == {"1": "done", "2": "pending"}
+    teacher = LimitedTeacher(32)
+    with Store(path) as store:
+        run_datagen(contexts, teacher, store, out, config)
+    assert teacher.asked == ["2", "3"] and len(ids(out)) == 3
+
+
+def test_a_read_only_store_is_named_as_read_only(tmp_path, monkeypatch):
+    import pytest
+
+    from vistune.datagen import store as store_module
+    from vistune.errors import DataError
+
+    path = tmp_path / "s.sqlite"
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2)]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    with Store(path) as store:
+        run_datagen(contexts[:1], LimitedTeacher(32), store, tmp_path / "o.json", config)
+    connect = sqlite3.connect  # as a file the user cannot write (tests may run as root)
+    monkeypatch.setattr(
+        store_module.sqlite3,
+        "connect",
+        lambda p, **kw: connect(f"file:{p}?mode=ro", uri=True, **kw),
+    )
+    with pytest.raises(
+        DataError, match="s.sqlite: cannot write the request store: it is read-only"
+    ):
+        with Store(path) as store:
+            run_datagen(contexts, LimitedTeacher(32), store, tmp_path / "o.json", config)
+    monkeypatch.undo()
+    assert _stored(path) == {"1": "done"}
+
+
+def test_a_database_of_another_program_is_not_a_store(tmp_path):
+    import pytest
+
+    from vistune.errors import DataError
+
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("create table requests (id integer primary key, url text)")
+    with pytest.raises(DataError, match=r"not a vistune request store \(table requests lacks"):
+        Store(path)
+    with pytest.raises(DataError, match="cannot open the request store"):
+        Store(tmp_path)  # a folder

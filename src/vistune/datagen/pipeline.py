@@ -14,6 +14,7 @@ beside it `<stem>.rejected.jsonl` (raw text of rejected answers) and `<stem>.sum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +35,7 @@ from vistune.datagen.context import ImageContext
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.store import Key, Record, Store, prompt_hash
 from vistune.datagen.teachers import Request, Teacher
-from vistune.errors import EndpointError
+from vistune.errors import DataError, EndpointError
 
 ALL_TYPES = ("brief", *RESPONSE_TYPES)
 
@@ -304,10 +305,33 @@ def run_datagen(
         if progress:
             progress(dict(run.tally))
         _send(run, pending, config.workers if teacher.concurrent else 1, progress)
-    finally:
-        _write_outputs(run, contexts, config.types, out)
-        store.finish_run(run_id, run.summary.to_dict())
+    except DataError as err:  # the store failed mid-run (locked, read-only, disk full)
+        run.summary.aborted = str(err)
+        _finish(run, run_id, contexts, config.types, out, after_error=True)
+        raise DataError(
+            f"{err}. Wrote {run.summary.written} finished samples to {out}; what was "
+            "answered before is kept in the store: rerun the same command to resume"
+        ) from None
+    except BaseException:
+        _finish(run, run_id, contexts, config.types, out, after_error=True)
+        raise
+    _finish(run, run_id, contexts, config.types, out)
     return run.summary
+
+
+def _finish(
+    run: _Run,
+    run_id: int,
+    contexts: list[ImageContext],
+    types: tuple[str, ...],
+    out: Path,
+    after_error: bool = False,
+) -> None:
+    """Write the outputs and close the run's record in the store. After an error, a store
+    that fails again is not reported over that error (it may be what failed)."""
+    _write_outputs(run, contexts, types, out)
+    with contextlib.suppress(DataError) if after_error else contextlib.nullcontext():
+        run.store.finish_run(run_id, run.summary.to_dict())
 
 
 def _add_brief(run: _Run, contexts: list[ImageContext], seed: int) -> None:

@@ -21,11 +21,13 @@ a lock so a stray call from another thread cannot corrupt it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,22 +86,77 @@ class Record:
     attempts: int
 
 
-class Store:
-    """Requests and answers in one SQLite file (created with its folder when missing)."""
+_CAUSES = {
+    "SQLITE_BUSY": "it is locked by another process (another datagen run on the same --db, or"
+    " an open sqlite3 session?); wait for it to finish, or give another --db",
+    "SQLITE_LOCKED": "it is locked by another connection; wait for it, or give another --db",
+    "SQLITE_READONLY": "it is read-only (the file, its folder or its -wal/-shm files cannot be"
+    " written); make them writable, or give another --db",
+    "SQLITE_CANTOPEN": "the file cannot be opened (a folder of that name, or a folder that"
+    " cannot be written?)",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "a disk input/output error",
+    "SQLITE_CORRUPT": "the database is damaged",
+}
+"""SQLite's error name -> what it means for the user; the error text follows in brackets."""
 
-    def __init__(self, path: str | Path) -> None:
+_COLUMNS = {
+    "requests": {"image_id", "type", "prompt_hash", "teacher", "status", "request",
+                 "response", "sample", "reason", "attempts", "updated"},
+    "runs": {"id", "started", "finished", "settings", "summary"},
+}  # fmt: skip
+
+
+class Store:
+    """Requests and answers in one SQLite file (created with its folder when missing).
+
+    Every failure of the database (locked by another process for longer than
+    `busy_timeout` seconds, read-only, a full disk, not a store) is one DataError naming
+    the file and the cause; what was committed before stays in the file."""
+
+    def __init__(self, path: str | Path, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as err:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot create its folder ({err})") from None
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as err:
+            raise DataError(f"{self.path}: cannot open the request store: {_cause(err)}") from None
+        try:
+            with self._sql("open"):
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._check_columns()
+        except DataError:
             self._db.close()
-            raise DataError(f"{self.path}: not a vistune request store ({err})") from None
+            raise
+
+    def _check_columns(self) -> None:
+        for table, expected in _COLUMNS.items():
+            found = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if not expected <= found:
+                raise DataError(
+                    f"{self.path}: not a vistune request store (table {table} lacks "
+                    f"{', '.join(sorted(expected - found))})"
+                )
+
+    @contextlib.contextmanager
+    def _sql(self, doing: str) -> Iterator[None]:
+        """Turn a database failure into one DataError saying what was being done and why."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            if getattr(err, "sqlite_errorname", "") == "SQLITE_NOTADB":
+                raise DataError(f"{self.path}: not a vistune request store ({err})") from None
+            raise DataError(
+                f"{self.path}: cannot {doing} the request store: {_cause(err)}"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -112,7 +169,7 @@ class Store:
         self.close()
 
     def get(self, key: Key) -> Record | None:
-        with self._lock:
+        with self._lock, self._sql("read"):
             row = self._db.execute(
                 "SELECT status, request, response, sample, reason, attempts FROM requests "
                 "WHERE image_id=? AND type=? AND prompt_hash=? AND teacher=?",
@@ -133,7 +190,7 @@ class Store:
 
     def begin(self, key: Key, request: dict[str, Any]) -> None:
         """Record a request about to be sent (status pending, one more attempt)."""
-        with self._lock:
+        with self._lock, self._sql("write"):
             self._db.execute(
                 "INSERT INTO requests (image_id, type, prompt_hash, teacher, status, request,"
                 " attempts, updated) VALUES (?, ?, ?, ?, 'pending', ?, 1, ?) "
@@ -154,7 +211,7 @@ class Store:
         """Record the outcome of a request begun with `begin`; committed at once."""
         if status not in STATUSES[1:]:
             raise ValueError(f"unknown final status {status!r}; valid: {', '.join(STATUSES[1:])}")
-        with self._lock:
+        with self._lock, self._sql("write"):
             cursor = self._db.execute(
                 "UPDATE requests SET status=?, response=?, sample=?, reason=?, updated=? "
                 "WHERE image_id=? AND type=? AND prompt_hash=? AND teacher=?",
@@ -172,12 +229,12 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Rows per status over the whole store."""
-        with self._lock:
+        with self._lock, self._sql("read"):
             rows = self._db.execute("SELECT status, COUNT(*) FROM requests GROUP BY status")
             return {status: n for status, n in rows}
 
     def start_run(self, settings: dict[str, Any]) -> int:
-        with self._lock:
+        with self._lock, self._sql("write"):
             cursor = self._db.execute(
                 "INSERT INTO runs (started, settings) VALUES (?, ?)",
                 (time.time(), json.dumps(settings, sort_keys=True, default=str)),
@@ -185,11 +242,17 @@ class Store:
             return int(cursor.lastrowid)
 
     def finish_run(self, run_id: int, summary: dict[str, Any]) -> None:
-        with self._lock:
+        with self._lock, self._sql("write"):
             self._db.execute(
                 "UPDATE runs SET finished=?, summary=? WHERE id=?",
                 (time.time(), json.dumps(summary, sort_keys=True), run_id),
             )
+
+
+def _cause(err: sqlite3.Error) -> str:
+    name = getattr(err, "sqlite_errorname", "")
+    known = next((text for prefix, text in _CAUSES.items() if name.startswith(prefix)), None)
+    return f"{known} ({err})" if known else str(err)
 
 
 def _tuple(key: Key) -> tuple[str, str, str, str]:
