@@ -386,3 +386,16 @@ def test_scenes_images_must_be_positive(coco, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "scenes", "--coco", str(coco), "--images", "-1", "--out", str(tmp_path)])
     assert "must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_a_build_says_how_many_kept_replies_are_not_reused(coco, tmp_path, scripted_judge, capsys):
+    out = tmp_path / "bench"
+    assert _build(coco, out, scripted_judge({}, default=_teacher_reply).url) == 0
+    assert "not reused" not in capsys.readouterr().err
+    server = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, out, server.url, "--max-tokens", "2048") == 0
+    err = capsys.readouterr().err
+    assert f"6 replies kept in {out / 'build_requests.jsonl'} are not reused" in err
+    again = scripted_judge({}, default=_teacher_reply)
+    assert _build(coco, out, again.url, "--max-tokens", "2048") == 0
+    assert again.requests == [] and "not reused" not in capsys.readouterr().err

@@ -3,7 +3,7 @@ resumable: what reaches the disk when, and what a torn file gives back."""
 
 from __future__ import annotations
 
-from vistune.eval.journal import appender, prompt_key, read_records, requester_id
+from vistune.eval.journal import appender, prompt_key, read_records, rekeyed, requester_id
 
 
 def test_each_record_is_on_disk_before_the_next_request(tmp_path):
@@ -55,3 +55,16 @@ def test_a_reply_holding_a_unicode_line_separator_is_kept(tmp_path):
         for i, content in enumerate(contents):
             log({"prompt_key": str(i), "content": content})
     assert [r["content"] for r in read_records(path)] == contents
+
+
+def test_rekeyed_counts_requests_kept_under_another_key_only():
+    expected = {"q1": "k1", "q2": "k2", "q3": "k3"}
+    records = [
+        {"id": "q1", "prompt_key": "old1"},  # another key only: asked again
+        {"id": "q2", "prompt_key": "old2"},
+        {"id": "q2", "prompt_key": "k2"},  # ...but q2 also has one under this run's key
+        {"id": "q9", "prompt_key": "old9"},  # not a request of this run
+        {"prompt_key": "torn"},  # no identity: skipped
+    ]
+    assert rekeyed(records, expected, lambda r: r["id"]) == 1
+    assert rekeyed([], expected, lambda r: r["id"]) == 0

@@ -184,7 +184,7 @@ def test_resume_asks_again_when_the_judge_or_its_settings_change(
 
 
 def test_a_journal_from_before_the_token_limit_was_keyed_is_asked_again(
-    tmp_path, write_jsonl, scripted_judge
+    tmp_path, write_jsonl, scripted_judge, capsys
 ):
     """Old records (keyed by model and temperature alone) cannot show which limit cut
     them: they are ignored, and their questions asked again, not reused or a crash."""
@@ -198,9 +198,32 @@ def test_a_journal_from_before_the_token_limit_was_keyed_is_asked_again(
             "content": "9 1", "scores": [9, 1], "error": None} for i in items]  # fmt: skip
     write_jsonl(out / "raw_judgements.jsonl", old)
     server = scripted_judge({}, default="8 4")
+    capsys.readouterr()
     assert cli.main(_args(files, server.url, out)) == 0
     assert len(server.requests) == 5
     assert json.loads((out / "report.json").read_text())["relative"]["all"] == 50.0
+    # said before asking, not found out from the bill
+    raw = out / "raw_judgements.jsonl"
+    assert f"5 replies kept in {raw} are not reused: their key differs" in capsys.readouterr().err
+    again = scripted_judge({}, default="8 4")
+    assert cli.main(_args(files, again.url, out)) == 0
+    assert again.requests == [] and "not reused" not in capsys.readouterr().err
+
+
+def test_changed_settings_say_how_many_kept_judgements_are_not_reused(
+    tmp_path, write_jsonl, scripted_judge, capsys
+):
+    files = _bench(tmp_path, write_jsonl)
+    out = tmp_path / "out"
+    assert cli.main(_args(files, scripted_judge({}, default="8 4").url, out, "--repeats", "2")) == 0
+    assert "not reused" not in capsys.readouterr().err
+    # one repeat, a larger limit: the 5 requests of repeat 0 have replies under the old key
+    server = scripted_judge({}, default="8 4")
+    assert cli.main(_args(files, server.url, out, "--max-tokens", "2048")) == 0
+    err = capsys.readouterr().err
+    assert f"5 replies kept in {out / 'raw_judgements.jsonl'} are not reused" in err
+    assert cli.main(_args(files, server.url, out, "--no-resume")) == 0
+    assert "not reused" not in capsys.readouterr().err
 
 
 def test_a_local_judge_asks_again_under_another_token_limit(tmp_path, write_jsonl, monkeypatch):

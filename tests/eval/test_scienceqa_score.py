@@ -390,3 +390,17 @@ def test_a_judge_ensemble_asks_again_when_the_requests_change(
     server = scripted_judge(_judge_script(), default="unexpected request")
     assert _ensemble(sqa_files, tmp_path, write_jsonl, out, server.url, other=changed) == 0
     assert len(server.requests) == 1 and server.asked("item 3?") == 1
+
+
+def test_a_judge_ensemble_says_how_many_kept_replies_are_not_reused(
+    sqa_files, tmp_path, write_jsonl, scripted_judge, capsys
+):
+    out = tmp_path / "out"
+    first = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, first.url) == 0
+    assert "not reused" not in capsys.readouterr().err
+    server = scripted_judge(_judge_script(), default="unexpected request")
+    assert _ensemble(sqa_files, tmp_path, write_jsonl, out, server.url, "--max-tokens", "2048") == 0
+    raw = out / "raw_judgements.jsonl"
+    assert f"9 replies kept in {raw} are not reused" in capsys.readouterr().err
+    assert len(server.requests) == 9

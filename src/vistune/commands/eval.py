@@ -68,7 +68,7 @@ def _progress(total: int, desc: str):
 def run_judge(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
     from vistune.eval import judge
-    from vistune.eval.journal import appender, requester_id
+    from vistune.eval.journal import appender, prompt_key, requester_id
     from vistune.eval.report import markdown_table, write_run
 
     if args.repeats < 1 or args.retries < 0 or args.workers < 1:
@@ -86,6 +86,12 @@ def run_judge(args: argparse.Namespace) -> int:
     done = judge.reusable(raw_path, items, judge_id) if args.resume else {}
     if not args.resume:
         raw_path.unlink(missing_ok=True)
+    else:
+        keys = {i.question_id: prompt_key(judge.judge_messages(i, judge.load_rubric(i.category)),
+                                          judge_id) for i in items}  # fmt: skip
+        expected = {(r, q): k for r in range(args.repeats) for q, k in keys.items()}
+        _say_rekeyed(raw_path, expected, lambda r: (int(r["repeat"]), str(r["question_id"])),
+                     lambda r: bool(r.get("scores")))  # fmt: skip
     bar = _progress(len(items) * args.repeats, "judging")
     with appender(raw_path) as log:
         workers = args.workers if args.local_judge is None else 1
@@ -202,6 +208,11 @@ def _judge_ensemble(args: argparse.Namespace, problems: list, ours_text: dict, o
     done = sqa.kept_replies(raw_path) if args.resume else {}
     if not args.resume:
         raw_path.unlink(missing_ok=True)
+    else:
+        requests = sqa.judge_requests(problems, ours_text, other_text)
+        _say_rekeyed(raw_path, {pid: prompt_key(m, judge_id) for pid, m in requests.items()},
+                     lambda r: str(r["question_id"]),
+                     lambda r: bool(r.get("letter")) and isinstance(r.get("content"), str))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         with appender(raw_path) as log:
@@ -274,6 +285,7 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     from vistune.chat_client import EndpointDownError
+    from vistune.datagen.parse import RESPONSE_TYPES
     from vistune.datagen.teachers import make_teacher
     from vistune.eval.build import build_bench, kept_replies, request_keys, sample_contexts
     from vistune.eval.journal import appender, requester_id
@@ -302,6 +314,12 @@ def run_build(args: argparse.Namespace) -> int:
     done = kept_replies(kept_path) if args.resume else {}
     if not args.resume:
         kept_path.unlink(missing_ok=True)
+    else:
+        keys = request_keys(contexts, args.seed, teacher_id)  # contexts x RESPONSE_TYPES
+        types = [t for _ in contexts for t in RESPONSE_TYPES]
+        expected = {(image, t): k for (image, k), t in zip(keys, types, strict=True)}
+        _say_rekeyed(kept_path, expected, lambda r: (str(r["image"]), str(r["category"])),
+                     lambda r: isinstance(r.get("content"), str))  # fmt: skip
     bar = _progress(len(contexts) * 3, "building")
     try:
         with appender(kept_path) as log:
@@ -363,6 +381,23 @@ def run_scenes(args: argparse.Namespace) -> int:
     write_run(args.out, result, _config(args), table, result["accuracy"], "Scene questions")
     print(table)
     return 0
+
+
+def _say_rekeyed(path: Path, expected: dict, identify, kept) -> None:
+    """One line on stderr, before anything is asked, when kept replies are not reused
+    because their key differs (an older vistune's journal, or other settings): with a
+    paid endpoint the user may rather stop than pay for them again."""
+    from vistune.eval.journal import read_records, rekeyed
+
+    n = rekeyed((r for r in read_records(path) if kept(r)), expected, identify)
+    if n:
+        print(
+            f"vistune: {n} replies kept in {path} are not reused: their key differs from "
+            "this run's (written by an older vistune, whose keys lack --max-tokens, or under "
+            f"another model, --temperature, --max-tokens or inputs); those {n} requests are "
+            "asked again",
+            file=sys.stderr,
+        )
 
 
 def _kept(keys: list, kept: dict, path: Path) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,3 +75,26 @@ def read_records(path: str | Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def rekeyed(
+    records: Iterable[dict],
+    expected: Mapping[Hashable, str],
+    identify: Callable[[dict], Hashable],
+) -> int:
+    """How many of a run's requests (`expected`: identity -> the prompt key it sends) have
+    a kept reply in `records` under another key only, so are asked again: replies from an
+    older vistune (whose keys lacked the reply token limit) or made under another model,
+    settings or messages. `identify` gives a record's identity (it may raise KeyError,
+    TypeError or ValueError on a malformed record, which is skipped)."""
+    matched, other = set(), set()
+    for record in records:
+        try:
+            ident = identify(record)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if ident not in expected:
+            continue
+        same = record.get("prompt_key") == expected[ident]
+        (matched if same else other).add(ident)
+    return len(other - matched)
