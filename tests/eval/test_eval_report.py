@@ -39,13 +39,24 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_read_json_errors(tmp_path):
-    with pytest.raises(DataError, match="problems file not found"):
-        report.read_json(tmp_path / "nope.json", "problems")
-    bad = tmp_path / "bad.json"
-    bad.write_text("{")
-    with pytest.raises(DataError, match=f"problems file {bad} is not valid JSON"):
-        report.read_json(bad, "problems")
+def test_a_byte_order_mark_opening_a_jsonl_file_is_not_part_of_line_1(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"question_id": 1, "text": "ok"}\n{"question_id": 2, "text": "b"}\n'
+    )
+    assert [r["question_id"] for r in report.read_jsonl(path, "answers")] == [1, 2]
+    path.write_bytes(b'\xef\xbb\xbf\n{"question_id": 1, "text": "ok"}\n')  # a BOM alone
+    assert report.read_jsonl(path, "answers") == [{"question_id": 1, "text": "ok"}]
+    path.write_bytes(b'{"question_id": 1, "text": "ok"}\n\xef\xbb\xbf{"question_id": 2}\n')
+    with pytest.raises(DataError, match=r"line 2 \(not JSON\)"):  # only the file's start
+        report.read_jsonl(path, "answers")
+
+
+def test_a_line_nested_too_deeply_is_named_not_a_traceback(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"question_id": 1, "text": "ok"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"line 2 \(not JSON\)"):
+        report.read_jsonl(path, "answers")
 
 
 def test_long_id_lists_are_cut():

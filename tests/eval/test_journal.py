@@ -68,3 +68,9 @@ def test_rekeyed_counts_requests_kept_under_another_key_only():
     ]
     assert rekeyed(records, expected, lambda r: r["id"]) == 1
     assert rekeyed([], expected, lambda r: r["id"]) == 0
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt_key": "a"}\n{"prompt_key": "b"}\n')
+    assert [r["prompt_key"] for r in read_records(path)] == ["a", "b"]

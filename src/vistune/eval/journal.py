@@ -67,10 +67,11 @@ def read_records(path: str | Path) -> list[dict]:
     records = []
     # split on "\n" alone: str.splitlines() also breaks at U+2028, U+2029 and U+0085,
     # which json.dumps(ensure_ascii=False) leaves raw inside a reply
-    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+    # utf-8-sig: a byte order mark left by an editor does not cost the first record
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").split("\n"):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)

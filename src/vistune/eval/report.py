@@ -30,41 +30,35 @@ def list_ids(ids: Iterable[Any], limit: int = _MAX_LISTED) -> str:
     return shown
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """A whole-file JSON document; missing or malformed files become one DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"{what} file is empty: {path}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{what} file {path} is not valid JSON: {err}") from err
-
-
 def read_jsonl(path: str | Path, what: str, required: Sequence[str] = ()) -> list[dict]:
     """Objects from a JSONL file, one per non-blank line.
 
-    Raises DataError for a missing or empty file, and lists every malformed line (not
-    JSON, not an object, or missing a `required` key) by line number in one message.
+    Raises DataError for a missing, unreadable or empty file, and lists every malformed
+    line (not UTF-8, not JSON, not an object, or missing a `required` key) by line number
+    in one message. A UTF-8 byte order mark opening the file (as some Windows editors and
+    exporters write) is not part of the first line.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file not found: {path}")
     rows: list[dict] = []
     bad: list[str] = []
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    try:
+        fh = path.open("rb")
+    except OSError as err:  # no permission
+        raise DataError(f"{what} file {path} cannot be read ({err.strerror or err})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
-                row = json.loads(line.decode("utf-8"))
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 bad.append(f"line {lineno} (not UTF-8)")
                 continue
-            except json.JSONDecodeError:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 bad.append(f"line {lineno} (not JSON)")
                 continue
             if not isinstance(row, dict):
