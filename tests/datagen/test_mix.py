@@ -145,3 +145,20 @@ def test_mix_command_out_is_a_folder(files, tmp_path: Path, capsys) -> None:
     argv = ["mix", "--out", str(tmp_path), "--ratios", "detail=1"]
     assert main([*argv, "--input", f"detail={files['detail']}"]) == 2
     assert f"--out {tmp_path} is a folder, not a file" in capsys.readouterr().err
+
+
+def test_a_file_without_samples_of_its_type_is_an_error_not_a_silent_zero(tmp_path):
+    """A datagen file made with --types brief,conversation, given for detail, used to give
+    0 detail samples and a mix without them; an empty file likewise."""
+    made = [{**_sample("conversation", i), "id": f"{i}_{t}"} for i in range(3)
+            for t in ("brief", "conversation")]  # fmt: skip
+    path = tmp_path / "instruct.json"
+    write_llava_json(made, path)
+    with pytest.raises(
+        DataError, match=rf"{path} holds no detail samples \(its types: brief, conversation\)"
+    ):
+        mix_with_counts({"detail": path}, "detail=1", seed=0)
+    empty = tmp_path / "empty.json"
+    write_llava_json([], empty)
+    with pytest.raises(DataError, match=rf"{empty} holds no detail samples"):
+        mix_with_counts({"detail": empty}, "detail=0.05", seed=0)

@@ -83,12 +83,13 @@ def of_type(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     """`name`'s samples of a file that holds several datagen types (some ids end in another
     type's `_<type>`); any other file whole (the official release's ids are image ids)."""
 
-    def suffix(sample: dict[str, Any]) -> str:
-        return str(sample.get("id", "")).rpartition("_")[2]
-
-    if not any(suffix(s) in DATAGEN_TYPES and suffix(s) != name for s in samples):
+    if not any(_suffix(s) in DATAGEN_TYPES and _suffix(s) != name for s in samples):
         return samples
-    return [s for s in samples if suffix(s) == name]
+    return [s for s in samples if _suffix(s) == name]
+
+
+def _suffix(sample: dict[str, Any]) -> str:
+    return str(sample.get("id", "")).rpartition("_")[2]
 
 
 def mix_with_counts(
@@ -99,8 +100,8 @@ def mix_with_counts(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The mixed samples and how many came from each type.
 
-    Types with a ratio but no file raise DataError; files whose type has no ratio (or 0)
-    are not read. Samples are kept unchanged (ids may repeat across types, as the same
+    Types with a ratio but no file, or with a file holding none of their samples, raise
+    DataError; files whose type has no ratio (or 0) are not read. Samples are kept unchanged (ids may repeat across types, as the same
     image appears in several types in the official data).
     """
     spec = ratios
@@ -114,7 +115,13 @@ def mix_with_counts(
     for name in sorted(ratios):
         if ratios[name] == 0:
             continue
-        samples = of_type(read_llava_json(files_by_type[name]), name)
+        path = files_by_type[name]
+        everything = read_llava_json(path)
+        samples = of_type(everything, name)
+        if not samples:  # a ratio of nothing would leave the type out of the mix unseen
+            found = sorted({_suffix(s) for s in everything} & set(DATAGEN_TYPES))
+            holds = f" (its types: {', '.join(found)})" if found else " (it is empty)"
+            raise DataError(f"{path} holds no {name} samples{holds}")
         chosen = take(samples, ratios[name], random.Random(f"{seed}:{name}"))
         counts[name] = len(chosen)
         mixed.extend(chosen)
