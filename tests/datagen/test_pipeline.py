@@ -564,3 +564,28 @@ def test_a_database_of_another_program_is_not_a_store(tmp_path):
         Store(path)
     with pytest.raises(DataError, match="cannot open the request store"):
         Store(tmp_path)  # a folder
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    coco = make_coco(tmp_path / "coco", 1)
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    assert main(datagen_args(coco, folder, "--teacher", "rules")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {folder} is a folder, not a file" in err and "Traceback" not in err
+    assert not Path(str(folder) + ".sqlite").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_error_and_the_answers_stay_stored(tmp_path):
+    import pytest
+
+    from vistune.errors import DataError
+
+    contexts = [ImageContext(str(i), f"{i}.png", ("A cup.",)) for i in (1, 2)]
+    config = DatagenConfig(types=("complex",), check_images=False)
+    out = tmp_path / "o.json"
+    (tmp_path / "o.summary.json").mkdir()  # something in the way of one output
+    with Store(tmp_path / "s.sqlite") as store:
+        with pytest.raises(DataError, match=r"o.summary.json: cannot write the outputs"):
+            run_datagen(contexts, LimitedTeacher(32), store, out, config)
+    assert _stored(tmp_path / "s.sqlite") == {"1": "done", "2": "done"}

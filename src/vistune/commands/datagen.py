@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not types:
         raise VistuneError(f"unknown --types {','.join(unknown)}; valid: {', '.join(ALL_TYPES)}")
     _check_numbers(args)
+    if args.out.is_dir():  # found out only after every request was answered otherwise
+        raise VistuneError(f"--out {args.out} is a folder, not a file")
     teacher = _teacher(args, types)
     if args.coco is not None:
         if not (args.coco / "annotations").is_dir():

@@ -412,6 +412,21 @@ def _settle_future(run: _Run, future: Future, request: Request, key: Key) -> Non
 def _write_outputs(
     run: _Run, contexts: list[ImageContext], types: tuple[str, ...], out: Path
 ) -> None:
+    """The three output files; a file that cannot be written is one DataError (what the
+    teacher answered is in the store, so a rerun with the outputs' way clear writes them)."""
+    try:
+        _write_files(run, contexts, types, out)
+    except OSError as err:
+        where = err.filename2 or err.filename or out  # os.replace names the temp first
+        raise DataError(
+            f"{where}: cannot write the outputs ({err.strerror or err}); the answers are kept "
+            "in the store: rerun the same command once it can be written"
+        ) from None
+
+
+def _write_files(
+    run: _Run, contexts: list[ImageContext], types: tuple[str, ...], out: Path
+) -> None:
     ordered = [
         run.samples[f"{c.image_id}_{t}"]
         for c in contexts
