@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vistune.data.formats import remove_orphaned_temps
@@ -122,12 +123,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(trainable tensors, state dict) of a checkpoint folder; restores no RNG yet."""
+def load_checkpoint(
+    path: Path, names_only: bool = False
+) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+    """(trainable tensors, state dict) of a checkpoint folder; restores no RNG yet.
+
+    `names_only`: the tensors' names mapped to None, no tensor read (an FSDP rank that
+    takes the weights from rank 0)."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if names_only:
+            with safe_open(str(path / "trainable.safetensors"), framework="pt") as file:
+                return dict.fromkeys(file.keys()), state
         trainable = load_file(str(path / "trainable.safetensors"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise VistuneError(f"{path}: unreadable checkpoint ({err})") from err
     return trainable, state
 

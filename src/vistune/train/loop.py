@@ -210,7 +210,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
     if start:
-        load_optimizer(wrapped, optimizer, latest)
+        load_optimizer(wrapped, optimizer, latest, from_rank0=sharded)
         ckpt.restore_rng(latest, state, info.rank)
         skipped = Counter(state.get("skipped", skipped))
     return _Run(
@@ -250,7 +250,7 @@ def _load_resume(
     # A rank holding the LLM on the meta device reads only the names: it takes rank 0's
     # weights (the checkpoint's, loaded here before `wrap`) as it shards.
     meta = any(p.is_meta for p in step_module.parameters())
-    tensors, state = _checkpoint_names(latest) if meta else ckpt.load_checkpoint(latest)
+    tensors, state = ckpt.load_checkpoint(latest, names_only=meta)
     if state.get("fingerprint") != fingerprint:
         raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
     ckpt.check_resumed_config(cfg.to_dict(), state.get("config", {}), latest, say)
@@ -261,19 +261,6 @@ def _load_resume(
         step_module.load_state_dict(tensors, strict=False)
     say(f"resuming from {latest} (step {state['step']})")
     return state
-
-
-def _checkpoint_names(path: Path) -> tuple[dict[str, None], dict[str, Any]]:
-    """(trainable tensor names, state dict) of a checkpoint folder; reads no tensor."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        with safe_open(str(path / "trainable.safetensors"), framework="pt") as file:
-            names = dict.fromkeys(file.keys())
-    except (OSError, ValueError, SafetensorError) as err:
-        raise VistuneError(f"{path}: unreadable checkpoint ({err})") from err
-    return names, state
 
 
 def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> float:

@@ -119,12 +119,20 @@ def save_optimizer(state: dict, folder: Path) -> None:
     (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
 
 
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, from_rank0: bool = False
+) -> None:
     """Restore what save_optimizer wrote into `optimizer` (every rank calls this).
 
     The moments and step counts come from the checkpoint, the hyperparameters from
     `optimizer` as this run built it: a resume may change weight_decay (lr is set per step).
+    `from_rank0` (FSDP): only rank 0 reads the file and sends each tensor, every rank keeping
+    its shard, so host memory holds one full copy of the moments, not one per process.
     """
+    if from_rank0 and torch.distributed.get_rank() != 0:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(model, optimizer, {}, options=options)
+        return
     groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -141,7 +149,10 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     for group, now in zip(groups, optimizer.param_groups, strict=True):
         group.update({k: v for k, v in now.items() if k != "params"})
     full = {"state": state, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, full, options=_FULL)
+    options = _FULL
+    if from_rank0:
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, full, options=options)
 
 
 def _regrouped(groups: list[dict], state: dict[str, dict[str, torch.Tensor]], want: int) -> list:
