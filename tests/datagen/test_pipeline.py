@@ -589,3 +589,18 @@ def test_outputs_that_cannot_be_written_are_one_error_and_the_answers_stay_store
         with pytest.raises(DataError, match=r"o.summary.json: cannot write the outputs"):
             run_datagen(contexts, LimitedTeacher(32), store, out, config)
     assert _stored(tmp_path / "s.sqlite") == {"1": "done", "2": "done"}
+
+
+def test_a_stored_answer_takes_the_image_path_of_this_run(tmp_path):
+    """The teacher never sees the image path, so a stored answer is reused when the images
+    moved (another split folder or --image-root layout); its sample must point at where
+    the image is now, not where it was."""
+    config = DatagenConfig(types=("complex",), check_images=False)
+    out = tmp_path / "o.json"
+    for folder, asked in (("train", ["1"]), ("train2014", [])):
+        teacher = LimitedTeacher(32)
+        contexts = [ImageContext("1", f"{folder}/1.png", ("A cup.",))]
+        with Store(tmp_path / "s.sqlite") as store:
+            run_datagen(contexts, teacher, store, out, config)
+        assert teacher.asked == asked
+        assert [s["image"] for s in json.loads(out.read_text())] == [f"{folder}/1.png"]

@@ -352,7 +352,9 @@ def _lookup(run: _Run, requests: list[Request]) -> list[tuple[Request, Key]]:
         record = run.store.get(key)
         run.tally["total"] += 1
         if record is not None and record.status == "done" and record.sample is not None:
-            run.samples[record.sample["id"]] = record.sample
+            # the teacher never saw the image path: the images may have moved since
+            sample = {**record.sample, "image": request.context.image}
+            run.samples[sample["id"]] = sample
             run.count(key.type, "cached")
         elif record is not None and record.status == "rejected" and not run.cut_shorter(record):
             run.summary.per_type[key.type]["cached rejected"] += 1
