@@ -90,13 +90,16 @@ SCALED_ROPE = {
         "original_max_position_embeddings": 8,
     },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
 }
 
 
 @pytest.mark.parametrize("rope", sorted(SCALED_ROPE))
 def test_scaled_rotary_embeddings_equal_transformers(rope):
     """Llama 3's and other scaled rotary embeddings: cos and sin come from the model."""
-    llm = _llm(rope_scaling=SCALED_ROPE[rope], max_position_embeddings=64)
+    # dynamic NTK scaling changes the frequencies once a batch is longer than the positions
+    longest = 8 if rope == "dynamic" else 64
+    llm = _llm(rope_scaling=SCALED_ROPE[rope], max_position_embeddings=longest)
     assert llama_cpu.usable(llm, torch.device("cpu"))
     _assert_equal_to_transformers(llm, tied=True)
 
@@ -260,8 +263,9 @@ def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
     biased = _llm()
     biased.lm_head = torch.nn.Linear(64, 300, bias=True)
     assert not llama_cpu.usable(biased, torch.device("cpu"))
-    dynamic = _llm(rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # not tested here
-    assert not llama_cpu.usable(dynamic, torch.device("cpu"))
+    longrope = _llm(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                  "long_factor": [2.0] * 8})  # fmt: skip
+    assert not llama_cpu.usable(longrope, torch.device("cpu"))  # not tested here
 
 
 IDS = [

@@ -52,7 +52,7 @@ ROW_MULTIPLE = 128
 """The LM head's rows (supervised tokens) are padded to a multiple of this, for the same
 reason."""
 
-ROPE_TYPES = ("default", None, "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", None, "linear", "llama3", "yarn", "dynamic")
 """Rotary embeddings tested equal to transformers' through this path."""
 
 _CAUSAL: dict[tuple, torch.Tensor] = {}
