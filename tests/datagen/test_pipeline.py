@@ -307,6 +307,17 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert "unknown --types poem" in capsys.readouterr().err
     assert main(["datagen", "--coco", str(tmp_path), "--types", "brief", "--out", out]) == 2
     assert "no annotations/ folder" in capsys.readouterr().err
+    openai = ("--teacher", "openai", "--model", "m")
+    for extra, message in (
+        (("--base-url", "localhost:8000/v1"), "--base-url must start with http:// or https://"),
+        (("--backoff", "nan"), "--backoff >= 0"),  # time.sleep(nan) was a ValueError
+        (("--timeout", "nan"), "--timeout > 0"),
+        (("--temperature", "nan"), "--temperature must be a number >= 0"),
+        (("--temperature", "-1"), "--temperature must be a number >= 0"),
+    ):
+        assert main(datagen_args(coco, Path(out), *openai, *extra, types=("complex",))) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, extra
 
 
 class TruncatingTeacher(Teacher):

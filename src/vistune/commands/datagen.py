@@ -14,6 +14,7 @@ requested type, ids "<image_id>_<type>"), OUT_STEM.rejected.jsonl and OUT_STEM.s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections import Counter
@@ -100,6 +101,10 @@ def _teacher(args: argparse.Namespace, types: tuple[str, ...]):
     if args.teacher == "openai":
         if not args.model:
             raise VistuneError("--teacher openai needs --model NAME")
+        if not args.base_url.startswith(("http://", "https://")):
+            raise VistuneError(
+                f"--base-url must start with http:// or https://, got {args.base_url!r}"
+            )
         return make_teacher(
             "openai",
             base_url=args.base_url,
@@ -120,10 +125,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise VistuneError(f"--workers must be at least 1, got {args.workers}")
     if args.limit is not None and args.limit < 1:
         raise VistuneError(f"--limit must be at least 1, got {args.limit}")
-    if args.timeout <= 0 or args.max_retries < 0 or args.backoff < 0 or args.max_tokens < 1:
+    # written as `not x > 0` so that NaN fails too (time.sleep(nan) is a ValueError)
+    if not args.timeout > 0 or args.max_retries < 0 or not args.backoff >= 0 or args.max_tokens < 1:
         raise VistuneError(
             "need --timeout > 0, --max-retries >= 0, --backoff >= 0, --max-tokens >= 1"
         )
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise VistuneError(f"--temperature must be a number >= 0, got {args.temperature}")
 
 
 def _print_summary(summary) -> None:
