@@ -105,6 +105,11 @@ class ChatClient:
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
         headers = {"Content-Type": "application/json"}
+        if self.api_key and not self.api_key.isascii():  # httpx: a UnicodeEncodeError later
+            raise EndpointError(
+                "the API key (OPENAI_API_KEY) holds a character that is not ASCII: a copy and "
+                "paste error?"
+            )
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)

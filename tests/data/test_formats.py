@@ -85,6 +85,20 @@ def test_malformed_json_names_file_and_position(tmp_path: Path) -> None:
         read_llava_json(notlist)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_json(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: a LLaVA JSON, COCO annotations or a pairs
+    JSONL file so saved reads as without it (it used to be "Unexpected UTF-8 BOM")."""
+    row = _sample()
+    data = tmp_path / "bom.json"
+    data.write_bytes(b"\xef\xbb\xbf" + json.dumps([row]).encode())
+    assert [s["id"] for s in read_llava_json(data)] == ["1"]
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"image": "a.jpg", "caption": "a dog"}, {"image": "b.jpg", "caption": "a cat"}]
+    pairs.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in lines).encode())
+    contexts, skipped = load_pairs(pairs)
+    assert [c.captions for c in contexts] == [("a dog",), ("a cat",)] and not skipped
+
+
 def _sample(**kw):
     sample = {
         "id": "1",

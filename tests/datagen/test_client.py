@@ -46,6 +46,14 @@ def test_api_key_comes_from_the_environment(chat_server, monkeypatch):
     assert chat_server.headers[0]["Authorization"] == "Bearer sk-env"
 
 
+def test_an_api_key_that_is_not_ascii_is_named(monkeypatch):
+    """A key pasted with a stray character used to be a UnicodeEncodeError from httpx at
+    the first request."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-\u2011abc")  # a non-breaking hyphen
+    with pytest.raises(EndpointError, match=r"API key \(OPENAI_API_KEY\) holds a character"):
+        ChatClient("http://127.0.0.1:9/v1", "m")
+
+
 @pytest.mark.parametrize(
     "fault", ["500", "501", "503", "520", "529", "malformed", "cut", "empty", "length"]
 )

@@ -326,12 +326,15 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
         ("--backoff", "-1", "must be at least 0, got -1"),
         ("--http-retries", "-1", "must be at least 0, got -1"),
         ("--retries", "-1", "must be at least 0, got -1"),
+        ("--base-url", "localhost:8000/v1", "must start with http:// or https://, got 'local"),
     ],
 )
 @pytest.mark.parametrize("command", ["judge", "build", "scienceqa"])
 def test_bad_endpoint_flags_are_one_line_not_a_traceback(command, flag, value, message, capsys):
     """Each subcommand with a judge or teacher: a bad value is named before any work (a
     negative --retries used to ask nothing and fail every question)."""
+    if command == "scienceqa" and flag == "--base-url":
+        flag = "--judge-base-url"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["eval", command, flag, value])
     assert exit_.value.code == 2

@@ -35,11 +35,18 @@ def _delay(text: str) -> float:
     return value
 
 
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
+    return text
+
+
 def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
     """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`)."""
     reply = "a judgement" if role == "judge" else "a teacher reply"
     p.add_argument(
         f"--{prefix}base-url",
+        type=_url,
         help="OpenAI-compatible endpoint, e.g. "
         "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
     )

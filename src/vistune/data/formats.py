@@ -49,7 +49,7 @@ def load_json(path: str | Path) -> Any:
     """Parse a JSON file; malformed JSON raises DataError naming the file, line and column."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows tools) is not JSON's
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as err:
@@ -407,7 +407,7 @@ def _iter_jsonl(path: Path) -> Iterable[Any]:
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: line {lineno} is not UTF-8 ({err.reason})") from None
             try:
