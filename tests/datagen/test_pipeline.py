@@ -15,17 +15,11 @@ from pathlib import Path
 from PIL import Image
 
 from vistune.cli import main
-from vistune.datagen.context import Box, ImageContext
+from vistune.datagen.context import Box, ImageContext, screen_contexts
+from vistune.datagen.messages import build_messages, detail_question, load_prompt
 from vistune.datagen.naive import DETAIL_QUESTIONS
 from vistune.datagen.parse import RejectedOutput
-from vistune.datagen.pipeline import (
-    DatagenConfig,
-    build_messages,
-    detail_question,
-    load_prompt,
-    run_datagen,
-    screen_contexts,
-)
+from vistune.datagen.pipeline import DatagenConfig, run_datagen
 from vistune.datagen.store import Key, Store, prompt_hash
 from vistune.datagen.teachers import OpenAITeacher, Teacher
 

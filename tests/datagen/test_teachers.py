@@ -7,8 +7,8 @@ import random
 import pytest
 
 from vistune.datagen.context import Box, ImageContext
+from vistune.datagen.messages import build_messages
 from vistune.datagen.parse import RejectedOutput, parse_description, parse_pairs, parse_response
-from vistune.datagen.pipeline import build_messages
 from vistune.datagen.teachers import (
     TEACHERS,
     LocalTeacher,

@@ -18,20 +18,18 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import EndpointDownError
 from vistune.data.formats import write_llava_json
-from vistune.datagen.context import ImageContext
+from vistune.datagen.context import ImageContext, screen_contexts
+from vistune.datagen.messages import build_requests
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.store import Key, Record, Store, prompt_hash
 from vistune.datagen.teachers import Request, Teacher
@@ -92,103 +90,6 @@ class Summary:
 
 
 # ---------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    system: str
-    examples: tuple[tuple[str, str], ...]
-    """(context, response) seed examples, shown as earlier user/assistant turns."""
-
-
-@cache
-def load_prompt(response_type: str) -> Prompt:
-    """The packaged system prompt and seed examples for one response type."""
-    if response_type not in RESPONSE_TYPES:
-        raise ValueError(
-            f"unknown response type {response_type!r}; valid: {', '.join(RESPONSE_TYPES)}"
-        )
-    folder = resources.files("vistune.datagen").joinpath("prompts", response_type)
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith("_context.txt"))
-    examples = tuple(
-        (
-            folder.joinpath(n).read_text(encoding="utf-8").strip(),
-            folder.joinpath(n.replace("_context", "_response")).read_text(encoding="utf-8").strip(),
-        )
-        for n in names
-    )
-    return Prompt(folder.joinpath("system.txt").read_text(encoding="utf-8").strip(), examples)
-
-
-def build_messages(
-    response_type: str, context: ImageContext, question: str | None = None
-) -> list[dict]:
-    """Chat messages for one request: system, seed examples, then this image's context."""
-    prompt = load_prompt(response_type)
-    messages = [{"role": "system", "content": prompt.system}]
-    for example, response in prompt.examples:
-        messages.append({"role": "user", "content": example})
-        messages.append({"role": "assistant", "content": response})
-    content = context.render()
-    if response_type == "detail":
-        content += f"\n\nQuestion to answer: {question}"
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def detail_question(image_id: str, seed: int) -> str:
-    """The detail request for one image, drawn from the curated list (paper §3)."""
-    from vistune.datagen.naive import DETAIL_QUESTIONS
-
-    return random.Random(f"{seed}:{image_id}:detail").choice(DETAIL_QUESTIONS)
-
-
-def build_requests(
-    contexts: list[ImageContext], types: tuple[str, ...], seed: int
-) -> list[Request]:
-    requests = []
-    for context in contexts:
-        for rtype in types:
-            if rtype == "brief":
-                continue
-            question = detail_question(context.image_id, seed) if rtype == "detail" else None
-            messages = build_messages(rtype, context, question)
-            requests.append(Request(rtype, context, messages, question))
-    return requests
-
-
-# ---------------------------------------------------------------------------- inputs
-
-
-def screen_contexts(
-    contexts: list[ImageContext], image_root: Path | None, skipped: Counter
-) -> list[ImageContext]:
-    """Drop contexts the teacher cannot use, counting why (missing or unreadable images,
-    no captions, boxes out of range, duplicate ids)."""
-    kept, seen = [], set()
-    for ctx in contexts:
-        path = image_root / ctx.image if image_root is not None else None
-        if ctx.image_id in seen:
-            skipped["duplicate image id"] += 1
-        elif path is not None and not path.is_file():
-            skipped["image missing on disk"] += 1
-        elif path is not None and not os.access(path, os.R_OK):
-            skipped["image unreadable"] += 1
-        elif not any(c.strip() for c in ctx.captions):
-            skipped["image without captions"] += 1
-        elif any(not _box_ok(b.xyxy) for b in ctx.boxes):
-            skipped["box out of range"] += 1
-        elif any(not b.category.strip() for b in ctx.boxes):
-            skipped["unknown category"] += 1
-        else:
-            seen.add(ctx.image_id)
-            kept.append(ctx)
-    return kept
-
-
-def _box_ok(xyxy: tuple[float, float, float, float]) -> bool:
-    x1, y1, x2, y2 = xyxy
-    return 0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0
 
 
 # ---------------------------------------------------------------------------- the run

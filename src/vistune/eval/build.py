@@ -29,9 +29,9 @@ from pathlib import Path
 
 from vistune.chat_client import EndpointDownError
 from vistune.data.formats import load_coco
-from vistune.datagen.context import ImageContext
+from vistune.datagen.context import ImageContext, screen_contexts
+from vistune.datagen.messages import build_messages, detail_question
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
-from vistune.datagen.pipeline import build_messages, detail_question, screen_contexts
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
 from vistune.eval.journal import prompt_key, read_records
