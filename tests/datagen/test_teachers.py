@@ -194,6 +194,27 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
     assert text == expected
 
 
+def test_a_local_teacher_stops_at_its_context(tiny_lm_dir):
+    """A prompt longer than the teacher's positions is that request's rejection, not an
+    error that stops the run; a reply stops where the context ends."""
+    teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
+    req = request("conversation")
+    teacher._load()
+    tok = teacher._tokenizer
+    text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+    prompt = len(tok(text, add_special_tokens=False)["input_ids"])
+    teacher._model.config.max_position_embeddings = prompt
+    with pytest.raises(RejectedOutput) as long:
+        teacher.respond(req)
+    assert long.value.reason == "too_long"
+    assert f"{prompt} tokens, the teacher reads {prompt}" in str(long.value)
+    teacher._model.config.max_position_embeddings = prompt + 3
+    with pytest.raises(RejectedOutput) as cut:  # a random tiny LM never stops by itself
+        teacher.respond(req)
+    assert cut.value.reason == "truncated" and "3 new tokens" in str(cut.value)
+    assert len(tok(cut.value.raw, add_special_tokens=False)["input_ids"]) <= 3
+
+
 def test_a_local_teacher_folder_is_checked_at_once_and_never_unpickled(tiny_lm_dir, tmp_path):
     """As the local judge: a missing folder, pickle-only weights, custom code or a tokenizer
     without a chat template is one ModelDirError when the teacher is made, before any

@@ -36,6 +36,7 @@ REASONS = {
     "box_leak": "box coordinates leak into the text",
     "image_token": "an <image> placeholder in the text (a sample holds exactly one)",
     "truncated": "the answer was cut off by the token limit",
+    "too_long": "the prompt does not fit the teacher's context",
 }
 
 _MARKER = re.compile(r"^[ \t>*_#-]*(question|answer)[*_ \t]*:[*_]*[ \t]*", re.I | re.M)

@@ -124,14 +124,21 @@ class LocalTeacher(Teacher):
             )
             enc = tok(text, return_tensors="pt", add_special_tokens=False)
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            # the reply stops at the LLM's context: past it, positions are out of range
+            # (absolute embeddings fail, rotary ones drift); this request alone is rejected
+            prompt = enc["input_ids"].shape[1]
+            limit = getattr(self._model.config, "max_position_embeddings", None) or 1 << 62
+            if prompt >= limit:
+                raise RejectedOutput("too_long", f"{prompt} tokens, the teacher reads {limit}")
+            budget = min(self.max_new_tokens, limit - prompt)
             with torch.no_grad():
                 out = self._model.generate(
-                    **enc, do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad
+                    **enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad
                 )  # (1, T + new)
-            new = out[0, enc["input_ids"].shape[1] :]
+            new = out[0, prompt:]
             text = tok.decode(new, skip_special_tokens=True).strip()
-        if len(new) >= self.max_new_tokens and new[-1].item() != tok.eos_token_id:
-            raise RejectedOutput("truncated", f"{self.max_new_tokens} new tokens", raw=text)
+        if len(new) >= budget and new[-1].item() != tok.eos_token_id:
+            raise RejectedOutput("truncated", f"{budget} new tokens", raw=text)
         return text
 
     def close(self) -> None:
