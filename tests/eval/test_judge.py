@@ -5,6 +5,7 @@ and bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -357,8 +358,19 @@ def test_local_judge_failure_is_reported(tiny_llm_dir):
                                   return_dict=True)  # fmt: skip
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    local.model.config.max_position_embeddings = 4096  # the rubric outgrows the tiny LM's 512
     (j,) = judge.run_judge([item], local.complete, repeats=1, retries=1)
     assert j.scores is None and j.attempts == 2 and "unparsable" in j.reason
+    # the reply stops at the judge's context; a prompt that fills it fails that question
+    prompt = ids["input_ids"].shape[1]
+    local.model.config.max_position_embeddings = prompt + 2
+    assert len(tok(local.complete(messages), add_special_tokens=False)["input_ids"]) <= 2
+    local.model.config.max_position_embeddings = prompt
+    (j,) = judge.run_judge([item], local.complete, repeats=1, retries=0)
+    assert j.scores is None
+    assert re.fullmatch(
+        rf"request failed: the prompt is \d+ tokens, the judge reads {prompt}", j.reason
+    )
 
 
 def test_a_local_judge_folder_is_checked_and_never_unpickled(tiny_llm_dir, tmp_path):

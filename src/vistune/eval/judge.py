@@ -397,6 +397,12 @@ class LocalJudge:
         ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        # a reply stops at the LLM's context; a prompt that fills it fails this question only
+        prompt = ids["input_ids"].shape[1]
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 62
+        if prompt >= limit:
+            raise VistuneError(f"the prompt is {prompt} tokens, the judge reads {limit}")
+        budget = min(self.max_new_tokens, limit - prompt)
         with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            out = self.model.generate(**ids, max_new_tokens=budget, do_sample=False)
+        return self.tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
