@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from vistune.cli import main
@@ -302,16 +303,24 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["datagen", "--coco", str(tmp_path), "--types", "brief", "--out", out]) == 2
     assert "no annotations/ folder" in capsys.readouterr().err
     openai = ("--teacher", "openai", "--model", "m")
-    for extra, message in (
-        (("--base-url", "localhost:8000/v1"), "--base-url must start with http:// or https://"),
-        (("--backoff", "nan"), "--backoff >= 0"),  # time.sleep(nan) was a ValueError
-        (("--timeout", "nan"), "--timeout > 0"),
-        (("--temperature", "nan"), "--temperature must be a number >= 0"),
-        (("--temperature", "-1"), "--temperature must be a number >= 0"),
+    args = datagen_args(coco, Path(out), *openai, "--base-url", "localhost:8000/v1",
+                        types=("complex",))  # fmt: skip
+    assert main(args) == 2
+    assert "--base-url must start with http:// or https://" in capsys.readouterr().err
+    for flag, value, message in (
+        ("--backoff", "nan", "must be at least 0, got nan"),  # time.sleep(nan)
+        ("--timeout", "nan", "must be above 0, got nan"),
+        ("--temperature", "nan", "must be a number >= 0, got nan"),
+        ("--temperature", "-1", "must be a number >= 0, got -1"),
+        ("--max-retries", "-1", "must be at least 0, got -1"),
+        ("--max-tokens", "0", "must be at least 1, got 0"),
+        ("--workers", "0", "must be at least 1, got 0"),
+        ("--limit", "0", "must be at least 1, got 0"),
     ):
-        assert main(datagen_args(coco, Path(out), *openai, *extra, types=("complex",))) == 2
+        with pytest.raises(SystemExit) as exit_:  # argparse's one line, before any work
+            main(datagen_args(coco, Path(out), *openai, flag, value, types=("complex",)))
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, extra
+        assert exit_.value.code == 2 and f"argument {flag}: {message}" in err, flag
 
 
 class TruncatingTeacher(Teacher):

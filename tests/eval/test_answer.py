@@ -193,7 +193,6 @@ def test_cli_resume_tells_models_that_share_a_folder_name(bench, tmp_path, fake_
     [
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (["--answer-temperature", "-1"], "--answer-temperature must be a finite number"),
-        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ],
 )
 def test_cli_bad_answer_flags_are_one_line(bench, tmp_path, fake_engine, capsys, flags, message):
@@ -203,6 +202,16 @@ def test_cli_bad_answer_flags_are_one_line(bench, tmp_path, fake_engine, capsys,
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("vistune: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1 and fake_engine.batches == []
+
+
+def test_cli_a_bad_batch_size_is_argparse_s_one_line(bench, tmp_path, fake_engine, capsys):
+    q_path, _ = bench
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "answer", "--model", "m", "--questions", str(q_path), "--out",
+                  str(tmp_path / "a.jsonl"), "--batch-size", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --batch-size: must be at least 1, got 0" in err
+    assert fake_engine.batches == []
 
 
 def test_cli_scienceqa_model(sqa_files, tmp_path, fake_engine):

@@ -327,6 +327,7 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
         ("--backoff", "-1", "must be at least 0, got -1"),
         ("--http-retries", "-1", "must be at least 0, got -1"),
         ("--retries", "-1", "must be at least 0, got -1"),
+        ("--temperature", "nan", "must be a number >= 0, got nan"),
         ("--base-url", "localhost:8000/v1", "must start with http:// or https://, got 'local"),
     ],
 )

@@ -14,7 +14,6 @@ requested type, ids "<image_id>_<type>"), OUT_STEM.rejected.jsonl and OUT_STEM.s
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature
 from vistune.errors import EndpointError, VistuneError
 
 HELP = "generate instruction data (brief, conversation, detail, complex) with a teacher"
@@ -61,27 +61,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local: Hugging Face causal LM folder (default: packaged SmolLM2)",
     )
     parser.add_argument(
-        "--workers", type=int, default=4, help="teacher requests in flight (default: 4)"
+        "--workers", type=positive_int, default=4, help="teacher requests in flight (default: 4)"
     )
     parser.add_argument("--out", type=Path, required=True, help="output LLaVA JSON file")
     parser.add_argument(
         "--db", type=Path, help="SQLite store of requests and answers (default: OUT.sqlite)"
     )
-    parser.add_argument("--limit", type=int, help="use only the first N usable images")
+    parser.add_argument("--limit", type=positive_int, help="use only the first N usable images")
     parser.add_argument(
         "--seed", type=int, default=0, help="picks the brief/detail questions (default: 0)"
     )
     parser.add_argument(
-        "--temperature", type=float, default=0.2, help="openai: sampling temperature"
+        "--temperature", type=temperature, default=0.2, help="openai: sampling temperature"
     )
-    parser.add_argument("--max-tokens", type=int, default=1024, help="longest answer in tokens")
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="openai: seconds per request try"
+        "--max-tokens", type=positive_int, default=1024, help="longest answer in tokens"
     )
-    parser.add_argument("--max-retries", type=int, default=5, help="openai: retries per request")
+    parser.add_argument(
+        "--timeout", type=seconds, default=60.0, help="openai: seconds per request try"
+    )
+    parser.add_argument("--max-retries", type=count, default=5, help="openai: retries per request")
     parser.add_argument(
         "--backoff",
-        type=float,
+        type=delay,
         default=1.0,
         help="openai: first retry delay in seconds (doubles, with jitter)",
     )
@@ -120,20 +122,6 @@ def _teacher(args: argparse.Namespace, types: tuple[str, ...]):
     return make_teacher("rules")
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    if args.workers < 1:
-        raise VistuneError(f"--workers must be at least 1, got {args.workers}")
-    if args.limit is not None and args.limit < 1:
-        raise VistuneError(f"--limit must be at least 1, got {args.limit}")
-    # written as `not x > 0` so that NaN fails too (time.sleep(nan) is a ValueError)
-    if not args.timeout > 0 or args.max_retries < 0 or not args.backoff >= 0 or args.max_tokens < 1:
-        raise VistuneError(
-            "need --timeout > 0, --max-retries >= 0, --backoff >= 0, --max-tokens >= 1"
-        )
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise VistuneError(f"--temperature must be a number >= 0, got {args.temperature}")
-
-
 def _print_summary(summary) -> None:
     print(f"teacher: {summary.teacher}", file=sys.stderr)
     for rtype, counts in summary.per_type.items():
@@ -152,7 +140,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown or not types:
         raise VistuneError(f"unknown --types {','.join(unknown)}; valid: {', '.join(ALL_TYPES)}")
-    _check_numbers(args)
     if args.out.is_dir():  # found out only after every request was answered otherwise
         raise VistuneError(f"--out {args.out} is a folder, not a file")
     teacher = _teacher(args, types)

@@ -71,8 +71,6 @@ def run_judge(args: argparse.Namespace) -> int:
     from vistune.eval.journal import appender, prompt_key, requester_id
     from vistune.eval.report import markdown_table, write_run
 
-    if args.repeats < 1 or args.retries < 0 or args.workers < 1:
-        raise VistuneError("--repeats and --workers must be >= 1, --retries >= 0")
     items = judge.load_bench(args.questions, args.context, args.reference, args.answers)
     if args.local_judge is not None:
         complete = judge.LocalJudge(args.local_judge, args.max_tokens).complete
@@ -147,8 +145,6 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
     from vistune.config import GenerationConfig
     from vistune.eval.answer import answer_questions, check_images, load_engine
 
-    if args.batch_size < 1:
-        raise VistuneError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                   temperature=args.answer_temperature,

@@ -5,40 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A number of retries (a negative one would ask nothing and fail every question)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _delay(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
-def _url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
-    return text
+from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature, url
 
 
 def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
@@ -46,24 +13,28 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") 
     reply = "a judgement" if role == "judge" else "a teacher reply"
     p.add_argument(
         f"--{prefix}base-url",
-        type=_url,
+        type=url,
         help="OpenAI-compatible endpoint, e.g. "
         "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
     )
     p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
-    p.add_argument("--temperature", type=float, default=0.2, help=f"{role} sampling temperature")
-    p.add_argument("--max-tokens", type=_positive, default=1024, help=f"{role} reply token limit")
-    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request")
+    p.add_argument(
+        "--temperature", type=temperature, default=0.2, help=f"{role} sampling temperature"
+    )
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=1024, help=f"{role} reply token limit"
+    )
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds per request")
     p.add_argument(
         "--http-retries",
-        type=_count,
+        type=count,
         default=5,
         help="client-level retries of 5xx/429/timeouts/malformed replies",
     )
-    p.add_argument("--backoff", type=_delay, default=1.0, help="first retry delay in seconds")
+    p.add_argument("--backoff", type=delay, default=1.0, help="first retry delay in seconds")
     p.add_argument(
         "--retries",
-        type=_count,
+        type=count,
         default=2,
         help=f"new requests for {reply} that failed or could not be parsed",
     )
@@ -81,7 +52,7 @@ def _resume_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 def _answer_flags(p: argparse.ArgumentParser) -> None:
     """Generation settings for --model (seeded by --seed where the subcommand has one)."""
-    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
 
@@ -102,8 +73,12 @@ def _add_judge(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--reference", type=Path, required=True, help="reference answers JSONL")
     j.add_argument("--answers", type=Path, required=True, help="candidate answers JSONL")
     j.add_argument("--out", type=Path, required=True, help="report folder")
-    j.add_argument("--repeats", type=int, default=1, help="judge runs (mean ± std, Table 5)")
-    j.add_argument("--workers", type=int, default=1, help="judge requests in flight at once")
+    j.add_argument(
+        "--repeats", type=positive_int, default=1, help="judge runs (mean ± std, Table 5)"
+    )
+    j.add_argument(
+        "--workers", type=positive_int, default=1, help="judge requests in flight at once"
+    )
     j.add_argument(
         "--local-judge",
         type=Path,
@@ -147,7 +122,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build a LLaVA-Bench (COCO)-style benchmark with a teacher")
     b.add_argument("--coco", type=Path, required=True, help="COCO-layout folder")
     b.add_argument("--split", default="val")
-    b.add_argument("--images", type=int, default=30, help="images to sample (3 questions each)")
+    b.add_argument(
+        "--images", type=positive_int, default=30, help="images to sample (3 questions each)"
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
         "--teacher",
@@ -165,7 +142,7 @@ def _add_scenes(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("scenes", help="exact-answer questions on held-out built-in scenes")
     c.add_argument("--coco", type=Path, required=True, help="a `vistune scenes` folder")
     c.add_argument("--split", default="val")
-    c.add_argument("--images", type=_positive, help="use only the first N images")
+    c.add_argument("--images", type=positive_int, help="use only the first N images")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", type=Path, required=True, help="writes questions.jsonl, and a "
                    "report when answers are given")  # fmt: skip
