@@ -73,6 +73,14 @@ def ask(engine, history, image) -> str:
     return engine.answer(history, image, GenerationConfig(max_new_tokens=MAX_TOKENS))
 
 
+def two_turns(engine, image) -> tuple[str, str]:
+    """The engine's answers to "What is it?" then "And the colour?" about `image`."""
+    q1 = {"role": "user", "content": "What is it?"}
+    a1 = ask(engine, [q1], image)
+    q2 = {"role": "user", "content": "And the colour?"}
+    return a1, ask(engine, [q1, {"role": "assistant", "content": a1}, q2], image)
+
+
 def test_one_shot_prints_the_answer(model_dir, engine, tmp_path, capsys):
     img = write_photo(tmp_path / "a.png", 0)
     threads = torch.get_num_threads()
@@ -119,14 +127,7 @@ def test_interactive_session(model_dir, engine, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0
     a, b = (Image.open(p).convert("RGB") for p in (img_a, img_b))
-    q1 = {"role": "user", "content": "What is it?"}
-    a1 = ask(engine, [q1], a)
-    turn2 = [
-        q1,
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": "And the colour?"},
-    ]
-    a2 = ask(engine, turn2, a)
+    a1, a2 = two_turns(engine, a)
     a3 = ask(engine, [{"role": "user", "content": "Describe it."}], b)
     assert out == f"{a1}\n{a2}\n{a3}\n{a3}\n\n"  # /clear restarts; EOF ends with a newline
     assert "vistune: error:" in err and "missing.png" in err  # bad /image keeps the session
@@ -149,15 +150,8 @@ def test_a_bad_line_keeps_the_session(model_dir, engine, tmp_path, capsys, monke
     rc = main(chat("--model", str(model_dir), "--image", str(img)))
     out, err = capsys.readouterr()
     assert rc == 0
-    image = Image.open(img).convert("RGB")
-    q1 = {"role": "user", "content": "What is it?"}
-    a1 = ask(engine, [q1], image)
-    turn2 = [
-        q1,
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": "And the colour?"},
-    ]
-    assert out == f"{a1}\n{ask(engine, turn2, image)}\n\n"
+    a1, a2 = two_turns(engine, Image.open(img).convert("RGB"))
+    assert out == f"{a1}\n{a2}\n\n"
     errors = [line for line in err.splitlines() if line.startswith("vistune: error:")]
     assert len(errors) == 2 and "<image>" in errors[0] and "context" in errors[1]
     assert "Traceback" not in err
