@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -146,7 +147,34 @@ def test_fresh_model_settings_with_a_model_directory_must_match_it(tiny_model_di
         load_config(path, {})
     same = {"init": init, "image_size": size, "projector": "mlp2x_gelu"}
     assert load_config(None, same).image_size == size
-    # not given: the dataclass default stands beside the model's own value, as before
-    assert load_config(None, {"init": init}).image_size == 224
+    # not given: the model's own value, not the dataclass default (see the round trip test)
+    assert load_config(None, {"init": init}).image_size == size
     # an unreadable directory is left for building the model to report
     assert load_config(None, {"init": str(tmp_path), "image_size": 64}).image_size == 64
+
+
+def test_a_stage_2_config_saved_beside_its_output_loads_again(tiny_model_dir, tmp_path):
+    """train_config.json of a run from a model directory held the fresh-model defaults
+    (image_size 224, mlp2x_gelu), not the model's own settings: it misstated what was
+    trained, and `--config train_config.json` was refused for differing from the model."""
+    init = str(tiny_model_dir)
+    cfg = load_config(None, {"init": init, "stage": "finetune", "projector": "mlp2x_gelu"})
+    assert (cfg.image_size, cfg.projector, cfg.vision_layer) == (28, "mlp2x_gelu", -2)
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))  # as train/report.py writes it
+    assert load_config(saved, {}) == cfg
+
+
+def test_a_refused_model_setting_names_the_flag_that_gave_it(tiny_model_dir, tmp_path):
+    """A flag's value was blamed on the config file read beside it."""
+    path = tmp_path / "stage2.yaml"
+    path.write_text(f"stage: finetune\ninit: {tiny_model_dir}\n")
+    with pytest.raises(DataError, match=r"^flags: image_size 64 \(the model's: 28\)"):
+        load_config(path, {"image_size": 64})
+    path.write_text(f"stage: finetune\ninit: {tiny_model_dir}\nprojector: linear\n")
+    with pytest.raises(
+        DataError,
+        match=r"stage2.yaml: projector 'linear' \(the model's: 'mlp2x_gelu'\), "
+        r"--image-size 64 \(the model's: 28\)",
+    ):
+        load_config(path, {"image_size": 64, "lr": None})

@@ -248,35 +248,48 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
         cfg = TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
     except (TypeError, ValueError) as err:
         raise DataError(f"{where}: {err}") from err
-    _check_fresh_settings(cfg, [k for k in FRESH_MODEL_FIELDS if k in data], where)
-    return cfg
+    flags = {k for k, v in overrides.items() if v is not None}
+    return _with_model_settings(cfg, [k for k in FRESH_MODEL_FIELDS if k in data], where, flags)
 
 
 FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
 """Settings of a fresh model (`init` default); a model directory keeps its own."""
 
 
-def _check_fresh_settings(cfg: TrainConfig, given: list[str], where: str) -> None:
-    """Refuse fresh-model settings given with a model-directory `init` that differ from that
-    model's: they cannot apply (the model keeps its projector, tower layer and image size),
-    and taking them silently would train a model other than the one asked for. Settings
-    equal to the model's pass, so a stage-1 config copied for stage 2 still works."""
-    if cfg.init == "default" or not given:
-        return
+def _with_model_settings(
+    cfg: TrainConfig, given: list[str], where: str, flags: set[str]
+) -> TrainConfig:
+    """`cfg` holding the settings of the model directory it starts from (`init`).
+
+    Fresh-model settings given with a model-directory `init` that differ from that model's
+    are refused: they cannot apply (the model keeps its projector, tower layer and image
+    size), and taking them silently would train a model other than the one asked for.
+    Settings equal to the model's pass, so a stage-1 config copied for stage 2 still works.
+    Settings not given take the model's values, so the resolved config saved beside the
+    output (train_config.json) says what was trained and loads again with --config."""
+    if cfg.init == "default":
+        return cfg
     from vistune.model import model_dir_of
     from vistune.model.checkpoint import ModelDirError, read_model_dir
 
     try:
         model = read_model_dir(model_dir_of(cfg.init)).config
     except ModelDirError:
-        return  # building the model reports the unreadable directory
-    differ = [
-        f"{k} {getattr(cfg, k)!r} (the model's: {getattr(model, k)!r})"
-        for k in given
-        if getattr(cfg, k) != getattr(model, k)
-    ]
+        return cfg  # building the model reports the unreadable directory
+    differ = [k for k in given if getattr(cfg, k) != getattr(model, k)]
     if differ:
+        # name a flag as a flag when a config file was read too: the file is not to blame
+        by_flag = where == "flags" or all(k in flags for k in differ)
+
+        def name(k: str) -> str:
+            return k if by_flag or k not in flags else "--" + k.replace("_", "-")
+
+        named = [
+            f"{name(k)} {getattr(cfg, k)!r} (the model's: {getattr(model, k)!r})" for k in differ
+        ]
         raise DataError(
-            f"{where}: {', '.join(differ)}: these settings build a fresh model (init default) "
-            f"and cannot change the model in {cfg.init}; drop them, or start from init default"
+            f"{'flags' if by_flag else where}: {', '.join(named)}: these settings build a fresh "
+            f"model (init default) and cannot change the model in {cfg.init}; drop them, or "
+            "start from init default"
         )
+    return dataclasses.replace(cfg, **{k: getattr(model, k) for k in FRESH_MODEL_FIELDS})
