@@ -132,6 +132,29 @@ def test_lora_finetune_merges_into_the_llm(tiny_data, tiny_model_dir, tmp_path):
         LlavaModel.load(tmp_path / "split" / "model")
 
 
+def test_lora_wraps_and_loads_without_a_deprecation_warning(tiny_model, tmp_path):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing` when it wraps or
+    loads an adapter: every LoRA run (one per rank under torchrun) and every chat on an
+    unmerged adapter printed a FutureWarning the user can do nothing about."""
+    import copy
+    import warnings
+
+    from vistune.model.llava import LlavaModel
+    from vistune.train.export import finalize
+    from vistune.train.setup import apply_stage
+
+    model = copy.deepcopy(tiny_model)
+    cfg = TrainConfig(stage="finetune", lora_r=4, gradient_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_stage(model, cfg)
+        finalize(model, True, False, True, "eager", tmp_path)
+        model.save(tmp_path / "model")
+        LlavaModel.load(tmp_path / "model")
+    assert (tmp_path / "model" / "adapter" / "adapter_config.json").is_file()
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
     from tests.train.conftest import write_dataset
     from tests.train.test_dataset import BAD_ROWS

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +115,19 @@ def check_hf_dir(path: Path, what: str, tokenizer: bool = False) -> dict[str, An
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' progress bars and load reports (library code does not print)."""
+    """Silence transformers' progress bars and load reports (library code does not print),
+    and the deprecation warning peft's PeftModel triggers by reading transformers 5's
+    `is_gradient_checkpointing` (a peft/transformers matter no user can act on)."""
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+            )
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -22,6 +22,7 @@ from vistune.data.dataset import Sample, build_samples, drop_samples
 from vistune.errors import DataError, VistuneError
 from vistune.features import Encoder, FeatureStore, open_store, tower_features
 from vistune.model import model_dir_of
+from vistune.model.checkpoint import quiet_transformers
 from vistune.train.config import TrainConfig
 from vistune.train.stages import apply_plan
 
@@ -125,7 +126,8 @@ def apply_stage(model: Any, cfg: TrainConfig, device: torch.device | None = None
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        model.llm = get_peft_model(model.llm, lora)
+        with quiet_transformers():
+            model.llm = get_peft_model(model.llm, lora)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x
