@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from vistune.features import open_store
     from vistune.train.setup import (
         build_encoder,
+        encoder_notes,
         feature_root,
         fill_features,
         image_root,
@@ -63,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
                 missing += 1
     unique = list(dict.fromkeys(paths))
     model = build_encoder(cfg, lambda m: print(m, file=sys.stderr))
+    for note in encoder_notes(model):
+        print(f"vistune features: {note}", file=sys.stderr)
     model.vision.to(resolve_device(cfg.device))
     store = open_store(feature_root(cfg), model)
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:

@@ -133,6 +133,12 @@ class VisionTower(nn.Module):
         """Stay in eval mode whatever the caller asks (the tower is frozen, paper §4.2)."""
         return super().train(False)
 
+    @property
+    def fixed_positions(self) -> bool:
+        """Whether an input size other than `image_size` runs on interpolated position
+        embeddings (CLIP, SigLIP); DINOv2 interpolates at every size it is not 518 px."""
+        return self.family in _FIXED_POSITIONS
+
     def num_tokens(self, image_size: int) -> int:
         """Tokens per image at `image_size` (grid, plus CLS for `cls_patch`)."""
         grid = (image_size // self.patch_size) ** 2
@@ -143,7 +149,7 @@ class VisionTower(nn.Module):
         """(N, 3, S, S) normalised pixels -> (N, T, Dv) features of the chosen layer."""
         pixel_values = pixel_values.to(self.model.dtype)
         kwargs = {}
-        if self.family in _FIXED_POSITIONS and pixel_values.shape[-1] != self.image_size:
+        if self.fixed_positions and pixel_values.shape[-1] != self.image_size:
             kwargs["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
         hidden = out.hidden_states[self.layer]  # (N, T_all, Dv)

@@ -62,6 +62,7 @@ from vistune.train.setup import (
     data_fingerprint,
     prepare_samples,
     resolve_device,
+    run_notes,
 )
 from vistune.train.step import TrainStep
 
@@ -166,6 +167,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         # Frozen weights need no fp32 master copy: bf16 saves the per-step casts. The
         # exported model is rebuilt from `init` with the trained projector (export.py).
         model.llm.to(torch.bfloat16)
+    for note in run_notes(model, cfg, info.world):  # before an hour of feature filling
+        say(note)
     model.vision.to(info.device)  # the feature fill runs the tower where training runs
     samples, skipped, store = prepare_samples(
         cfg, model, info.rank, info.world, lambda: barrier(info), on_features
@@ -200,9 +203,6 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
             f"{latest} is at step {start}, past this run's {total} steps: resume with at least "
             f"--max-steps {start}, or the epochs it was written with"
         )
-    limit = getattr(model.llm.config, "max_position_embeddings", None)
-    if limit and cfg.model_max_length > limit:
-        say(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
     if sharded:
         ranks = meta_ranks(model.llm, info)
         say(f"FSDP: ranks {ranks} built the LLM on the meta device; rank 0 sends its weights")

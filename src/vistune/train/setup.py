@@ -141,6 +141,41 @@ def apply_stage(model: Any, cfg: TrainConfig, device: torch.device | None = None
     model.projector.train()
 
 
+def encoder_notes(model: Any) -> list[str]:
+    """The image size as the tower takes it, where that is not as a user may expect (one
+    line each; `model`: a LlavaModel or a features Encoder).
+
+    A CLIP or SigLIP tower at another image size than its own runs on interpolated position
+    embeddings (the paper configs say 224: with a 336 px tower that is 256 tokens, not 576);
+    an image side that is not a multiple of the patch leaves the remainder unseen."""
+    notes = []
+    tower, size = model.vision, model.config.image_size
+    if tower.fixed_positions and size != tower.image_size:
+        notes.append(
+            f"image_size {size} is not the vision tower's own {tower.image_size}: its position "
+            f"embeddings are interpolated ({model.num_image_tokens} image tokens); "
+            f"image_size {tower.image_size} runs the tower as it was trained"
+        )
+    if size % tower.patch_size:
+        notes.append(
+            f"image_size {size} is not a multiple of the tower's patch {tower.patch_size}: "
+            f"the last {size % tower.patch_size} pixels of each side are never seen"
+        )
+    return notes
+
+
+def run_notes(model: Any, cfg: TrainConfig, world: int) -> list[str]:
+    """Settings that run, but not as a user may expect: one line each for the log
+    (`encoder_notes`; FSDP needs several processes; the LLM's positional limit)."""
+    notes = encoder_notes(model)
+    if cfg.fsdp and world == 1:
+        notes.append("--fsdp shards across processes started by torchrun; one process: unsharded")
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if limit and cfg.model_max_length > limit:
+        notes.append(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
+    return notes
+
+
 def image_root(cfg: TrainConfig) -> Path:
     if cfg.image_folder:
         return Path(cfg.image_folder)

@@ -1,0 +1,52 @@
+"""What a run prepares before its first step: the notes it logs about its settings."""
+
+from __future__ import annotations
+
+from vistune.config import ModelConfig
+from vistune.model.llava import LlavaModel
+from vistune.train.config import TrainConfig
+from vistune.train.setup import run_notes
+
+
+def test_run_notes_say_what_runs_otherwise_than_a_user_may_expect(
+    tiny_clip_dir, tiny_dinov2_dir, tiny_llm_dir
+):
+    """The paper configs' image_size 224 silently ran a CLIP tower of another size on
+    interpolated positions (here: the tiny 28 px CLIP at 56), a side that is not a multiple
+    of the patch silently lost its last pixels, and --fsdp in one process did nothing."""
+
+    def notes(vision, size: int, world: int = 1, **cfg) -> list[str]:
+        model = LlavaModel.from_parts(vision, tiny_llm_dir, ModelConfig(image_size=size))
+        return run_notes(model, TrainConfig(**{"model_max_length": 512, **cfg}), world)
+
+    assert notes(tiny_clip_dir, 28) == []
+    assert notes(tiny_clip_dir, 56) == [
+        "image_size 56 is not the vision tower's own 28: its position embeddings are "
+        "interpolated (16 image tokens); image_size 28 runs the tower as it was trained"
+    ]
+    assert notes(tiny_clip_dir, 35)[1] == (
+        "image_size 35 is not a multiple of the tower's patch 14: the last 7 pixels of each "
+        "side are never seen"
+    )
+    assert notes(tiny_dinov2_dir, 56) == []  # DINOv2 interpolates as a matter of course
+    assert notes(tiny_clip_dir, 28, fsdp=True) == [
+        "--fsdp shards across processes started by torchrun; one process: unsharded"
+    ]
+    assert notes(tiny_clip_dir, 28, world=2, fsdp=True) == []
+    assert notes(tiny_clip_dir, 28, model_max_length=2048) == [
+        "model_max_length 2048 exceeds the LLM's 512 positions"
+    ]
+
+
+def test_vistune_features_says_it_before_filling_the_store(
+    tiny_clip_dir, tiny_llm_dir, tiny_data, tmp_path, capsys
+):
+    """`vistune features` is where the paper's setup spends its first hour: the image size
+    note comes from there too, not only from the training run after it."""
+    from vistune.cli import main
+
+    argv = ["features", "--vision", str(tiny_clip_dir), "--llm", str(tiny_llm_dir)]
+    argv += ["--image-size", "56", "--data", str(tiny_data), "--features", str(tmp_path / "f")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "vistune features: image_size 56 is not the vision tower's own 28" in err
