@@ -50,3 +50,30 @@ def test_vistune_features_says_it_before_filling_the_store(
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "vistune features: image_size 56 is not the vision tower's own 28" in err
+
+
+def test_batch_and_inputs_are_checked_before_the_model_loads(
+    tiny_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    """A batch that does not split, a data file or image folder that is not there were
+    refused only after the model had loaded and the features had filled (an hour at the
+    paper's scale, once per try)."""
+    import pytest
+
+    from tests.train.conftest import tiny_args
+    from vistune.errors import VistuneError
+    from vistune.train import loop
+
+    def built(*_args, **_kwargs):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(loop, "build_model", built)
+    args = tiny_args(tiny_data, tmp_path / "out", tmp_path / "f", tiny_model_dir)
+    for extra, message in (
+        ({"batch_size": 4, "per_device_batch": 3}, "batch_size 4 is not a multiple of"),
+        ({"data": str(tmp_path / "none.json")}, "none.json: training data file not found"),
+        ({"image_folder": str(tmp_path / "imgs")}, "imgs: image folder not found"),
+    ):
+        with pytest.raises(VistuneError, match=message):
+            loop.train(TrainConfig(**{**args, **extra}))
+    assert not (tmp_path / "f").exists()  # no features were filled

@@ -59,6 +59,7 @@ from vistune.train.optim import (
 from vistune.train.setup import (
     apply_stage,
     build_model,
+    check_inputs,
     data_fingerprint,
     prepare_samples,
     resolve_device,
@@ -157,6 +158,13 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     latest = ckpt.latest_checkpoint(out)
     if latest is not None and not cfg.resume:
         raise VistuneError(f"{out} already has checkpoints; add --resume or pick another --out")
+    per_step = cfg.per_device_batch * info.world
+    if cfg.batch_size % per_step:  # before the model loads and the features fill
+        raise VistuneError(
+            f"batch_size {cfg.batch_size} is not a multiple of per_device_batch x processes "
+            f"({cfg.per_device_batch} x {info.world})"
+        )
+    check_inputs(cfg)
     seed_everything(cfg.seed)
     sharded = cfg.fsdp and info.world > 1
     # under FSDP only rank 0 reads the LLM's weights; the others get them as they shard
@@ -173,12 +181,6 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     samples, skipped, store = prepare_samples(
         cfg, model, info.rank, info.world, lambda: barrier(info), on_features
     )
-    per_step = cfg.per_device_batch * info.world
-    if cfg.batch_size % per_step:
-        raise VistuneError(
-            f"batch_size {cfg.batch_size} is not a multiple of per_device_batch x processes "
-            f"({cfg.per_device_batch} x {info.world})"
-        )
     steps_per_epoch = len(samples) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(

@@ -185,14 +185,22 @@ def image_root(cfg: TrainConfig) -> Path:
     return folder
 
 
-def load_rows(cfg: TrainConfig, skipped: Counter | None = None) -> list[Any]:
-    """The run's samples in LLaVA JSON form (ScienceQA problems are converted, §5.2).
-    Malformed ScienceQA problems are counted in `skipped` (an error without it, or with
-    `strict`)."""
+def check_inputs(cfg: TrainConfig) -> None:
+    """The data file and image folder exist: checked before the model loads (minutes for
+    a 13B LLM), not after it."""
     if not cfg.data:
         raise DataError("no training data: set `data` (a LLaVA JSON file) or --data")
     if not Path(cfg.data).is_file():
         raise DataError(f"{cfg.data}: training data file not found")
+    if cfg.image_folder and not Path(cfg.image_folder).is_dir():
+        raise DataError(f"{cfg.image_folder}: image folder not found")
+
+
+def load_rows(cfg: TrainConfig, skipped: Counter | None = None) -> list[Any]:
+    """The run's samples in LLaVA JSON form (ScienceQA problems are converted, §5.2).
+    Malformed ScienceQA problems are counted in `skipped` (an error without it, or with
+    `strict`)."""
+    check_inputs(cfg)
     if cfg.data_format == "scienceqa":
         from vistune.data.scienceqa import load_scienceqa, to_llava_sample
 
