@@ -143,6 +143,22 @@ def test_missing_config_json(saved, tmp_path):
         LlavaModel.load(tmp_path / "nowhere")
 
 
+def test_a_training_output_without_its_model_says_so(tmp_path):
+    """`vistune chat --model runs/x` on a run killed before its end (checkpoints only), or on
+    one of its checkpoints, said `config.json: missing (vistune model config)`."""
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (step / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ModelDirError, match=r"run: a training output with no model/ yet .*--resume"
+    ):
+        load_model(out)
+    with pytest.raises(ModelDirError, match=r"step-00000004: a training checkpoint, not a model"):
+        LlavaModel.load(step)
+
+
 def test_bad_json(saved, tmp_path):
     path = _copy(saved, tmp_path)
     (path / "config.json").write_text("{not json")

@@ -176,12 +176,30 @@ def load_tokenizer(path: Path) -> Any:
         raise ModelDirError(f"{path}: cannot load the tokenizer: {exc}") from exc
 
 
+def _refuse_training_output(path: Path) -> None:
+    """A training output or checkpoint given where a model directory is expected: say what
+    it is, and how to get the model (a run killed before its end has only checkpoints)."""
+    finish = "`vistune train ... --resume` with the run's settings finishes it"
+    if (path / "checkpoints").is_dir():
+        raise ModelDirError(
+            f"{path}: a training output with no model/ yet (its run stopped before the end; "
+            f"{finish}, and writes {path / 'model'})"
+        )
+    if (path / "state.json").is_file() and (path / "trainable.safetensors").is_file():
+        raise ModelDirError(
+            f"{path}: a training checkpoint, not a model directory (the run writes its model to "
+            f"<out>/model at the end; {finish})"
+        )
+
+
 def read_model_dir(model_dir: str | Path) -> ModelDirInfo:
     """Check a vistune model directory's config.json and files (loads no weights)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelDirError(f"{path}: model directory not found")
     config_path = path / CONFIG_FILE
+    if not config_path.exists():
+        _refuse_training_output(path)
     raw = read_json(config_path, "vistune model config")
     if raw.get("format") != FORMAT:
         raise ModelDirError(
