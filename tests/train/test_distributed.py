@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,21 @@ def _run(config: Path, processes: int, *extra: str) -> subprocess.CompletedProce
         "-m",
     ]
     command = [*launcher, "vistune.cli", "train", "--config", str(config), *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
+        out, err = proc.communicate()
+    # every launch's output kept beside the test's files (pytest keeps the last three
+    # sessions' folders), so that a failure that does not come again can still be read
+    logs = config.parent / "launches"
+    logs.mkdir(exist_ok=True)
+    n = len(list(logs.glob("*.err")))
+    (logs / f"{n}.out").write_text(out)
+    (logs / f"{n}.err").write_text(err)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
