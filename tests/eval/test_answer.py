@@ -324,3 +324,22 @@ def test_load_engine_loads_bf16_directly_with_the_same_answers(tiny_model, tmp_p
                 ([{"role": "user", "content": "Hello"}], None)]  # fmt: skip
     config = GenerationConfig(max_new_tokens=6)
     assert engine.answer_batch(requests, config) == cast.answer_batch(requests, config)
+
+
+def test_load_engine_says_what_chat_says_about_the_model(tiny_model, tmp_path, capsys):
+    """A stage-1 model answers through the plain template, which never shows it the
+    question, and an untrained projector ignores the image: `eval answer` said neither."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(tiny_model)
+    model.config = dataclasses.replace(model.config, template="plain")
+    model.projector_trained = False
+    answer.load_engine(model.save(tmp_path / "stage1"))
+    err = capsys.readouterr().err
+    assert "untrained projector, so its answers ignore the image" in err
+    assert "the plain template (a stage-1 model) renders only the image" in err
+    model.config = dataclasses.replace(model.config, template="vicuna_v0")
+    model.projector_trained = True
+    answer.load_engine(model.save(tmp_path / "stage2"))
+    assert "vistune: note" not in capsys.readouterr().err

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vistune.data.image import load_image
-    from vistune.model import DEFAULT_SPEC, load_model
+    from vistune.model import DEFAULT_SPEC, load_model, model_notes
     from vistune.serve.engine import Engine
 
     config = _generation_config(args)
@@ -83,19 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
         ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
     model = load_model(args.model, dtype=dtype)
-    if not getattr(model, "projector_trained", True):
-        which = "the packaged base model" if args.model == DEFAULT_SPEC else args.model
-        print(
-            f"vistune: note: {which} has an untrained projector, so its answers ignore the image",
-            file=sys.stderr,
-        )
-    if (args.template or model.config.template) == "plain":
-        print(
-            "vistune: note: the plain template (a stage-1 model) renders only the image, so the "
-            "model captions it and your text is not shown to it; --template vicuna_v0 asks in "
-            "words",
-            file=sys.stderr,
-        )
+    for note in model_notes(model, args.model, args.template):
+        hint = "; --template vicuna_v0 asks in words" if "plain template" in note else ""
+        print(f"vistune: note: {note}{hint}", file=sys.stderr)
     engine = Engine(model, dtype=dtype, template=args.template)
     if args.prompt is not None:
         print(engine.answer([{"role": "user", "content": args.prompt}], image, config))

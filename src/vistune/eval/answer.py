@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,10 +51,13 @@ def load_engine(model: str | Path, batch_size: int = 8) -> AnswerEngine:
     require_engine()
     import torch
 
-    from vistune.model import load_model
+    from vistune.model import load_model, model_notes
     from vistune.serve.engine import Engine
 
-    return Engine(load_model(model, dtype=torch.bfloat16), batch_size=batch_size)
+    loaded = load_model(model, dtype=torch.bfloat16)
+    for note in model_notes(loaded, model):
+        print(f"vistune: note: {note}", file=sys.stderr)
+    return Engine(loaded, batch_size=batch_size)
 
 
 def messages_for(question: dict) -> list[dict]:

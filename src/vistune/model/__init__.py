@@ -32,6 +32,22 @@ def model_dir_of(path: str | Path) -> Path:
     return path
 
 
+def model_notes(model: LlavaModel, spec: str | Path, template: str | None = None) -> list[str]:
+    """What a user asking `model` (loaded from `spec`) questions should know first: an
+    untrained projector ignores the image; the plain template (stage 1) shows the model
+    the image only, never the question. `template`: the one used instead of the model's."""
+    notes = []
+    if not getattr(model, "projector_trained", True):
+        which = "the packaged base model" if str(spec) == DEFAULT_SPEC else str(spec)
+        notes.append(f"{which} has an untrained projector, so its answers ignore the image")
+    if (template or model.config.template) == "plain":
+        notes.append(
+            "the plain template (a stage-1 model) renders only the image, so the model "
+            "captions it and the question is not shown to it"
+        )
+    return notes
+
+
 def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> LlavaModel:
     """A model from a directory (or a training output holding one in `model/`), or
     "default": the packaged weights with a fresh projector.
@@ -56,4 +72,4 @@ def load_model(spec: str | Path, dtype: torch.dtype | None = None) -> LlavaModel
     return LlavaModel.load(model_dir_of(spec), dtype=dtype)
 
 
-__all__ = ["DEFAULT_SPEC", "load_model", "model_dir_of"]
+__all__ = ["DEFAULT_SPEC", "load_model", "model_dir_of", "model_notes"]
