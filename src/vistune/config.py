@@ -14,7 +14,7 @@ from typing import Any
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 FEATURE_SELECTS = ("patch", "cls_patch")
-IMAGE_ASPECTS = ("pad", "resize")
+IMAGE_ASPECTS = ("pad", "resize", "crop")
 
 
 def check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
@@ -34,7 +34,9 @@ class ModelConfig:
     vision_select: str = "patch"
     """`patch` drops the CLS token (LLaVA's default); `cls_patch` keeps it."""
     image_aspect: str = "pad"
-    """`pad` pads to a square with the mean colour (LLaVA's `pad`); `resize` squashes."""
+    """`pad` pads to a square with the mean colour (LLaVA-1.5's `pad`); `resize` squashes;
+    `crop` scales the shorter side to image_size and keeps the centre square (CLIP's own
+    preprocessing, which the paper's LLaVA used)."""
     image_size: int = 224
     """Side of the square image fed to the tower (224 with a /14 patch gives 256 tokens)."""
     template: str = "vicuna_v0"

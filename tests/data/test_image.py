@@ -196,8 +196,8 @@ def test_processor_matches_manual_bicubic_and_accepts_rgba():
 
 
 def test_processor_validates():
-    with pytest.raises(ValueError, match="valid: pad, resize"):
-        ImageProcessor(4, IMAGENET_MEAN, IMAGENET_STD, aspect="crop")
+    with pytest.raises(ValueError, match="valid: pad, resize, crop"):
+        ImageProcessor(4, IMAGENET_MEAN, IMAGENET_STD, aspect="squash")
     with pytest.raises(ValueError, match="std must be positive"):
         ImageProcessor(4, IMAGENET_MEAN, (0.2, 0.0, 0.2))
     with pytest.raises(ValueError, match="3 values"):
@@ -232,15 +232,26 @@ def test_from_vision_dir_errors(tmp_path):
         ImageProcessor.from_vision_dir(tmp_path, size=14)
 
 
-@pytest.mark.parametrize("aspect", ["pad", "resize"])
-def test_matches_transformers_clip_processor(aspect):
-    """Equal to HF's PIL CLIP processor on LLaVA's input (the padded square, or a squash)."""
+@pytest.mark.parametrize(
+    ("aspect", "shape"),
+    [("pad", (50, 37)), ("resize", (50, 37)), ("crop", (50, 37)), ("crop", (37, 101)),
+     ("crop", (32, 45)), ("crop", (20, 20))],
+)  # fmt: skip
+def test_matches_transformers_clip_processor(aspect, shape):
+    """Equal to HF's PIL CLIP processor on LLaVA's input (the padded square, or a squash),
+    and, for `crop`, to its own resize + centre crop (the paper's preprocessing); tall, wide,
+    already-sized and upscaled images."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     rng = np.random.default_rng(1)
-    image = Image.fromarray(rng.integers(0, 256, (50, 37, 3), dtype=np.uint8))
+    image = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
     ours = ImageProcessor(32, CLIP_MEAN, CLIP_STD, aspect)([image])
-    if aspect == "pad":
+    if aspect == "crop":
+        hf = CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        ref = hf(image, return_tensors="pt")["pixel_values"]
+    elif aspect == "pad":
         hf = CLIPImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )

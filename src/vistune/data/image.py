@@ -161,6 +161,18 @@ def _check_triple(name: str, value: tuple[float, ...]) -> None:
         raise ValueError(f"{name} must have 3 values (R, G, B), got {value!r}")
 
 
+def _centre_square(image: Image.Image, size: int) -> Image.Image:
+    """The shorter side scaled to `size` (bicubic), then the centre size x size square,
+    with transformers' roundings (int() of the longer side, floor of the offsets)."""
+    width, height = image.size
+    longer = int(size * max(width, height) / min(width, height))
+    scaled = (size, longer) if width <= height else (longer, size)
+    if scaled != image.size:
+        image = image.resize(scaled, Image.Resampling.BICUBIC)
+    left, top = (scaled[0] - size) // 2, (scaled[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """PIL images -> normalised pixel tensors (N, 3, size, size) for the vision tower."""
@@ -169,7 +181,9 @@ class ImageProcessor:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     aspect: str = "pad"
-    """`pad`: expand to a square with the mean colour, then resize; `resize`: squash."""
+    """`pad`: expand to a square with the mean colour, then resize; `resize`: squash;
+    `crop`: the shorter side to `size`, then the centre square (CLIPImageProcessor's
+    resize + center crop)."""
 
     def __post_init__(self) -> None:
         if self.aspect not in IMAGE_ASPECTS:
@@ -193,6 +207,8 @@ class ImageProcessor:
         image = to_rgb(image)
         if self.aspect == "pad":
             image = expand2square(image, self.fill)
+        elif self.aspect == "crop":
+            image = _centre_square(image, self.size)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
         return image

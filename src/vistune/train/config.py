@@ -67,9 +67,9 @@ class TrainConfig:
     image_size: int = 224
     """Square image side for a fresh model (224 with a /14 patch gives 256 image tokens)."""
     image_aspect: str = "pad"
-    """How a fresh model squares images: `pad` (LLaVA) or `resize`."""
+    """How a fresh model squares images: `pad` (LLaVA-1.5), `resize` (squash) or `crop` (CLIP's resize + centre crop, the paper's)."""
     template: str | None = None
-    """Conversation template; None: `plain` for pretrain, `vicuna_v0` for finetune (paper)."""
+    """Conversation template; None: `plain` for pretrain (LLaVA's code: the caption alone; the paper's §4.2 keeps the instruction, `vicuna_v0`), `vicuna_v0` for finetune (paper)."""
     epochs: int | None = None
     """Passes over the data; None: 1 for pretrain, 3 for finetune (paper §5)."""
     max_steps: int = 0
