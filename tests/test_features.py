@@ -103,11 +103,35 @@ def test_training_fill_recomputes_a_corrupt_row_of_an_unchanged_image(tiny_model
     del array
     ticks = []
     assert fill_features(tiny_model, store, paths, 3, lambda n, t: ticks.append((n, t))) == {}
-    assert ticks == [(1, 1)]
+    assert ticks == [(0, 1), (1, 1)]  # (0, total) opens the bar before the batch runs
     store.reload()  # as prepare_samples reads the store after the fill
     assert store.missing(paths, verify=False) == []
     direct = tower_features(tiny_model, paths)
     torch.testing.assert_close(store.get(paths).float(), direct, atol=2e-3, rtol=2e-3)
+
+
+def test_fill_progress_starts_before_the_first_batch(tmp_path, monkeypatch):
+    # A bar made at the first report after a batch started its clock at that batch's end:
+    # `vistune train` showed "774333 img/s" and a wrong ETA.
+    import vistune.train.setup as setup
+
+    events: list = []
+    tower = Counting()
+
+    def run_tower(model, paths):
+        events.append(("batch", len(paths)))
+        return tower(paths)
+
+    monkeypatch.setattr(setup, "tower_features", run_tower)
+    paths = _images(tmp_path, 3)
+    failed = setup.fill_features(
+        None, _store(tmp_path / "s"), paths, 2, lambda *t: events.append(t)
+    )
+    assert failed == {}
+    assert events == [(0, 3), ("batch", 2), (2, 3), ("batch", 1), (3, 3)]
+    events.clear()  # nothing to compute: no bar at all
+    assert setup.fill_features(None, _store(tmp_path / "s"), paths, 2, events.append) == {}
+    assert events == []
 
 
 def test_unreadable_images_are_reported_not_fatal(tmp_path):

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
-            bar.total = total
+            if done == 0:  # the first batch starts: the clock starts here, not at the check
+                bar.reset(total=total)
             bar.update(done - bar.n)
 
         failed = fill_features(model, store, unique, cfg.feature_batch, progress)

@@ -260,6 +260,8 @@ def fill_features(
     Corrupt rows are found by their checksums here, once per run."""
     todo = store.missing(dict.fromkeys(paths))
     done = 0
+    if progress is not None and todo:
+        progress(0, len(todo))  # before the first batch, so a bar's clock (rate, ETA) is right
 
     def tick(n: int) -> None:
         nonlocal done
