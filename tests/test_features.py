@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,134 @@ def test_fill_progress_starts_before_the_first_batch(tmp_path, monkeypatch):
     assert events == []
 
 
+def _count_reads(monkeypatch) -> list[int]:
+    """Counts rows read for their checksum from now on."""
+    import vistune.features as features
+
+    calls: list[int] = []
+    real = features._row_crc
+    monkeypatch.setattr(features, "_row_crc", lambda row: calls.append(1) or real(row))
+    return calls
+
+
+def _flip(path: Path, offset: int = -3) -> None:
+    """Flip a byte in place: same size, same inode."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+
+
+def _rot(shard: Path) -> None:
+    """Bit rot: the bytes change under markers that still match the file's identity."""
+    from vistune.features import _identity
+
+    _flip(shard)
+    for marker in shard.parent.glob(f"{shard.stem}.verified*"):
+        record = json.loads(marker.read_text())
+        record["npy"] = _identity(shard.stat())
+        marker.write_text(json.dumps(record))
+
+
+def test_a_verified_shard_is_not_read_again(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 5)
+    _store(tmp_path / "s").ensure(paths, Counting(), batch=2)
+    reads = _count_reads(monkeypatch)
+    assert _store(tmp_path / "s").missing(paths) == []  # a start after the fill reads once
+    assert len(reads) == 5
+    assert [m.name for m in (tmp_path / "s" / "enc").glob("*.verified*")] == [
+        "shard-000000.verified"
+    ]
+    assert _store(tmp_path / "s").missing(paths) == []  # every later start: none
+    assert len(reads) == 5
+
+
+def test_a_shard_changed_after_its_check_is_read_again(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 4)
+    tower = Counting()
+    _store(tmp_path / "s").ensure(paths, tower)
+    assert _store(tmp_path / "s").missing(paths) == []  # verified and marked
+    shard = tmp_path / "s" / "enc" / "shard-000000.npy"
+    before = shard.stat()
+    copy = shard.with_name("copy")
+    copy.write_bytes(shard.read_bytes())
+    _flip(copy)  # the last row
+    os.replace(copy, shard)  # rewritten: same size, same mtime, another inode
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    reads = _count_reads(monkeypatch)
+    fresh = _store(tmp_path / "s")
+    assert fresh.missing(paths) == [paths[3]] and len(reads) == 4
+    fresh.ensure(paths, tower)
+    assert tower.seen[-1] == paths[3] and len(tower.seen) == 5
+    assert torch.equal(_store(tmp_path / "s").get(paths), Counting()(paths).half())
+
+
+def test_an_in_place_edit_with_its_mtime_set_back_is_read_again(tmp_path):
+    paths = _images(tmp_path, 3)
+    _store(tmp_path / "s").ensure(paths, Counting())
+    assert _store(tmp_path / "s").missing(paths) == []
+    shard = tmp_path / "s" / "enc" / "shard-000000.npy"
+    before = shard.stat()
+    time.sleep(0.05)  # past the clock tick of the check, for the ctime
+    _flip(shard)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    assert _store(tmp_path / "s").missing(paths) == [paths[2]]  # the ctime moved
+
+
+def test_full_verify_finds_rot_the_markers_cannot_see(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 3)
+    tower = Counting()
+    _store(tmp_path / "s").ensure(paths, tower)
+    assert _store(tmp_path / "s").missing(paths) == []
+    shard = tmp_path / "s" / "enc" / "shard-000000.npy"
+    _rot(shard)
+    reads = _count_reads(monkeypatch)
+    assert _store(tmp_path / "s").missing(paths) == [] and reads == []  # the trade-off
+    full = _store(tmp_path / "s")
+    full.verify_all = True
+    assert full.missing(paths) == [paths[2]] and len(reads) == 3
+    assert list(shard.parent.glob("*.verified*")) == []  # it vouched for the rotten row
+    full.ensure(paths, tower)
+    assert tower.seen[-1] == paths[2] and len(tower.seen) == 4
+    assert torch.equal(_store(tmp_path / "s").get(paths), Counting()(paths).half())
+
+
+def test_no_marker_for_a_shard_that_failed_or_a_check_cut_short(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 4)
+    store = _store(tmp_path / "s")
+    store.ensure(paths[:2], Counting())
+    store.ensure(paths[2:], Counting())
+    folder = tmp_path / "s" / "enc"
+    _flip(folder / "shard-000000.npy")
+    assert _store(tmp_path / "s").missing(paths) == [paths[1]]
+    assert [m.name for m in folder.glob("*.verified*")] == ["shard-000001.verified"]
+    # a killed check leaves at most a temporary, and a garbled marker vouches for nothing
+    (folder / "shard-000001.verified").write_text('{"npy": [')
+    (folder / f".tmp-{os.getpid()}-shard-000000.verified").write_text("{}")
+    reads = _count_reads(monkeypatch)
+    assert _store(tmp_path / "s").missing(paths[2:]) == [] and len(reads) == 2
+
+
+def test_ranks_checking_one_shard_keep_their_own_markers(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 6)
+    _store(tmp_path / "s").ensure(paths, Counting())  # one shard, as `vistune features`
+    reads = _count_reads(monkeypatch)
+    for rank in (0, 1):  # as training ranks: each checks its share, at the same time
+        store = _store(tmp_path / "s")
+        store.writer = f"rank{rank}"
+        assert store.missing(paths[rank::2]) == []
+    assert len(reads) == 6
+    names = sorted(m.name for m in (tmp_path / "s" / "enc").glob("*.verified*"))
+    assert names == ["shard-000000.verified-rank0", "shard-000000.verified-rank1"]
+    assert _store(tmp_path / "s").missing(paths) == [] and len(reads) == 6
+
+
 def test_unreadable_images_are_reported_not_fatal(tmp_path):
     paths = _images(tmp_path, 2)
     bad = tmp_path / "x.bad"
@@ -161,9 +291,7 @@ def test_real_tower_store_matches_direct_features(tiny_model, tmp_path):
         store.get([tmp_path / "unknown.png"])
 
 
-def test_features_command_fills_once(tiny_model, tmp_path, capsys):
-    import json
-
+def test_features_command_fills_once_and_verifies_on_request(tiny_model, tmp_path, capsys):
     from vistune.cli import main
 
     model_dir = tiny_model.save(tmp_path / "model")
@@ -195,6 +323,11 @@ def test_features_command_fills_once(tiny_model, tmp_path, capsys):
     assert "images: 3  computed: 3  already stored: 0  unreadable: 0  missing files: 1" in first
     assert main(argv) == 0
     assert "computed: 0  already stored: 3" in capsys.readouterr().out
+    _rot(next((tmp_path / "store").glob("*/shard-*.npy")))  # its last row: paths[2]
+    assert main(argv) == 0
+    assert "computed: 0  already stored: 3" in capsys.readouterr().out
+    assert main([*argv, "--verify"]) == 0  # a user who suspects bit rot
+    assert "computed: 1  already stored: 2" in capsys.readouterr().out
 
 
 def test_features_command_offers_only_the_settings_it_uses(capsys):
@@ -206,3 +339,4 @@ def test_features_command_offers_only_the_settings_it_uses(capsys):
     shown = capsys.readouterr().out
     assert "--feature-batch" in shown and "--image-size" in shown and "--data-format" in shown
     assert "--lr" not in shown and "--resume" not in shown and "--out" not in shown
+    assert "--verify" in shown

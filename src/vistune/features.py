@@ -16,6 +16,17 @@ A shard's JSON is written after its array (both atomically), so a killed extract
 only complete shards and the next run picks up where it stopped. An entry whose image
 changed (size or mtime) is stale, one whose row fails its CRC or whose shard is truncated
 is corrupt: both are recomputed by `ensure`.
+
+Reading every row for its CRC at every start would cost the whole store (300 GB for
+CC3M-595K) at each stage and resume, so a check that passes is recorded beside the shard:
+`shard-<n>.verified[-<writer>]` holds the rows it read and the identity (size, mtime_ns,
+inode, ctime_ns) of the shard's array and JSON as they were read. A later check reads only
+rows no marker with the current identity vouches for: a shard rewritten, truncated,
+touched or edited in place (ctime cannot be set back) is read again. A marker is written
+(atomically, after the read, and only if the identity did not change meanwhile) only when
+every row read passed; each writer extends its own marker, so ranks checking the same shard
+never overwrite each other's rows. Bit rot keeps a file's identity: `verify_all`
+(`vistune features --verify`) reads every row again and drops markers vouching for a bad one.
 """
 
 from __future__ import annotations
@@ -58,6 +69,11 @@ def file_identity(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _identity(stat: os.stat_result) -> list[int]:
+    """What a rewrite, truncation, touch or in-place edit of a shard file changes."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
 def _row_crc(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row).tobytes())
 
@@ -84,8 +100,11 @@ class FeatureStore:
         self.folder = Path(root) / key
         self.tokens, self.dim = tokens, dim
         self.writer = ""
-        """Tag in the names of the shards this process writes (processes filling the store
-        at the same time, e.g. training ranks, need different tags)."""
+        """Tag in the names of the shards and markers this process writes (processes filling
+        the store at the same time, e.g. training ranks, need different tags)."""
+        self.verify_all = False
+        """Read every checked row, also those a marker vouches for (bit rot keeps a file's
+        identity, so only a full read finds it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temps(self.folder, ".tmp-*", 1)  # shards of a killed writer
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
@@ -97,50 +116,124 @@ class FeatureStore:
         else:
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
         self._arrays: dict[str, np.ndarray] = {}
+        self._opened: dict[str, list[int] | None] = {}  # shard -> its array's identity
+        self._listed: dict[str, list[int]] = {}  # shard -> its JSON's identity when read
+        self._marks: dict[str, list[tuple[str, list, set[int]]]] = {}  # (file, identity, rows)
+        self._checked: dict[str, tuple] = {}  # shard -> (identity, good rows, bad rows)
         self.entries: dict[str, Entry] = {}
         self.reload()
 
     def reload(self) -> None:
-        """Read every shard's row list (later shards win for a path)."""
-        self.entries.clear()
-        self._arrays.clear()
+        """Read every shard's row list (later shards win for a path) and the markers."""
+        for table in (self.entries, self._arrays, self._opened, self._listed, self._marks):
+            table.clear()
+        self._checked.clear()
         for listing in sorted(self.folder.glob("shard-*.json")):
             try:
-                rows = json.loads(listing.read_text())
+                with open(listing, "rb") as handle:
+                    stat = os.fstat(handle.fileno())
+                    rows = json.loads(handle.read())
             except (OSError, ValueError):
                 continue
+            self._listed[listing.stem] = _identity(stat)
             for path, row, size, mtime_ns, crc in rows:
                 self.entries[path] = Entry(listing.stem, row, size, mtime_ns, crc)
+        for marker in self.folder.glob("shard-*.verified*"):
+            try:
+                found = json.loads(marker.read_text())
+                mark = (marker.name, [found["npy"], found["json"]], set(found["rows"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: vouches for nothing
+            self._marks.setdefault(marker.name.split(".verified")[0], []).append(mark)
 
     def _array(self, shard: str) -> np.ndarray:
         if shard not in self._arrays:
             path = self.folder / f"{shard}.npy"
+            before = _identity(path.stat())
             array = np.load(path, mmap_mode="r")
             if array.shape[1:] != (self.tokens, self.dim) or array.dtype != np.float16:
                 raise ValueError(f"{path}: shape {array.shape} dtype {array.dtype}")
+            # unchanged around the open: the mapping is of the file with this identity
+            self._opened[shard] = before if _identity(path.stat()) == before else None
             self._arrays[shard] = array
         return self._arrays[shard]
 
-    def _valid(self, key: str, entry: Entry, verify: bool) -> bool:
+    def _valid(self, key: str, entry: Entry) -> bool:
         try:
             if file_identity(Path(key)) != (entry.size, entry.mtime_ns):
                 return False
-            array = self._array(entry.shard)
-            if entry.row >= array.shape[0]:
-                return False
-            return not verify or _row_crc(array[entry.row]) == entry.crc
+            return entry.row < self._array(entry.shard).shape[0]
         except (OSError, ValueError):
             return False
 
     def missing(self, paths: Iterable[Path], verify: bool = True) -> list[Path]:
-        """Paths with no valid entry: absent, stale (file changed) or corrupt."""
-        out = []
-        for path in paths:
-            key = str(Path(path).resolve())
+        """Paths with no valid entry: absent, stale (file changed) or corrupt. With `verify`
+        the rows are checked against their CRC (those not vouched for by a marker are read)."""
+        paths = [Path(p) for p in paths]
+        keys = [str(p.resolve()) for p in paths]
+        invalid = set()
+        wanted: dict[str, dict[int, int]] = {}  # shard -> {row: crc}
+        for key in keys:
             entry = self.entries.get(key)
-            if entry is None or not self._valid(key, entry, verify):
-                out.append(Path(path))
-        return out
+            if entry is None or not self._valid(key, entry):
+                invalid.add(key)
+            elif verify:
+                wanted.setdefault(entry.shard, {})[entry.row] = entry.crc
+        bad = {shard: self._check(shard, crcs) for shard, crcs in wanted.items()}
+        for key in set(keys) - invalid:
+            entry = self.entries[key]
+            if entry.row in bad.get(entry.shard, ()):
+                invalid.add(key)
+        return [path for path, key in zip(paths, keys, strict=True) if key in invalid]
+
+    def _shard_identity(self, shard: str) -> list | None:
+        try:
+            return [_identity((self.folder / f"{shard}.{ext}").stat()) for ext in ("npy", "json")]
+        except OSError:
+            return None
+
+    def _check(self, shard: str, crcs: dict[int, int]) -> set[int]:
+        """The rows of `crcs` ({row: crc}) whose bytes fail their CRC. Rows vouched for by a
+        marker of the shard as it is now, or read earlier in this process, are not read."""
+        now = self._shard_identity(shard)
+        seen, good, bad = self._checked.get(shard, (None, set(), set()))
+        if seen != now:  # results of this process are for the shard as it was then
+            seen, good, bad = now, set(), set()
+            self._checked[shard] = (seen, good, bad)
+        marks = [m for m in self._marks.get(shard, []) if m[1] == now]
+        vouched = set() if self.verify_all else set().union(*(rows for _, _, rows in marks))
+        todo = sorted(set(crcs) - good - bad - vouched)
+        if not todo:
+            return set(crcs) & bad
+        if now is None or self._opened.get(shard) != now[0]:
+            self._arrays.pop(shard, None)  # mapped before the file changed: map it again
+        try:
+            array = self._array(shard)  # (N, T, D)
+            for row in todo:
+                (good if _row_crc(array[row]) == crcs[row] else bad).add(row)
+        except (OSError, ValueError):
+            bad.update(todo)
+        if bad:  # a shard with a bad row is never marked
+            self._unmark(shard, marks, bad)
+        elif now is not None and now == [self._opened.get(shard), self._listed.get(shard)]:
+            if self._shard_identity(shard) == now:  # nothing changed while it was read
+                self._mark(shard, now, marks, good)
+        return set(crcs) & bad
+
+    def _mark(self, shard: str, identity: list, marks: list, good: set[int]) -> None:
+        name = f"{shard}.verified" + (f"-{self.writer}" if self.writer else "")
+        rows = good.union(*(rows for file, _, rows in marks if file == name))
+        record = {"npy": identity[0], "json": identity[1], "rows": sorted(rows)}
+        _write_atomic(self.folder / name, lambda p: p.write_text(json.dumps(record)))
+        others = [m for m in self._marks.get(shard, []) if m[0] != name]
+        self._marks[shard] = [*others, (name, identity, rows)]
+
+    def _unmark(self, shard: str, marks: list, bad: set[int]) -> None:
+        """Remove the markers that vouch for a row now known bad (a full check found rot)."""
+        for file, _, rows in marks:
+            if rows & bad:
+                (self.folder / file).unlink(missing_ok=True)
+        self._marks[shard] = [m for m in self._marks.get(shard, []) if not m[2] & bad]
 
     def add(self, items: Sequence[tuple[Path, np.ndarray]]) -> None:
         """Write one shard holding these (path, (T, D)) features; JSON last (commit)."""
@@ -165,6 +258,9 @@ class FeatureStore:
             size, mtime_ns = file_identity(Path(path))
             rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
         _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
+        self._listed[name] = _identity((self.folder / f"{name}.json").stat())
+        self._arrays.pop(name, None)  # a killed writer's array of that name was replaced
+        self._checked.pop(name, None)
         for path, row, size, mtime_ns, crc in rows:
             self.entries[path] = Entry(name, row, size, mtime_ns, crc)
 

@@ -7,6 +7,10 @@ per image (batched, with a progress bar) and reused by every stage and epoch; `v
 train` does the same on demand, so this command is optional. It takes the training flags
 that say which data, which encoder (`--init`, `--vision`, `--image-size`, ...) and where the
 store is; `--config` reads a training config and uses those of its keys.
+
+Stored rows are checked against their checksums once, not at every start (a marker beside
+each shard records the check); `--verify` reads every row again, for a store suspected of
+bit rot, and recomputes the corrupt ones.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ FIELDS = frozenset(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser, only=FIELDS)
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every stored row of this data against its checksum, also in shards "
+        "checked before (finds bit rot; a full read), and recompute the corrupt ones",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vistune features: {note}", file=sys.stderr)
     model.vision.to(resolve_device(cfg.device))
     store = open_store(feature_root(cfg), model)
+    store.verify_all = args.verify
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:

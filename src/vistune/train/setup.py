@@ -257,7 +257,8 @@ def fill_features(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[Path, str]:
     """Compute missing, stale and corrupt features; returns unreadable images -> reason.
-    Corrupt rows are found by their checksums here, once per run."""
+    Corrupt rows are found by their checksums here (a shard's rows checked before, in the
+    file as it is now, are not read again: see vistune.features)."""
     todo = store.missing(dict.fromkeys(paths))
     done = 0
     if progress is not None and todo:
