@@ -111,7 +111,7 @@ def test_save_refuses_to_overwrite_other_dirs(tiny_model, tmp_path):
 def test_failed_save_leaves_no_dir_and_keeps_the_old_one(
     trained, tiny_model, tmp_path, monkeypatch
 ):
-    def boom(model, out):
+    def boom(model, out, llm_source):
         (out / "config.json").write_text("{}")
         raise OSError("disk full")
 
@@ -126,6 +126,49 @@ def test_failed_save_leaves_no_dir_and_keeps_the_old_one(
         tiny_model.save(path)
     assert LlavaModel.load(path).projector_trained is True
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_a_frozen_llm_keeps_its_source_files(tiny_clip_dir, tiny_llm_dir, tmp_path, monkeypatch):
+    """A sharded fp16 source: llm/ holds its index and shards as they are (hard links),
+    copies where linking fails (another file system), and loads as the model in memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tmp_path / "fp16"
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float16)
+    llm.save_pretrained(source, max_shard_size="40KB")
+    AutoTokenizer.from_pretrained(tiny_llm_dir).save_pretrained(source)
+    files = sorted(p.name for p in source.glob("model*.safetensors*"))
+    assert len(files) > 2 and "model.safetensors" not in files
+    model = LlavaModel.from_parts(tiny_clip_dir, source, ModelConfig(image_size=TINY_IMAGE_SIZE))
+    assert model.llm_source == source
+    linked = model.save(tmp_path / "linked", frozen_llm=True) / "llm"
+    assert sorted(p.name for p in linked.glob("model*.safetensors*")) == files
+    assert all((linked / n).stat().st_ino == (source / n).stat().st_ino for n in files)
+    torch.testing.assert_close(
+        _logits(LlavaModel.load(linked.parent)), _logits(model), rtol=0, atol=0
+    )
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(checkpoint.os, "link", cross_device)
+    copied = model.save(tmp_path / "copied", frozen_llm=True) / "llm"
+    for name in [*files, "config.json", "generation_config.json"]:
+        assert (copied / name).stat().st_ino != (source / name).stat().st_ino
+        assert (copied / name).read_bytes() == (source / name).read_bytes(), name
+
+    _edit_json(source / "model.safetensors.index.json", weight_map={"a": "../x.safetensors"})
+    with pytest.raises(ModelDirError, match="weight_map must name files beside it"):
+        model.save(tmp_path / "bad", frozen_llm=True)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_frozen_llm_save_needs_the_folder_it_came_from(tiny_model, tmp_path):
+    model = copy.copy(tiny_model)  # shallow: only llm_source changes
+    model.llm_source = None  # as after `load` merged an adapter
+    with pytest.raises(ValueError, match="not loaded from one folder"):
+        model.save(tmp_path / "m", frozen_llm=True)
+    assert not (tmp_path / "m").exists()
 
 
 def _edit_json(path, **changes):

@@ -123,7 +123,9 @@ def test_lora_finetune_merges_into_the_llm(tiny_data, tiny_model_dir, tmp_path):
     assert all(torch.equal(before[k], base[k]) for k in before)
     # the model directory carries the adapter, and loading it gives the tuned LLM
     assert (tmp_path / "split" / "model" / "adapter" / "adapter_model.safetensors").is_file()
-    loaded = LlavaModel.load(tmp_path / "split" / "model").llm.state_dict()
+    merged = LlavaModel.load(tmp_path / "split" / "model")
+    assert merged.llm_source is None  # llm/ alone is not this LLM: never kept as a frozen one
+    loaded = merged.llm.state_dict()
     assert set(after) <= set(loaded)  # the state dict also names the tied lm_head
     for key in after:
         torch.testing.assert_close(loaded[key], after[key], rtol=1e-5, atol=1e-6, msg=key)

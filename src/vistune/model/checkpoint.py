@@ -8,7 +8,9 @@ A vistune model directory (the issue's item 8):
     vision/                  HF vision model: config.json, model.safetensors,
                              preprocessor_config.json
     llm/                     HF causal LM: config.json, model.safetensors,
-                             generation_config.json, tokenizer files
+                             generation_config.json, tokenizer files; a frozen LLM's
+                             files as its source folder stores them (hard links where
+                             the file system allows, else copies: same dtype and bytes)
     adapter/                 optional: a LoRA adapter (peft's adapter_config.json +
                              adapter_model.safetensors) over llm/, merged in when loading
                              (written by LoRA training without `lora_merge`)
@@ -312,11 +314,46 @@ def model_dir_config(model: LlavaModel) -> dict[str, Any]:
     }
 
 
-def _write_parts(model: LlavaModel, out: Path) -> None:
+def _hf_weight_files(path: Path) -> list[str]:
+    """The safetensors files `from_pretrained` reads from a HF model dir (checked by
+    `check_hf_dir`): model.safetensors, else the index and the shards it names."""
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    index = read_json(path / "model.safetensors.index.json", "LLM weight index")
+    shards = index.get("weight_map")
+    if not isinstance(shards, dict) or not all(
+        isinstance(s, str) and Path(s).name == s for s in shards.values()
+    ):
+        raise ModelDirError(
+            f"{path / 'model.safetensors.index.json'}: weight_map must name files beside it"
+        )
+    return ["model.safetensors.index.json", *sorted(set(shards.values()))]
+
+
+def link_hf_files(source: Path, out: Path) -> None:
+    """Put a HF model dir's config and safetensors weights into `out` as they are stored:
+    hard links (no disk, no memory), or copies where `out` is on another file system.
+    Never writes into them: a model directory is replaced whole (`save_model`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [n for n in ("generation_config.json",) if (source / n).is_file()]
+    for name in ["config.json", *extra, *_hf_weight_files(source)]:
+        src = (source / name).resolve()  # a HF cache's symlink: the blob it points at
+        if not src.is_file():
+            raise ModelDirError(f"{source / name}: missing (LLM files to keep)")
+        try:
+            os.link(src, out / name)
+        except OSError:  # another file system, or a file the user may not link
+            shutil.copy2(src, out / name)
+
+
+def _write_parts(model: LlavaModel, out: Path, llm_source: Path | None) -> None:
     with quiet_transformers():
         model.vision.model.save_pretrained(out / VISION_DIR)
-        model.llm.save_pretrained(out / LLM_DIR)
+        if llm_source is None:
+            model.llm.save_pretrained(out / LLM_DIR)
     model.tokenizer.save_pretrained(out / LLM_DIR)
+    if llm_source is not None:  # after the tokenizer: nothing writes into a linked file
+        link_hf_files(llm_source, out / LLM_DIR)
     if model.adapter is not None:
         shutil.copytree(model.adapter, out / ADAPTER_DIR)
     pre = model.vision.preprocessor_config
@@ -347,8 +384,11 @@ def _check_overwritable(path: Path) -> None:
             )
 
 
-def save_model(model: LlavaModel, model_dir: str | Path) -> Path:
-    """Write the model directory atomically: into a temp dir beside it, then os.replace."""
+def save_model(model: LlavaModel, model_dir: str | Path, llm_source: Path | None = None) -> Path:
+    """Write the model directory atomically: into a temp dir beside it, then os.replace.
+
+    `llm_source`: a HF folder holding exactly `model.llm`'s weights (a frozen LLM): llm/
+    takes its files as they are (`link_hf_files`) instead of the fp32 ones in memory."""
     path = Path(model_dir)
     _check_overwritable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +396,7 @@ def save_model(model: LlavaModel, model_dir: str | Path) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it private; a model dir is an ordinary directory
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     try:
-        _write_parts(model, tmp)
+        _write_parts(model, tmp, llm_source)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

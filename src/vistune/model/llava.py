@@ -74,7 +74,9 @@ class LlavaModel(nn.Module):
     `projector_trained` says whether the projector has been trained (False for a fresh
     `from_parts`; trainers set it True before `save`); the chat CLI reports it. `adapter`:
     a LoRA adapter folder (peft's layout) over `llm` that `save` writes beside it (LoRA
-    training without merging); `load` merges it into the LLM.
+    training without merging); `load` merges it into the LLM. `llm_source`: the HF folder
+    whose weights `llm` was loaded from, as stored there (None when `load` merged an
+    adapter into them); `save(..., frozen_llm=True)` keeps that folder's files.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class LlavaModel(nn.Module):
         self.config = config
         self.projector_trained = projector_trained
         self.adapter: Path | None = None
+        self.llm_source: Path | None = None
 
     @classmethod
     def from_parts(
@@ -132,7 +135,9 @@ class LlavaModel(nn.Module):
             )
         except (ValueError, TypeError) as exc:  # e.g. two mean values, or one that is text
             raise ModelDirError(f"{vision_dir / 'preprocessor_config.json'}: {exc}") from exc
-        return cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
+        model = cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
+        model.llm_source = llm_dir.absolute()  # saved from wherever the cwd is then
+        return model
 
     @classmethod
     def load(
@@ -147,17 +152,28 @@ class LlavaModel(nn.Module):
         model = cls.from_parts(
             info.vision_dir, info.llm_dir, info.config, dtype=dtype, meta_llm=meta_llm
         )
-        if info.adapter_dir is not None and not meta_llm:
-            model.llm = checkpoint.merge_adapter(model.llm, info.adapter_dir)
+        if info.adapter_dir is not None:
+            model.llm_source = None  # llm/ plus the adapter: not llm/'s weights alone
+            if not meta_llm:
+                model.llm = checkpoint.merge_adapter(model.llm, info.adapter_dir)
         checkpoint.load_projector(
             model.projector, info.projector_path, model.vision.hidden_size, model.llm_hidden_size
         )
         model.projector_trained = info.projector_trained
         return model.eval()
 
-    def save(self, model_dir: str | Path) -> Path:
-        """Write config.json + projector.safetensors + vision/ + llm/ atomically."""
-        return checkpoint.save_model(self, model_dir)
+    def save(self, model_dir: str | Path, frozen_llm: bool = False) -> Path:
+        """Write config.json + projector.safetensors + vision/ + llm/ atomically.
+
+        `frozen_llm`: `llm` is unchanged since it was loaded, so llm/ gets `llm_source`'s
+        files as they are stored there (their dtype, hard-linked where possible) rather than
+        the fp32 weights in memory (stage 1: a 13B fp16 LLM stays 26 GB, not 52 GB).
+        """
+        if not frozen_llm:
+            return checkpoint.save_model(self, model_dir)
+        if self.llm_source is None:
+            raise ValueError("frozen_llm: this LLM was not loaded from one folder alone")
+        return checkpoint.save_model(self, model_dir, llm_source=self.llm_source)
 
     @property
     def num_image_tokens(self) -> int:
