@@ -1,9 +1,14 @@
 """The trained model as a directory `vistune chat` loads (and stage 2 starts from).
 
-LoRA adapters are merged into the LLM weights (`lora_merge`, default) or written alone in
-peft's layout to `<out>/adapter`, and into the model directory beside the base LLM, which
-`LlavaModel.load` merges when it loads (so `vistune chat` runs the tuned model). Under FSDP
-the full weights are gathered onto rank 0 first, into a freshly built copy of the model.
+A frozen LLM (stage 1) is written as its source folder stores it: that folder's files,
+hard-linked or copied (`LlavaModel.save(..., frozen_llm=True)`), so an fp16 13B Vicuna
+stays 26 GB in its own dtype, bit for bit, and no second copy is read or gathered. A
+trained LLM (stage 2) is written from its fp32 master weights. LoRA adapters are merged into
+the LLM weights (`lora_merge`, default) or written alone in peft's layout to
+`<out>/adapter`, and into the model directory beside the base LLM, which `LlavaModel.load`
+merges when it loads (so `vistune chat` runs the tuned model). Under FSDP the trained
+weights are gathered onto rank 0 first, into a freshly built copy of the model (its LLM on
+the meta device when the LLM's files are kept).
 """
 
 from __future__ import annotations
@@ -44,15 +49,21 @@ def export_model(run: Any, say: Any) -> Path:
     cfg, info = run.cfg, run.info
     out = Path(cfg.out)
     model = run.model
+    # The same on every rank (it decides what the ranks gather): an LLM merged with an
+    # adapter when loaded has no folder of its own to keep.
+    keep_llm = cfg.plan["llm"] == "frozen" and model.llm_source is not None
     if cfg.fsdp and info.world > 1:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=keep_llm
+        )
         full = get_model_state_dict(run.wrapped, options=options)
         if info.is_main:
-            model = build_model(cfg, say)
+            model = build_model(cfg, say, meta_llm=keep_llm)
             apply_stage(model, cfg)
-            TrainStep(model).load_state_dict(full)
-    elif info.is_main and model.llm.dtype != torch.float32:
-        # The frozen LLM trained in bf16: take the exact fp32 one from `init` again.
+            TrainStep(model).load_state_dict(full, strict=not keep_llm)
+    elif info.is_main and not keep_llm and model.llm.dtype != torch.float32:
+        # A frozen LLM trained in bf16 with no folder of its own (an adapter merged when
+        # loaded): take the exact fp32 one from `init` again.
         trained = {
             n: p.detach().cpu()
             for n, p in run.step_module.named_parameters()
@@ -65,6 +76,6 @@ def export_model(run: Any, say: Any) -> Path:
     if info.is_main:
         lora = cfg.plan["llm"] == "lora"
         finalize(model, lora, cfg.lora_merge, cfg.gradient_checkpointing, run.attention, out)
-        model.save(out / "model")
+        model.save(out / "model", frozen_llm=keep_llm)
     barrier(info)
     return out / "model"
