@@ -173,7 +173,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     apply_stage(model, cfg, info.device)
     if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen" and not cfg.fsdp:
         # Frozen weights need no fp32 master copy: bf16 saves the per-step casts. The
-        # exported model is rebuilt from `init` with the trained projector (export.py).
+        # export keeps the source LLM's own files (export.py), so the cast never reaches them.
         model.llm.to(torch.bfloat16)
     for note in run_notes(model, cfg, info.world):  # before an hour of feature filling
         say(note)
