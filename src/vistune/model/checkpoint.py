@@ -331,19 +331,24 @@ def _hf_weight_files(path: Path) -> list[str]:
 
 
 def link_hf_files(source: Path, out: Path) -> None:
-    """Put a HF model dir's config and safetensors weights into `out` as they are stored:
-    hard links (no disk, no memory), or copies where `out` is on another file system.
-    Never writes into them: a model directory is replaced whole (`save_model`)."""
+    """Put a HF model dir's config and safetensors weights into `out` as they are stored.
+
+    The weights go as hard links (no disk, no memory), or copies where `out` is on another
+    file system; nothing writes into them (safetensors are replaced, never rewritten, and a
+    model directory is replaced whole by `save_model`). The small JSON files are copied:
+    transformers and editors rewrite those in place, which through a link would change the
+    source and every model linked to it."""
     out.mkdir(parents=True, exist_ok=True)
     extra = [n for n in ("generation_config.json",) if (source / n).is_file()]
     for name in ["config.json", *extra, *_hf_weight_files(source)]:
         src = (source / name).resolve()  # a HF cache's symlink: the blob it points at
         if not src.is_file():
             raise ModelDirError(f"{source / name}: missing (LLM files to keep)")
-        try:
-            os.link(src, out / name)
-        except OSError:  # another file system, or a file the user may not link
-            shutil.copy2(src, out / name)
+        if name.endswith(".safetensors"):
+            with contextlib.suppress(OSError):  # another file system, or not ours to link
+                os.link(src, out / name)
+                continue
+        shutil.copy2(src, out / name)
 
 
 def _write_parts(model: LlavaModel, out: Path, llm_source: Path | None) -> None:
