@@ -178,6 +178,27 @@ def test_a_verified_shard_is_not_read_again(tmp_path, monkeypatch):
     assert len(reads) == 5
 
 
+def test_a_store_that_takes_no_marker_is_still_read(tmp_path, monkeypatch):
+    """A complete store on a read-only (or full) disk: the marker is best effort, so a start
+    checks every row as before instead of failing with PermissionError."""
+    import vistune.features as features
+
+    paths = _images(tmp_path, 3)
+    _store(tmp_path / "s").ensure(paths, Counting())
+    write = features._write_atomic
+
+    def read_only(path, write_to):
+        if ".verified" in path.name:
+            raise PermissionError(13, "Permission denied", str(path))
+        write(path, write_to)
+
+    monkeypatch.setattr(features, "_write_atomic", read_only)
+    reads = _count_reads(monkeypatch)
+    assert _store(tmp_path / "s").missing(paths) == []
+    assert _store(tmp_path / "s").missing(paths) == [] and len(reads) == 6  # twice, unmarked
+    assert not list((tmp_path / "s" / "enc").glob("*.verified*"))
+
+
 def test_a_shard_changed_after_its_check_is_read_again(tmp_path, monkeypatch):
     paths = _images(tmp_path, 4)
     tower = Counting()

@@ -224,7 +224,10 @@ class FeatureStore:
         name = f"{shard}.verified" + (f"-{self.writer}" if self.writer else "")
         rows = good.union(*(rows for file, _, rows in marks if file == name))
         record = {"npy": identity[0], "json": identity[1], "rows": sorted(rows)}
-        _write_atomic(self.folder / name, lambda p: p.write_text(json.dumps(record)))
+        try:
+            _write_atomic(self.folder / name, lambda p: p.write_text(json.dumps(record)))
+        except OSError:  # a read-only or full store: the rows are checked again next time
+            return
         others = [m for m in self._marks.get(shard, []) if m[0] != name]
         self._marks[shard] = [*others, (name, identity, rows)]
 
