@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -414,3 +415,18 @@ def test_bad_preprocessor_config_is_a_model_dir_error(saved, tmp_path):
     _edit_json(path / "vision" / "preprocessor_config.json", image_mean=[0.5, 0.5])
     with pytest.raises(ModelDirError, match=r"preprocessor_config.json: mean must have 3 values"):
         LlavaModel.load(path)
+
+
+def test_a_frozen_llm_whose_files_changed_is_not_linked(tiny_clip_dir, tiny_llm_dir, tmp_path):
+    """The source LLM replaced while the run trained (a long stage 1): linking its files now
+    would pair the trained projector with other weights, so the save refuses, naming it."""
+    source = shutil.copytree(tiny_llm_dir, tmp_path / "llm")
+    model = LlavaModel.from_parts(tiny_clip_dir, source, ModelConfig(image_size=TINY_IMAGE_SIZE))
+    weights = source / "model.safetensors"
+    replaced = tmp_path / "new.safetensors"
+    shutil.copy(weights, replaced)
+    os.replace(replaced, weights)  # same bytes, another file: as a re-download leaves it
+    with pytest.raises(ModelDirError, match="weight files changed since they were loaded"):
+        model.save(tmp_path / "out", frozen_llm=True)
+    assert not (tmp_path / "out").exists()
+    assert model.save(tmp_path / "fp32").is_dir()  # the weights in memory: still writable

@@ -330,6 +330,17 @@ def _hf_weight_files(path: Path) -> list[str]:
     return ["model.safetensors.index.json", *sorted(set(shards.values()))]
 
 
+def weight_stamp(path: Path) -> list[tuple[str, int, int, int]]:
+    """(name, size, mtime_ns, inode) of a HF model dir's safetensors files: what changes
+    when they are rewritten or replaced (empty when they cannot be listed)."""
+    try:
+        names = [n for n in _hf_weight_files(path) if n.endswith(".safetensors")]
+        stats = [((path / n).resolve().stat(), n) for n in names]
+    except (OSError, ModelDirError):
+        return []
+    return [(n, st.st_size, st.st_mtime_ns, st.st_ino) for st, n in stats]
+
+
 def link_hf_files(source: Path, out: Path) -> None:
     """Put a HF model dir's config and safetensors weights into `out` as they are stored.
 

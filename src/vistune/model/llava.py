@@ -99,6 +99,8 @@ class LlavaModel(nn.Module):
         self.projector_trained = projector_trained
         self.adapter: Path | None = None
         self.llm_source: Path | None = None
+        self.llm_stamp: list = []
+        """`llm_source`'s weight files as they were when loaded (checkpoint.weight_stamp)."""
 
     @classmethod
     def from_parts(
@@ -137,6 +139,7 @@ class LlavaModel(nn.Module):
             raise ModelDirError(f"{vision_dir / 'preprocessor_config.json'}: {exc}") from exc
         model = cls(vision, projector.to(dtype), llm, tokenizer, image_processor, config)
         model.llm_source = llm_dir.absolute()  # saved from wherever the cwd is then
+        model.llm_stamp = checkpoint.weight_stamp(model.llm_source)
         return model
 
     @classmethod
@@ -173,6 +176,13 @@ class LlavaModel(nn.Module):
             return checkpoint.save_model(self, model_dir)
         if self.llm_source is None:
             raise ValueError("frozen_llm: this LLM was not loaded from one folder alone")
+        now = checkpoint.weight_stamp(self.llm_source)  # []: unlistable, which save names
+        if now and now != self.llm_stamp:
+            raise ModelDirError(
+                f"{self.llm_source}: the LLM's weight files changed since they were loaded, so "
+                "the model directory would pair the trained projector with other weights; put "
+                "them back as they were and run again with --resume to write it"
+            )
         return checkpoint.save_model(self, model_dir, llm_source=self.llm_source)
 
     @property

@@ -58,7 +58,9 @@ def export_model(run: Any, say: Any) -> Path:
         )
         full = get_model_state_dict(run.wrapped, options=options)
         if info.is_main:
+            stamp = model.llm_stamp  # the files as this run loaded them, not as they are now
             model = build_model(cfg, say, meta_llm=keep_llm)
+            model.llm_stamp = stamp
             apply_stage(model, cfg)
             TrainStep(model).load_state_dict(full, strict=not keep_llm)
     elif info.is_main and not keep_llm and model.llm.dtype != torch.float32:
