@@ -121,3 +121,30 @@ def test_fsdp_stage1_gathers_the_projector_and_keeps_the_llm(
     parts = json.loads((out / "model" / "config.json").read_text())["parts"]
     assert parts["llm"]["class"] == "LlamaForCausalLM"
     assert LlavaModel.load(out / "model").projector_trained
+
+
+def test_an_unmerged_lora_keeps_its_base_llm_as_stored(
+    stored_llms, tiny_clip_dir, tiny_data, tmp_path
+):
+    """LoRA never changes the base LLM: with --no-lora-merge the model directory keeps the
+    base's own files beside the adapter (a 13B fp16 base: 26 GB linked, not 52 GB written),
+    and loads to the same tuned weights as the merged export."""
+    source, feats = stored_llms[torch.float16], tmp_path / "feats"
+    pre = train(TrainConfig(**_stage1(tiny_data, tmp_path / "pre", feats, tiny_clip_dir, source,
+                                      max_steps=1)))  # fmt: skip
+    lora = dict(stage="finetune", max_steps=2, lora_r=4, lora_dropout=0.0, lr=1e-2)
+    outs = {}
+    for merge in (False, True):
+        out = tmp_path / f"lora_merge_{merge}"
+        args = tiny_args(tiny_data, out, feats, tmp_path / "pre", **lora, lora_merge=merge)
+        outs[merge] = train(TrainConfig(**args)).model_dir
+    _assert_kept(outs[False], pre.model_dir / "llm", torch.float16)
+    assert (outs[False] / "adapter" / "adapter_model.safetensors").is_file()
+    merged = LlavaModel.load(outs[True]).llm.state_dict()
+    unmerged = LlavaModel.load(outs[False]).llm.state_dict()
+    assert merged.keys() == unmerged.keys()
+    changed = 0
+    for key, value in merged.items():
+        torch.testing.assert_close(unmerged[key], value, rtol=0, atol=1e-6, msg=key)
+        changed += not torch.equal(value.half().float(), value)
+    assert changed  # the adapter did move weights off the fp16 grid

@@ -5,8 +5,9 @@ hard-linked or copied (`LlavaModel.save(..., frozen_llm=True)`), so an fp16 13B 
 stays 26 GB in its own dtype, bit for bit, and no second copy is read or gathered. A
 trained LLM (stage 2) is written from its fp32 master weights. LoRA adapters are merged into
 the LLM weights (`lora_merge`, default) or written alone in peft's layout to
-`<out>/adapter`, and into the model directory beside the base LLM, which `LlavaModel.load`
-merges when it loads (so `vistune chat` runs the tuned model). Under FSDP the trained
+`<out>/adapter`, and into the model directory beside the base LLM (kept as its source
+stores it, as a frozen one: LoRA never changes it), which `LlavaModel.load` merges when it
+loads (so `vistune chat` runs the tuned model). Under FSDP the trained
 weights are gathered onto rank 0 first, into a freshly built copy of the model (its LLM on
 the meta device when the LLM's files are kept).
 """
@@ -50,9 +51,12 @@ def export_model(run: Any, say: Any) -> Path:
     out = Path(cfg.out)
     model = run.model
     # The same on every rank (it decides what the ranks gather): an LLM merged with an
-    # adapter when loaded has no folder of its own to keep.
-    keep_llm = cfg.plan["llm"] == "frozen" and model.llm_source is not None
-    if cfg.fsdp and info.world > 1:
+    # adapter when loaded has no folder of its own to keep. An unmerged LoRA leaves its base
+    # LLM as loaded too (not under FSDP, whose rank-0 rebuild would need the adapters).
+    sharded = cfg.fsdp and info.world > 1
+    unmerged = cfg.plan["llm"] == "lora" and not cfg.lora_merge and not sharded
+    keep_llm = (cfg.plan["llm"] == "frozen" or unmerged) and model.llm_source is not None
+    if sharded:
         options = StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=keep_llm
         )
