@@ -92,6 +92,47 @@ def test_corrupt_and_truncated_shards_are_recomputed(tmp_path):
     assert torch.equal(_store(tmp_path / "s").get(paths), Counting()(paths).half())
 
 
+def test_writers_with_one_tag_never_replace_each_other_s_shards(tmp_path, monkeypatch):
+    paths = _images(tmp_path, 4)
+    tower = Counting()
+    first, second = _store(tmp_path / "s"), _store(tmp_path / "s")  # two processes, tag ""
+    folder = tmp_path / "s" / "enc"
+    first.ensure(paths[:1], tower)
+    # another writer has linked its array as shard 1 and not yet written its JSON
+    in_flight = folder / "shard-000001.npy"
+    in_flight.write_bytes(b"someone else's shard")
+    second.ensure(paths[1:2], tower)
+    assert in_flight.read_bytes() == b"someone else's shard"
+    assert (folder / "shard-000002.json").is_file()
+    # and one that takes the next name between our count and our link
+    real_link = os.link
+
+    def racing_link(src, dst):
+        if Path(dst).name == "shard-000003.npy" and not Path(dst).exists():
+            Path(dst).write_bytes(b"the winner's shard")
+        return real_link(src, dst)
+
+    monkeypatch.setattr("vistune.features.os.link", racing_link)
+    first.ensure(paths[2:], tower)
+    assert (folder / "shard-000003.npy").read_bytes() == b"the winner's shard"
+    assert (folder / "shard-000004.json").is_file()
+    assert not list(folder.glob(".tmp-*"))
+    fresh = _store(tmp_path / "s")
+    assert fresh.missing(paths) == []
+    assert torch.equal(fresh.get(paths), Counting()(paths).half())
+
+
+def test_an_array_whose_json_never_came_is_removed_after_an_hour(tmp_path):
+    _store(tmp_path / "s")
+    folder = tmp_path / "s" / "enc"
+    old, recent = folder / "shard-000000.npy", folder / "shard-000001-r1.npy"
+    old.write_bytes(b"x")
+    recent.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    _store(tmp_path / "s")
+    assert not old.exists() and recent.read_bytes() == b"y"
+
+
 def test_training_fill_recomputes_a_corrupt_row_of_an_unchanged_image(tiny_model, tmp_path):
     from vistune.train.setup import fill_features
 

@@ -13,7 +13,10 @@ its own `writer` tag). The encoder key hashes the tower's weights, the hidden la
 selection, image size, aspect mode and normalisation, so changing any of them starts a new
 store.
 A shard's JSON is written after its array (both atomically), so a killed extraction leaves
-only complete shards and the next run picks up where it stopped. An entry whose image
+only complete shards and the next run picks up where it stopped. A new shard's name is taken
+with a hard link, which fails if the name exists, so processes with the same tag (two
+`vistune features` runs, or one beside training) never replace each other's shards; an
+array whose JSON never came (its writer killed between the two) is removed an hour later. An entry whose image
 changed (size or mtime) is stale, one whose row fails its CRC or whose shard is truncated
 is corrupt: both are recomputed by `ensure`.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -107,6 +111,7 @@ class FeatureStore:
         identity, so only a full read finds it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temps(self.folder, ".tmp-*", 1)  # shards of a killed writer
+        self._remove_uncommitted()
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
         meta_path = self.folder / "meta.json"
         if meta_path.is_file():
@@ -242,30 +247,58 @@ class FeatureStore:
         """Write one shard holding these (path, (T, D)) features; JSON last (commit)."""
         if not items:
             return
-        number = 1 + max(
-            (int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.json")), default=-1
-        )
-        name = f"shard-{number:06d}" + (f"-{self.writer}" if self.writer else "")
         stacked = np.stack([np.clip(f, -FP16_MAX, FP16_MAX) for _, f in items])
         stacked = stacked.astype(np.float16)  # (N, T, D)
-
-        def write_array(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.save(handle, stacked)
-                handle.flush()
-                os.fsync(handle.fileno())
-
-        _write_atomic(self.folder / f"{name}.npy", write_array)
         rows = []
         for row, (path, _) in enumerate(items):
             size, mtime_ns = file_identity(Path(path))
             rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
+        tmp = self.folder / f".tmp-{os.getpid()}-shard.npy"
+        with open(tmp, "wb") as handle:
+            np.save(handle, stacked)
+            handle.flush()
+            os.fsync(handle.fileno())
+        name = self._claim(tmp)
         _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
         self._listed[name] = _identity((self.folder / f"{name}.json").stat())
-        self._arrays.pop(name, None)  # a killed writer's array of that name was replaced
+        self._arrays.pop(name, None)
         self._checked.pop(name, None)
         for path, row, size, mtime_ns, crc in rows:
             self.entries[path] = Entry(name, row, size, mtime_ns, crc)
+
+    def _remove_uncommitted(self, age_s: float = 3600.0) -> None:
+        """Delete arrays whose JSON never came: a writer killed between the two. The JSON
+        follows its array within milliseconds, so one missing for an hour never comes."""
+        for array in self.folder.glob("shard-*.npy"):
+            try:
+                if array.with_suffix(".json").exists():
+                    continue
+                if time.time() - array.stat().st_mtime > age_s:
+                    array.unlink()
+            except OSError:
+                continue  # a read-only store, or another process removed it first
+
+    def _claim(self, tmp: Path) -> str:
+        """Give the written array `tmp` the next free shard name and return that name.
+
+        The name is taken with a hard link, which fails if the name exists, so two processes
+        with the same writer tag (two `vistune features` runs, or one beside a training run)
+        never replace each other's shard; where the file system has no hard links it is
+        renamed over (the name is then only as unique as the writer tag)."""
+        taken = (p.name.split(".")[0].split("-")[1] for p in self.folder.glob("shard-*.*"))
+        number = 1 + max((int(n) for n in taken if n.isdigit()), default=-1)
+        while True:
+            name = f"shard-{number:06d}" + (f"-{self.writer}" if self.writer else "")
+            try:
+                os.link(tmp, self.folder / f"{name}.npy")
+            except FileExistsError:
+                number += 1
+                continue
+            except OSError:
+                os.replace(tmp, self.folder / f"{name}.npy")
+                return name
+            tmp.unlink()
+            return name
 
     def get(self, paths: Sequence[Path]) -> torch.Tensor:
         """(M, T, D) float16 features of these images, read from the memory-mapped shards."""
