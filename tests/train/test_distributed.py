@@ -170,3 +170,48 @@ def test_two_processes_resume_each_rank_s_own_dropout_masks(tiny_data, tiny_mode
     assert a.keys() == b.keys() and any("lora" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _exported(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file the model directory holds (projector, llm/,
+    vision/, adapter/), named `<file>:<tensor>`."""
+    return {
+        f"{path.relative_to(model_dir)}:{name}": tensor
+        for path in sorted(model_dir.rglob("*.safetensors"))
+        for name, tensor in load_file(str(path)).items()
+    }
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_fsdp_lora_two_processes_match_one(merge, tiny_data, tiny_model_dir, tmp_path):
+    """LoRA under FSDP: rank 1 builds the LLM on the meta device, so peft puts its adapters
+    there too; rank 0's adapters (their random lora_A) and base weights reach it as it
+    shards. Two processes end with what one process trains at the same global batch:
+    the exported model's projector and LLM, merged with the adapters or beside them."""
+    feats = tmp_path / "feats"
+    # no LoRA dropout: each rank draws its own masks, which differ with the process count
+    common = dict(stage="finetune", lora_r=4, lora_dropout=0.0, lr=1e-2, max_steps=4,
+                  per_device_batch=2, batch_size=4, lora_merge=merge)  # fmt: skip
+    args = tiny_args(tiny_data, tmp_path / "one", feats, tiny_model_dir, **common)
+    assert train(TrainConfig(**args)).steps == 4
+    one = _exported(tmp_path / "one" / "model")
+    initial = _exported(tiny_model_dir)
+    adapter = {k for k in one if k.startswith("adapter/")}
+    assert bool(adapter) != merge and any("lora_B" in k for k in adapter) != merge
+    assert one.keys() - adapter == initial.keys()
+    changed = {k for k in initial if not torch.equal(initial[k], one[k])}
+    projector = {k for k in initial if k.startswith("projector.")}
+    linear = {k for k in initial if k.startswith("llm/") and k.endswith("_proj.weight")}
+    # LoRA (all-linear) moves the LLM's linear weights only, and only when merged
+    assert changed == projector | (linear if merge else set()), sorted(changed)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(dict(args, out=str(tmp_path / "fsdp"))))
+    done = _run(config, 2, "--fsdp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert MESSAGE in done.stderr, done.stderr[-3000:]
+    two = _exported(tmp_path / "fsdp" / "model")
+    assert two.keys() == one.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["accumulation"] == 1
