@@ -148,3 +148,23 @@ def test_an_unmerged_lora_keeps_its_base_llm_as_stored(
         torch.testing.assert_close(unmerged[key], value, rtol=0, atol=1e-6, msg=key)
         changed += not torch.equal(value.half().float(), value)
     assert changed  # the adapter did move weights off the fp16 grid
+
+
+def test_fsdp_rank0_rebuild_takes_the_gathered_tensors_without_a_copy(tiny_model_dir):
+    """Under FSDP rank 0 rebuilds the model to write it; a trained LLM must take the
+    gathered fp32 tensors themselves (a copy held 104 GB for 13B), its head tied again."""
+    from vistune.train.export import _take
+    from vistune.train.step import TrainStep
+
+    full = TrainStep(LlavaModel.load(tiny_model_dir)).state_dict()
+    full = {k: v.clone() for k, v in full.items()}  # as gathered: tensors of their own
+    step = TrainStep(LlavaModel.load(tiny_model_dir, meta_llm=True))
+    assert step.model.llm.get_input_embeddings().weight.is_meta
+    _take(step, full, keep_llm=False)
+    head = "model.llm.lm_head.weight"  # tied: the embedding's gathered tensor
+    for name, value in step.state_dict().items():
+        source = full["model.llm.model.embed_tokens.weight" if name == head else name]
+        assert value.data_ptr() == source.data_ptr(), name  # the same storage
+    llm = step.model.llm
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    assert not any(p.is_meta for p in step.parameters())

@@ -8,8 +8,9 @@ the LLM weights (`lora_merge`, default) or written alone in peft's layout to
 `<out>/adapter`, and into the model directory beside the base LLM (kept as its source
 stores it, as a frozen one: LoRA never changes it), which `LlavaModel.load` merges when it
 loads (so `vistune chat` runs the tuned model). Under FSDP the trained
-weights are gathered onto rank 0 first, into a freshly built copy of the model (its LLM on
-the meta device when the LLM's files are kept).
+weights are gathered onto rank 0 first, into a copy of the model built with its LLM on the
+meta device: a trained LLM takes the gathered tensors themselves, so rank 0 holds one fp32
+copy of it, not two.
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from vistune.train.distributed import barrier
 from vistune.train.setup import apply_stage, build_model
 from vistune.train.step import TrainStep
+
+
+def _take(step: TrainStep, full: dict[str, torch.Tensor], keep_llm: bool) -> None:
+    """Put the gathered weights into a model built with its LLM on the meta device.
+
+    A kept LLM stays on the meta device (only its source files are written). A trained one
+    takes the gathered tensors themselves (`assign`): copying them into a second model
+    would hold two fp32 copies of the LLM on rank 0 (104 GB for 13B, not 52). A tied head
+    is tied again (assign gives each name its own tensor); the rotary tables, not in a state
+    dict, stay on the meta device: the export only writes the model."""
+    if keep_llm:
+        step.load_state_dict(full, strict=False)
+        return
+    llm = step.model.llm
+    head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    step.load_state_dict(full, strict=True, assign=True)
+    if tied:
+        head.weight = embed.weight
 
 
 def finalize(
@@ -63,10 +83,10 @@ def export_model(run: Any, say: Any) -> Path:
         full = get_model_state_dict(run.wrapped, options=options)
         if info.is_main:
             stamp = model.llm_stamp  # the files as this run loaded them, not as they are now
-            model = build_model(cfg, say, meta_llm=keep_llm)
+            model = build_model(cfg, say, meta_llm=True)
             model.llm_stamp = stamp
             apply_stage(model, cfg)
-            TrainStep(model).load_state_dict(full, strict=not keep_llm)
+            _take(TrainStep(model), full, keep_llm)
     elif info.is_main and not keep_llm and model.llm.dtype != torch.float32:
         # A frozen LLM trained in bf16 with no folder of its own (an adapter merged when
         # loaded): take the exact fp32 one from `init` again.
