@@ -100,6 +100,8 @@ def test_cosine_schedule_with_warmup():
         ("max_grad_norm", math.nan, "max_grad_norm must be >= 0, got nan"),
         ("weight_decay", math.nan, "weight_decay must be >= 0, got nan"),
         ("weight_decay", math.inf, "weight_decay must be >= 0, got inf"),
+        ("seed", -1, r"seed must be in \[0, 2\*\*63\), got -1"),
+        ("seed", 2**63, r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_numbers_are_refused_naming_the_field(field, value, message):
@@ -110,9 +112,26 @@ def test_bad_numbers_are_refused_naming_the_field(field, value, message):
         TrainConfig(stage="finetune", **{field: value})
 
 
+def test_a_large_seed_shuffles():
+    """A seed above ~1.8e13 overflowed the shuffle's 64-bit generator seed at step 1."""
+    from vistune.data.dataset import global_batches
+
+    lengths = list(range(40))
+    big = global_batches(lengths, 4, seed=2**63 - 1, epoch=2)
+    assert sorted(i for batch in big for i in batch) == list(range(40))
+
+
 def test_a_value_of_the_wrong_kind_names_its_field(tmp_path):
     path = tmp_path / "c.yaml"
-    for text, message in (("lr: [1]\n", "lr must be a float"), ("epochs: {a: 1}\n", "epochs must")):
+    for text, message in (
+        ("lr: [1]\n", "lr must be a float"),
+        ("epochs: {a: 1}\n", "epochs must"),
+        # an empty value is YAML's null: it used to reach the run (a traceback for init and
+        # seed) or switch a setting off silently (group_by_length, lora_merge, plot)
+        ("init:\n", "init must be a str, got an empty value"),
+        ("seed:\n", "seed must be a int, got an empty value"),
+        ("group_by_length:\n", "group_by_length must be a bool, got an empty value"),
+    ):
         path.write_text(text)
         with pytest.raises(DataError, match=message):
             load_config(path, {})

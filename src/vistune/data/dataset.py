@@ -203,7 +203,7 @@ def global_batches(
     sample then swaps places with the first: a run that runs out of memory does so at its
     first step, not hours in. None of this depends on the number of processes.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     order = torch.randperm(len(lengths), generator=generator).tolist()
     usable = len(order) - len(order) % global_batch
     if not group_by_length:

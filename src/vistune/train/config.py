@@ -156,6 +156,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0:
             raise ValueError("max_steps, lora_r and threads must be >= 0")
+        if not 0 <= self.seed < 2**63:  # torch generators take 64-bit seeds
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         # written as `not (...)` so that NaN, which fails every comparison, is refused too
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
@@ -196,6 +198,8 @@ def field_docs() -> dict[str, str]:
 def _coerce(name: str, value: Any) -> Any:
     """YAML reads `2e-3` as a string (YAML 1.1): convert numbers by the field's type."""
     kind = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None and "None" not in kind:  # `key:` with nothing after it
+        raise ValueError(f"{name} must be a {kind.split()[0]}, got an empty value (null)")
     if value is None or isinstance(value, bool):
         if isinstance(value, bool) and not kind.startswith("bool"):
             raise ValueError(f"{name} must be a {kind.split()[0]}, got {value!r}")
