@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vistune.data.formats import host_tag
 from vistune.errors import ImageError
 from vistune.features import FeatureStore, encoder_key, open_store, tower_features
 
@@ -307,7 +308,7 @@ def test_no_marker_for_a_shard_that_failed_or_a_check_cut_short(tmp_path, monkey
     assert [m.name for m in folder.glob("*.verified*")] == ["shard-000001.verified"]
     # a killed check leaves at most a temporary, and a garbled marker vouches for nothing
     (folder / "shard-000001.verified").write_text('{"npy": [')
-    (folder / f".tmp-{os.getpid()}-shard-000000.verified").write_text("{}")
+    (folder / f".tmp-{os.getpid()}-{host_tag()}-shard-000000.verified").write_text("{}")
     reads = _count_reads(monkeypatch)
     assert _store(tmp_path / "s").missing(paths[2:]) == [] and len(reads) == 2
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistune.data.formats import remove_orphaned_temps
+from vistune.data.formats import host_tag, remove_orphaned_temps
 from vistune.errors import ImageError, VistuneError
 
 FP16_MAX = 65504.0
@@ -92,7 +92,7 @@ class Entry:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{host_tag()}-{path.name}")
     write(tmp)
     os.replace(tmp, path)
 
@@ -110,7 +110,7 @@ class FeatureStore:
         """Read every checked row, also those a marker vouches for (bit rot keeps a file's
         identity, so only a full read finds it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        remove_orphaned_temps(self.folder, ".tmp-*", 1)  # shards of a killed writer
+        remove_orphaned_temps(self.folder, ".tmp-*", 1, 2)  # shards of a killed writer here
         self._remove_uncommitted()
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
         meta_path = self.folder / "meta.json"
@@ -253,7 +253,7 @@ class FeatureStore:
         for row, (path, _) in enumerate(items):
             size, mtime_ns = file_identity(Path(path))
             rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
-        tmp = self.folder / f".tmp-{os.getpid()}-shard.npy"
+        tmp = self.folder / f".tmp-{os.getpid()}-{host_tag()}-shard.npy"
         with open(tmp, "wb") as handle:
             np.save(handle, stacked)
             handle.flush()

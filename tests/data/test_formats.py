@@ -340,7 +340,7 @@ def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
 
     import torch
 
-    from vistune.data.formats import remove_orphaned_temps
+    from vistune.data.formats import host_tag, remove_orphaned_temps
     from vistune.features import FeatureStore
     from vistune.train.checkpoint import save_checkpoint
 
@@ -358,11 +358,16 @@ def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
     ]  # fmt: skip
     store = tmp_path / "features" / "enc"
     store.mkdir(parents=True)
+    here = host_tag()
     for pid in (dead, alive):
-        (store / f".tmp-{pid}-shard-000001.npy").write_bytes(b"x")
+        (store / f".tmp-{pid}-{here}-shard-000001.npy").write_bytes(b"x")
+    # on storage several nodes share: another node's writer, whose pid means nothing here
+    (store / f".tmp-{dead}-0badf00d-shard-000002.npy").write_bytes(b"x")
     FeatureStore(tmp_path / "features", "enc", tokens=4, dim=6, settings={})
-    assert [p.name for p in store.glob(".tmp-*")] == [f".tmp-{alive}-shard-000001.npy"]
-    assert remove_orphaned_temps(store, ".tmp-*", 1) == []
+    assert sorted(p.name for p in store.glob(".tmp-*")) == sorted(
+        [f".tmp-{dead}-0badf00d-shard-000002.npy", f".tmp-{alive}-{here}-shard-000001.npy"]
+    )
+    assert remove_orphaned_temps(store, ".tmp-*", 1, 2) == []
 
 
 def test_load_coco_takes_whole_float_sizes(tmp_path: Path) -> None:

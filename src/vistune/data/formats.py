@@ -25,7 +25,9 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -67,15 +69,27 @@ def load_json(path: str | Path) -> Any:
         raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
 
 
-def remove_orphaned_temps(folder: Path, pattern: str, pid_field: int) -> list[Path]:
+def host_tag() -> str:
+    """This machine in a file name (no '-'): temporaries on storage that several nodes share
+    carry it, so a node judges only its own writers' pids."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def remove_orphaned_temps(
+    folder: Path, pattern: str, pid_field: int, host_field: int | None = None
+) -> list[Path]:
     """Delete temporaries in `folder` matching the glob `pattern` whose writer is gone: a
     process killed while writing leaves them (a whole checkpoint, a feature shard). Their
     names hold the writer's pid as field `pid_field` of name.split("-"); files of a process
-    still running on this machine are kept."""
+    still running on this machine are kept. With `host_field`, that field holds the writer's
+    `host_tag()`, and files written on other machines are kept (their pids mean nothing here)."""
     removed = []
     for path in folder.glob(pattern):
+        fields = path.name.split("-")
         try:
-            pid = int(path.name.split("-")[pid_field])
+            pid = int(fields[pid_field])
+            if host_field is not None and fields[host_field] != host_tag():
+                continue
         except (IndexError, ValueError):
             continue
         if pid == os.getpid() or _running(pid):
