@@ -103,6 +103,13 @@ def test_resume_refuses_a_new_data_order_and_names_schedule_changes(tmp_path):
     for change in ({"batch_size": 16}, {"seed": 7}, {"group_by_length": False}):
         with pytest.raises(VistuneError, match=f"resuming with {next(iter(change))} "):
             check_resumed_config({**saved, **change}, saved, tmp_path, said.append)
+    # these change the samples' tokens: they were blamed on the data ("written for different
+    # data") when the fingerprint was compared first
+    for change in ({"template": "plain"}, {"model_max_length": 60},
+                   {"scienceqa_answer_format": "answer-first"}):  # fmt: skip
+        key = next(iter(change))
+        with pytest.raises(VistuneError, match=f"resuming with {key} .* change the samples"):
+            check_resumed_config({**saved, **change}, saved, tmp_path, said.append)
     check_resumed_config({**saved, "lr": 5e-4, "max_steps": 90}, saved, tmp_path, said.append)
     assert said == ["resuming with changed settings: lr 0.001 -> 0.0005, max_steps 0 -> 90"]
     said.clear()
@@ -142,3 +149,28 @@ def test_resume_refuses_a_different_model(tmp_path):
     said: list[str] = []
     check_resumed_config({**tuned, "image_size": 112}, tuned, tmp_path, said.append)
     assert said == []
+
+
+def test_a_checkpoint_written_again_replaces_the_old_one_whole(tmp_path):
+    """The same step saved twice used to delete the old folder before the new one was in
+    place; an unreadable newest checkpoint names the one a resume can fall back to."""
+    import pytest
+    import torch
+
+    from vistune.errors import VistuneError
+    from vistune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    def save(step: int, value: float):
+        weights = {"w": torch.full((2,), value)}
+        optim = {"state": {"w": {"step": 1.0}}, "param_groups": [{"lr": 0.1}]}
+        return save_checkpoint(tmp_path, step, weights, optim, {"fingerprint": "f"}, 3)
+
+    save(1, 1.0)
+    save(2, 2.0)
+    final = save(2, 3.0)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    assert torch.equal(load_checkpoint(final)[0]["w"], torch.full((2,), 3.0))
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step-00000001", "step-00000002"]
+    (final / "trainable.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(VistuneError, match="move it away to resume from step-00000001"):
+        load_checkpoint(final)

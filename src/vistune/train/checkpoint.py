@@ -101,12 +101,30 @@ def save_checkpoint(
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # the same step again: keep it until the new one is in place
+        aside = root / f".tmp-{PREFIX}{step:08d}-old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)  # the rename itself survives a power cut
     for old in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # a platform that cannot open folders
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # a file system that does not sync folders
+    finally:
+        os.close(handle)
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -137,7 +155,9 @@ def load_checkpoint(
                 return dict.fromkeys(file.keys()), state
         trainable = load_file(str(path / "trainable.safetensors"))
     except (OSError, ValueError, SafetensorError) as err:
-        raise VistuneError(f"{path}: unreadable checkpoint ({err})") from err
+        older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+        hint = f"; move it away to resume from {older[-1].name}" if older else ""
+        raise VistuneError(f"{path}: unreadable checkpoint ({err}){hint}") from err
     return trainable, state
 
 
@@ -156,6 +176,10 @@ def restore_rng(path: Path, state: dict[str, Any], rank: int = 0) -> None:
 
 ORDER_FIELDS = ("batch_size", "seed", "group_by_length", "length_group")
 """Settings that decide which samples make each step: a resume must keep them."""
+SAMPLE_FIELDS = ("data_format", "scienceqa_split", "scienceqa_answer_format", "template",
+                 "model_max_length")  # fmt: skip
+"""Settings that decide each sample's tokens (from the same data file): a resume must keep
+them."""
 MODEL_FIELDS = ("stage", "init", "vision", "llm", "lora_r", "lora_alpha")
 """Settings that decide what the checkpoint's tensors are and the frozen weights they go
 with (rebuilt from `init` on a resume): a resume must keep them."""
@@ -185,6 +209,13 @@ def check_resumed_config(
             f"{latest}: resuming with {', '.join(model)} would change the model the checkpoint "
             "was training; resume with the checkpoint's settings (train_config.json) or pick a "
             "new --out"
+        )
+    samples = changed(SAMPLE_FIELDS)
+    if samples:
+        raise VistuneError(
+            f"{latest}: resuming with {', '.join(samples)} would change the samples the "
+            "checkpoint was trained on; resume with the checkpoint's settings "
+            "(train_config.json) or pick a new --out"
         )
     order = changed(ORDER_FIELDS)
     if order:

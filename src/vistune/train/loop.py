@@ -253,9 +253,10 @@ def _load_resume(
     # weights (the checkpoint's, loaded here before `wrap`) as it shards.
     meta = any(p.is_meta for p in step_module.parameters())
     tensors, state = ckpt.load_checkpoint(latest, names_only=meta)
+    # settings first: a changed template or length limit also changes the fingerprint
+    ckpt.check_resumed_config(cfg.to_dict(), state.get("config", {}), latest, say)
     if state.get("fingerprint") != fingerprint:
         raise VistuneError(f"{latest}: written for different data; cannot resume on {cfg.data}")
-    ckpt.check_resumed_config(cfg.to_dict(), state.get("config", {}), latest, say)
     missing = sorted(set(trainable) - set(tensors))
     if missing:
         raise VistuneError(f"{latest}: missing trainable tensors {missing[:3]}")
@@ -398,7 +399,10 @@ def _trainable_state(run: _Run) -> dict[str, torch.Tensor]:
     names = set(run.trainable)
     if run.cfg.fsdp and run.info.world > 1:
         full = get_model_state_dict(
-            run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            run.wrapped,  # the frozen LLM or LoRA base is not gathered (52 GB for 13B)
+            options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+            ),
         )
         return {k: v for k, v in full.items() if k in names}
     return {n: p.detach() for n, p in run.step_module.named_parameters() if n in names}
