@@ -144,6 +144,7 @@ def test_fresh_model_settings_the_tower_refuses_are_one_line(
     for flag, value, message in (
         ("--vision-layer", "10", "vision layer 10 out of range for a 2-layer tower"),
         ("--image-size", "0", "image_size must be at least 1"),
+        ("--image-size", "13", "image_size 13 is smaller than the vision tower's patch 14"),
     ):
         argv = ["train", *parts, "--data", str(tiny_data), "--out", str(tmp_path / "out")]
         assert main([*argv, "--features", str(tmp_path / "f"), flag, value]) == 2

@@ -77,3 +77,44 @@ def test_batch_and_inputs_are_checked_before_the_model_loads(
         with pytest.raises(VistuneError, match=message):
             loop.train(TrainConfig(**{**args, **extra}))
     assert not (tmp_path / "f").exists()  # no features were filled
+
+
+def test_an_llm_with_learned_positions_trains_on_samples_cut_to_its_table(tiny_clip_dir, tmp_path):
+    """A GPT-2-style LLM has no position past its table: a sample longer than that (within
+    model_max_length) ended the run with an IndexError from the position lookup."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import build_tiny_tokenizer
+    from tests.train.conftest import tiny_args, write_dataset
+    from vistune.train.loop import train
+    from vistune.train.setup import learned_positions, sample_limit
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer),
+                        n_positions=48, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    model = LlavaModel.from_parts(tiny_clip_dir, gpt2, ModelConfig(image_size=28))
+    assert learned_positions(model.llm)
+    assert sample_limit(TrainConfig(), model) == 48
+    assert run_notes(model, TrainConfig(), 1) == [
+        "model_max_length 2048 exceeds the LLM's 48 learned positions: samples are cut to 48 tokens"
+    ]
+    assert sample_limit(TrainConfig(model_max_length=40), model) == 40
+
+    data = write_dataset(tmp_path / "data", n=8)
+    rows = json.loads(data.read_text())
+    rows[1]["conversations"][1]["value"] = "The image is blue. " * 20  # one turn: plain
+    data.write_text(json.dumps(rows))
+    said: list[str] = []
+    args = tiny_args(data, tmp_path / "out", tmp_path / "f", "default", vision=str(tiny_clip_dir),
+                     llm=str(gpt2), image_size=28, max_steps=2)  # fmt: skip
+    result = train(TrainConfig(**args), say=said.append)
+    assert result.steps == 2
+    assert any("1 cut to 48 tokens" in line for line in said), said

@@ -48,10 +48,12 @@ def open_log(path: Path, start: int) -> IO[str]:
 def save_run_files(out: Path, cfg: TrainConfig, run: Any, say: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "train_config.json", cfg.to_dict())
+    from vistune.train.setup import sample_limit
+
     cut = sum(s.truncated for s in run.samples)
     say(
         f"{len(run.samples)} samples (skipped {sum(run.skipped.values())}: {dict(run.skipped)}; "
-        f"{cut} cut to model_max_length {cfg.model_max_length}); "
+        f"{cut} cut to {sample_limit(cfg, run.model)} tokens); "
         f"{run.total} steps of {cfg.batch_size} = {cfg.per_device_batch} x {run.accum} accum "
         f"x {run.info.world} processes; plan {cfg.plan}"
     )

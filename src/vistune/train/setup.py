@@ -147,9 +147,15 @@ def encoder_notes(model: Any) -> list[str]:
 
     A CLIP or SigLIP tower at another image size than its own runs on interpolated position
     embeddings (the paper configs say 224: with a 336 px tower that is 256 tokens, not 576);
-    an image side that is not a multiple of the patch leaves the remainder unseen."""
+    an image side that is not a multiple of the patch leaves the remainder unseen. A side
+    smaller than one patch gives no image token at all: refused (VistuneError)."""
     notes = []
     tower, size = model.vision, model.config.image_size
+    if size < tower.patch_size:
+        raise VistuneError(
+            f"image_size {size} is smaller than the vision tower's patch {tower.patch_size}: "
+            f"no image token; use at least {tower.patch_size} (the tower's own: {tower.image_size})"
+        )
     if tower.fixed_positions and size != tower.image_size:
         notes.append(
             f"image_size {size} is not the vision tower's own {tower.image_size}: its position "
@@ -172,8 +178,37 @@ def run_notes(model: Any, cfg: TrainConfig, world: int) -> list[str]:
         notes.append("--fsdp shards across processes started by torchrun; one process: unsharded")
     limit = getattr(model.llm.config, "max_position_embeddings", None)
     if limit and cfg.model_max_length > limit:
-        notes.append(f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions")
+        if learned_positions(model.llm):
+            notes.append(
+                f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} learned "
+                f"positions: samples are cut to {limit} tokens"
+            )
+        else:
+            notes.append(
+                f"model_max_length {cfg.model_max_length} exceeds the LLM's {limit} positions"
+            )
     return notes
+
+
+def learned_positions(llm: Any) -> bool:
+    """Whether the LLM looks positions up in a learned table (GPT-2's `wpe`, OPT's
+    `embed_positions`): such a table has no row past max_position_embeddings, where rotary
+    positions only extrapolate."""
+    inputs = llm.get_input_embeddings()
+    return any(
+        isinstance(module, torch.nn.Embedding)
+        and module is not inputs
+        and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        for name, module in llm.named_modules()
+    )
+
+
+def sample_limit(cfg: TrainConfig, model: Any) -> int:
+    """The longest sample in tokens: model_max_length, or the LLM's learned positions."""
+    limit = getattr(model.llm.config, "max_position_embeddings", None)
+    if limit and cfg.model_max_length > limit and learned_positions(model.llm):
+        return int(limit)
+    return cfg.model_max_length
 
 
 def image_root(cfg: TrainConfig) -> Path:
@@ -294,7 +329,7 @@ def prepare_samples(
         cfg.template,
         image_root(cfg),
         model.num_image_tokens,
-        cfg.model_max_length,
+        sample_limit(cfg, model),
         seed=cfg.seed,
         strict=cfg.strict,
     )
