@@ -31,6 +31,7 @@ from vistune.train.loop import train
 from vistune.train.setup import build_model
 
 MESSAGE = "FSDP: ranks [1] built the LLM on the meta device"
+DDP_MESSAGE = "DDP: only rank 0 read the LLM's weights"
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,6 +102,30 @@ def test_two_processes_match_one_ddp_and_fsdp(tiny_data, tiny_model_dir, tmp_pat
         summary = json.loads((out / "summary.json").read_text())
         assert summary["processes"] == 2 and summary["accumulation"] == 1
         assert (MESSAGE in done.stderr) == (mode == "fsdp"), done.stderr[-3000:]
+        # under DDP too rank 1 built its LLM empty: equal weights show the broadcast filled it
+        assert (DDP_MESSAGE in done.stderr) == (mode == "ddp"), done.stderr[-3000:]
+
+
+def test_ddp_stage1_in_bf16_matches_one_process(tiny_data, tiny_model_dir, tmp_path):
+    """Stage 1 in bf16 casts the frozen LLM to bf16, on rank 1 while it is still on the meta
+    device; DDP's broadcast must then fill it with rank 0's bf16 weights."""
+    feats = tmp_path / "feats"
+    common = dict(stage="pretrain", lr=1e-2, per_device_batch=2, batch_size=4, max_steps=4,
+                  precision="bf16")  # fmt: skip
+    train(TrainConfig(**tiny_args(tiny_data, tmp_path / "one", feats, tiny_model_dir, **common)))
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        yaml.safe_dump(tiny_args(tiny_data, tmp_path / "ddp", feats, tiny_model_dir, **common))
+    )
+    done = _run(config, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert DDP_MESSAGE in done.stderr, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model" / "projector.safetensors"))
+    two = load_file(str(tmp_path / "ddp" / "model" / "projector.safetensors"))
+    start = load_file(str(tiny_model_dir / "projector.safetensors"))
+    assert any(not torch.equal(start[k], one[k]) for k in start)
+    for key in one:  # bf16 products summed in another order: bf16's tolerance
+        torch.testing.assert_close(two[key], one[key], rtol=2e-2, atol=2e-3, msg=key)
 
 
 def test_meta_llm_reads_no_llm_weights(tiny_data, tiny_model_dir, tmp_path):

@@ -17,6 +17,9 @@ FSDP (`--fsdp`) uses FSDP2 (`torch.distributed.fsdp.fully_shard`): each LLM deco
 is a shard unit, then the whole step module; it runs on CUDA/NCCL and on CPU/gloo. Only
 rank 0 reads the LLM's weights; the others build it on the meta device and receive rank
 0's weights after sharding (`_shard`), so host memory holds one full copy, not one a rank.
+Under DDP too only rank 0 reads them: the others allocate the LLM empty where it trains
+(`materialize`) and DDP's start-up broadcast of every parameter and buffer from rank 0
+fills it, so 8 processes no longer read and convert 8 copies of a 13B LLM at once.
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ def meta_ranks(module: nn.Module, info: DistInfo) -> list[int]:
     """The ranks whose `module` has parameters on the meta device (every rank calls this)."""
     meta = any(p.is_meta for p in module.parameters())
     return [rank for rank, flag in enumerate(gather_objects(meta, info)) if flag]
+
+
+def materialize(llm: nn.Module, device: torch.device) -> None:
+    """Allocate an LLM built on the meta device, uninitialised, on `device` (DDP fills it
+    from rank 0 when it wraps the model). `to_empty` gives a tied head a tensor of its own:
+    it is tied again."""
+    head, embed = llm.get_output_embeddings(), llm.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    llm.to_empty(device=device)
+    if tied:
+        head.weight = embed.weight
 
 
 def wrap(module: nn.Module, llm: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:

@@ -44,6 +44,7 @@ from vistune.train.distributed import (
     gather_objects,
     grad_sync,
     init_distributed,
+    materialize,
     meta_ranks,
     shutdown,
     wrap,
@@ -167,8 +168,9 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     check_inputs(cfg)
     seed_everything(cfg.seed)
     sharded = cfg.fsdp and info.world > 1
-    # under FSDP only rank 0 reads the LLM's weights; the others get them as they shard
-    model = build_model(cfg, say, meta_llm=sharded and not info.is_main)
+    # only rank 0 reads the LLM's weights; under FSDP the others get them as they shard,
+    # under DDP when it wraps the model (its start-up broadcast from rank 0)
+    model = build_model(cfg, say, meta_llm=info.world > 1 and not info.is_main)
     attention = model.llm.config._attn_implementation
     apply_stage(model, cfg, info.device)
     if cfg.precision == "bf16" and cfg.plan["llm"] == "frozen" and not cfg.fsdp:
@@ -193,6 +195,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
             if child is not model.llm:
                 child.to(info.device)
     else:
+        if any(p.is_meta for p in model.llm.parameters()):
+            materialize(model.llm, info.device)
         model.to(info.device)
     # FSDP's DTensor weights run through transformers' forward, not vistune's CPU kernels
     step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
@@ -208,6 +212,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     if sharded:
         ranks = meta_ranks(model.llm, info)
         say(f"FSDP: ranks {ranks} built the LLM on the meta device; rank 0 sends its weights")
+    elif info.world > 1:
+        say("DDP: only rank 0 read the LLM's weights; DDP broadcasts them to the others")
     wrapped = wrap(step_module, model.llm, info, sharded)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
