@@ -266,6 +266,10 @@ def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
     longrope = _llm(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
                                   "long_factor": [2.0] * 8})  # fmt: skip
     assert not llama_cpu.usable(longrope, torch.device("cpu"))  # not tested here
+    # a depth cut in the config only: transformers runs layers[:num_hidden_layers]
+    cut = _llm()
+    cut.config.num_hidden_layers -= 1
+    assert not llama_cpu.usable(cut, torch.device("cpu"))
 
 
 IDS = [

@@ -76,7 +76,13 @@ def usable(llm: nn.Module, device: torch.device) -> bool:
     cfg = llm.config
     if getattr(cfg, "attention_dropout", 0.0):  # this path has no dropout
         return False
-    rope = getattr(cfg, "rope_scaling", None) or {}
+    # transformers runs layers[:num_hidden_layers]; this path runs every layer module
+    if len(llm.get_decoder().layers) != getattr(cfg, "num_hidden_layers", None):
+        return False
+    # transformers 5 keeps `rope_scaling` only as a deprecated alias of `rope_parameters`
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if any(isinstance(v, dict) for v in rope.values()):  # per layer type: not a Llama's
+        return False
     # cos and sin come from the model's own rotary embedding, which does the scaling
     return rope.get("rope_type", rope.get("type", "default")) in ROPE_TYPES
 
