@@ -75,11 +75,11 @@ def test_image_under_split_folder(tmp_path):
 def test_build_question_exact(release):
     p7, p8 = sqa.load_scienceqa(*release, "test")
     assert sqa.build_question(p7) == (
-        "Context: N/A\nQuestion: Which animal is a mammal?\nOptions: (A) frog (B) whale (C) shark"
-    )
+        "Which animal is a mammal?\nContext: N/A\nOptions: (A) frog (B) whale (C) shark"
+    )  # question, context, options: the paper's QCM
     assert sqa.build_instruction(p7) == sqa.build_question(p7)
     assert sqa.build_instruction(p8) == (
-        "<image>\nContext: Look at the picture.\nQuestion: Which animal is a mammal?\n"
+        "<image>\nWhich animal is a mammal?\nContext: Look at the picture.\n"
         "Options: (A) frog (B) whale (C) shark"
     )
 
@@ -97,7 +97,7 @@ def test_answer_formats(release):
     }  # fmt: skip
     first = sqa.to_llava_sample(p8, "answer-first")
     assert first["image"] == "8/image.png"
-    assert first["conversations"][0]["value"].startswith("<image>\nContext: ")
+    assert first["conversations"][0]["value"].startswith("<image>\nWhich animal is a mammal?\n")
     assert first["conversations"][1]["value"] == (
         "The answer is B. BECAUSE: Mammals feed their young milk. A whale is a mammal."
     )

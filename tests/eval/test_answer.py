@@ -225,8 +225,8 @@ def test_cli_scienceqa_model(sqa_files, tmp_path, fake_engine):
                    "--out", str(out)])  # fmt: skip
     assert rc == 0
     prompts = [m[0]["content"] for b in fake_engine.batches for m, _ in b]
-    assert prompts[0].startswith("<image>\nContext: N/A\nQuestion: Which is right for item 1?")
-    assert prompts[2].startswith("Context: N/A\nQuestion: Which is right for item 3?")
+    assert prompts[0].startswith("<image>\nWhich is right for item 1?\nContext: N/A\nOptions:")
+    assert prompts[2].startswith("Which is right for item 3?\nContext: N/A\nOptions:")
     report = json.loads((out / "report.json").read_text())
     assert report["ours"]["unparsed"]["count"] == 10  # the fake engine never gives a letter
     assert (out / "predictions.jsonl").is_file()

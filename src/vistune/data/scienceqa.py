@@ -6,11 +6,12 @@ The release is `problems.json` (pid -> {question, choices, answer (index), hint,
 lecture, solution, split}) and `pid_splits.json` (split name -> list of pids); images live
 under `<image_root>/<pid>/<image>` (or `<image_root>/<split>/<pid>/<image>`).
 
-The instruction follows LLaVA's ScienceQA conversion in its "CQM" input order
-(scripts/convert_sqa_to_llava_base_prompt.py)::
+The instruction follows the paper's setup: LLaVA's ScienceQA conversion in its "QCM" input
+order (question, context, options: `--prompt-format QCM-LEA` in LLaVA's docs/ScienceQA.md,
+with scripts/convert_sqa_to_llava.py's leading "Question: " removed)::
 
+    <question>
     Context: <hint, or N/A when empty>
-    Question: <question>
     Options: (A) <choice 0> (B) <choice 1> ...
 
 With an image, the first user turn is "<image>\\n" + that text. The answer formats
@@ -200,7 +201,7 @@ def build_question(problem: ScienceQAProblem) -> str:
     """The instruction text (without the image placeholder); format in the module docstring."""
     context = problem.hint.strip() or "N/A"
     options = " ".join(f"({OPTIONS[i]}) {c}" for i, c in enumerate(problem.choices))
-    return f"Context: {context}\nQuestion: {problem.question.strip()}\nOptions: {options}"
+    return f"{problem.question.strip()}\nContext: {context}\nOptions: {options}"
 
 
 def build_instruction(problem: ScienceQAProblem) -> str:
