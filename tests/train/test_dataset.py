@@ -91,6 +91,19 @@ def test_rows_no_tokenizer_takes_are_skipped_not_a_crash(tiny_model, tmp_path):
         build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
 
 
+def test_an_image_path_that_cannot_be_checked_is_skipped_not_a_crash(tiny_model, tmp_path):
+    """is_file() raises for a name over 255 bytes (ENAMETOOLONG) or an unreadable folder."""
+    write_dataset(tmp_path, n=1)
+    rows = [
+        {"id": "long", "image": "x" * 300 + ".png", "conversations": _turns("<image>\nHi", "ok")},
+        {"id": "fine", "image": "img000.png", "conversations": _turns("<image>\nHi", "ok")},
+    ]
+    samples, skipped = build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128)
+    assert [s.id for s in samples] == ["fine"] and dict(skipped) == {"missing_image": 1}
+    with pytest.raises(DataError, match="sample long: image .* cannot be read"):
+        build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
+
+
 def test_plain_template_takes_one_exchange_and_cut_samples_are_marked(tiny_model, tmp_path):
     write_dataset(tmp_path, n=1)
     two = _turns("<image>\nWhat?", "A red square.") + _turns("And?", "Small.")

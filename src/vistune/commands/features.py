@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from vistune.commands.train import add_arguments as add_train_arguments
+from vistune.errors import VistuneError
 from vistune.train.config import load_config
 
 HELP = "compute frozen vision features for a data file into the feature store"
@@ -68,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
         image = row.get("image") if isinstance(row, dict) else None
         if isinstance(image, str) and image:
             path = Path(image) if Path(image).is_absolute() else root / image
-            if path.is_file():
+            try:
+                found = path.is_file()
+            except OSError:  # a name too long, a folder we may not read: as training skips it
+                found = False
+            if found:
                 paths.append(path)
             else:
                 missing += 1
@@ -77,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
     for note in encoder_notes(model):
         print(f"vistune features: {note}", file=sys.stderr)
     model.vision.to(resolve_device(cfg.device))
-    store = open_store(feature_root(cfg), model)
+    try:
+        store = open_store(feature_root(cfg), model)
+    except OSError as err:
+        raise VistuneError(
+            f"{feature_root(cfg)}: cannot use the features folder ({err.strerror or err})"
+        ) from err
     store.verify_all = args.verify
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 

@@ -150,7 +150,13 @@ def build_samples(
             path = None
             if image is not None:
                 path = Path(image) if Path(image).is_absolute() else image_root / image
-                if not path.is_file():
+                try:
+                    found = path.is_file()
+                except OSError as err:  # a name too long, a folder we may not read
+                    raise SkipError(
+                        "missing_image", f"{where}: image {path} cannot be read ({err.strerror})"
+                    ) from err
+                if not found:
                     raise SkipError("missing_image", f"{where}: image {path} not found")
             if template == "plain" and len(turns) > 2:  # as LLaVA's preprocess_plain asserts
                 raise SkipError(

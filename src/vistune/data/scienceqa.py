@@ -131,7 +131,11 @@ def _listed(ids: list[str], limit: int = 20) -> str:
 
 def _with_image(p: ScienceQAProblem, image_root: Path) -> ScienceQAProblem | None:
     for rel in (f"{p.pid}/{p.image}", f"{p.split}/{p.pid}/{p.image}"):
-        if (image_root / rel).is_file():
+        try:
+            found = (image_root / rel).is_file()
+        except OSError:  # a name too long, a folder we may not read: missing
+            continue
+        if found:
             return dataclasses.replace(p, image_rel=rel, image_path=image_root / rel)
     return None
 
