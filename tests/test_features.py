@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -403,3 +404,30 @@ def test_features_command_offers_only_the_settings_it_uses(capsys):
     assert "--feature-batch" in shown and "--image-size" in shown and "--data-format" in shown
     assert "--lr" not in shown and "--resume" not in shown and "--out" not in shown
     assert "--verify" in shown
+
+
+def test_a_store_that_cannot_be_written_or_read_says_so(tmp_path, monkeypatch):
+    """A read-only store, garbled metadata and a shard list of the wrong shape were
+    tracebacks (PermissionError, JSONDecodeError, ValueError from an unpack)."""
+    from vistune.features import FeatureStoreError
+
+    paths = _images(tmp_path, 3)
+    store = _store(tmp_path / "s")
+    store.ensure(paths[:1], Counting())
+    folder = tmp_path / "s" / "enc"
+    (folder / "meta.json").write_bytes(b"\0" * 16)
+    (folder / "shard-000007.json").write_text('{"a": 1}')
+    (folder / "shard-000008.json").write_text('[["x.png", 0, 1]]')
+    fresh = _store(tmp_path / "s")  # garbled meta.json rewritten, bad lists ignored
+    assert json.loads((folder / "meta.json").read_text())["tokens"] == 4
+    assert fresh.missing(paths) == paths[1:]
+
+    # a read-only or full disk (root writes into a 0o555 folder, so the write fails here)
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("vistune.features.np.save", read_only)
+    with pytest.raises(FeatureStoreError, match="cannot write features .*writable folder"):
+        fresh.ensure(paths, Counting())
+    assert not list(folder.glob(".tmp-*"))
+    assert _store(tmp_path / "s").missing(paths) == paths[1:]  # nothing lost

@@ -17,7 +17,9 @@ only complete shards and the next run picks up where it stopped. A new shard's n
 with a hard link, which fails if the name exists, so processes with the same tag (two
 `vistune features` runs, or one beside training) never replace each other's shards; an
 array whose JSON never came (its writer killed between the two) is removed an hour later. An entry whose image
-changed (size or mtime) is stale, one whose row fails its CRC or whose shard is truncated
+changed (size or mtime) is stale (as for rsync and make, an image replaced by another of
+the same size with its mtime kept, as `cp -p` or `rsync -a` of a same-size file does, is not
+seen: `touch` it), one whose row fails its CRC or whose shard is truncated
 is corrupt: both are recomputed by `ensure`.
 
 Reading every row for its CRC at every start would cost the whole store (300 GB for
@@ -34,6 +36,7 @@ never overwrite each other's rows. Bit rot keeps a file's identity: `verify_all`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,6 +94,15 @@ class Entry:
     crc: int
 
 
+def _row(fields: object) -> tuple[int, int, int, int]:
+    """(row, size, mtime_ns, crc) of one listed row [path, row, size, mtime_ns, crc]."""
+    if not isinstance(fields, list) or len(fields) != 5 or not isinstance(fields[0], str):
+        raise ValueError(f"not a shard row: {fields!r:.80}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields[1:]):
+        raise ValueError(f"not a shard row: {fields!r:.80}")
+    return fields[1], fields[2], fields[3], fields[4]
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{host_tag()}-{path.name}")
     write(tmp)
@@ -114,12 +126,14 @@ class FeatureStore:
         self._remove_uncommitted()
         meta = {"tokens": tokens, "dim": dim, "dtype": "float16", "encoder": settings}
         meta_path = self.folder / "meta.json"
-        if meta_path.is_file():
-            found = json.loads(meta_path.read_text())
-            if (found.get("tokens"), found.get("dim")) != (tokens, dim):
-                raise FeatureStoreError(f"{meta_path}: holds {found} but the encoder gives {meta}")
-        else:
+        try:
+            found = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        except (OSError, ValueError):
+            found = None  # garbled: the folder's name already says which encoder it is for
+        if not isinstance(found, dict):
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        elif (found.get("tokens"), found.get("dim")) != (tokens, dim):
+            raise FeatureStoreError(f"{meta_path}: holds {found} but the encoder gives {meta}")
         self._arrays: dict[str, np.ndarray] = {}
         self._opened: dict[str, list[int] | None] = {}  # shard -> its array's identity
         self._listed: dict[str, list[int]] = {}  # shard -> its JSON's identity when read
@@ -138,11 +152,12 @@ class FeatureStore:
                 with open(listing, "rb") as handle:
                     stat = os.fstat(handle.fileno())
                     rows = json.loads(handle.read())
-            except (OSError, ValueError):
-                continue
+                listed = [Entry(listing.stem, *_row(fields)) for fields in rows]
+            except (OSError, ValueError, TypeError):
+                continue  # unreadable or not a row list: its images are computed again
             self._listed[listing.stem] = _identity(stat)
-            for path, row, size, mtime_ns, crc in rows:
-                self.entries[path] = Entry(listing.stem, row, size, mtime_ns, crc)
+            for path, entry in zip((fields[0] for fields in rows), listed, strict=True):
+                self.entries[path] = entry
         for marker in self.folder.glob("shard-*.verified*"):
             try:
                 found = json.loads(marker.read_text())
@@ -254,12 +269,20 @@ class FeatureStore:
             size, mtime_ns = file_identity(Path(path))
             rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
         tmp = self.folder / f".tmp-{os.getpid()}-{host_tag()}-shard.npy"
-        with open(tmp, "wb") as handle:
-            np.save(handle, stacked)
-            handle.flush()
-            os.fsync(handle.fileno())
-        name = self._claim(tmp)
-        _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
+        try:
+            with open(tmp, "wb") as handle:
+                np.save(handle, stacked)
+                handle.flush()
+                os.fsync(handle.fileno())
+            name = self._claim(tmp)
+            _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
+        except OSError as err:  # read-only, full, gone: what is stored so far stays
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise FeatureStoreError(
+                f"{self.folder}: cannot write features ({err.strerror or err}); free space or "
+                "point --features at a writable folder"
+            ) from err
         self._listed[name] = _identity((self.folder / f"{name}.json").stat())
         self._arrays.pop(name, None)
         self._checked.pop(name, None)

@@ -94,10 +94,13 @@ def remove_orphaned_temps(
             continue
         if pid == os.getpid() or _running(pid):
             continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue  # a read-only folder: left for a writer that can
         removed.append(path)
     return removed
 
