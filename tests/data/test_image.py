@@ -261,3 +261,36 @@ def test_matches_transformers_clip_processor(aspect, shape):
         ref = hf(image, return_tensors="pt")["pixel_values"]
     assert ref.shape == (1, 3, 32, 32)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("aspect", "height", "limit"), [("pad", 40, 40_000), ("crop", 2, 400)])
+def test_a_thin_strip_is_not_blown_up_to_a_huge_square(aspect, height, limit, monkeypatch):
+    """A 1,000,000 x 1 image is under MAX_PIXELS, but its padded square (pad) or its
+    shorter side scaled up (crop) was 10^12 pixels: a MemoryError. Here MAX_PIXELS is cut
+    so that a 300-pixel-wide strip takes the new path; the result matches the old one."""
+    import vistune.data.image as image_module
+
+    ramp = np.linspace(0, 255, 300)[None, :, None] * np.array([1.0, 0.5, 0.25])  # smooth
+    strip = Image.fromarray(np.repeat(ramp, height, axis=0).astype(np.uint8))
+    proc = ImageProcessor(8, CLIP_MEAN, CLIP_STD, aspect=aspect)
+    direct = proc([strip])
+    monkeypatch.setattr(image_module, "MAX_PIXELS", limit)
+    sizes = []
+    real_new = Image.new
+
+    def recording_new(mode, size, *args, **kwargs):
+        sizes.append(size)
+        return real_new(mode, size, *args, **kwargs)
+
+    real_resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(image_module.Image, "new", recording_new)
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    bounded = proc([strip])
+    assert bounded.shape == direct.shape == (1, 3, 8, 8)
+    assert sizes and all(w * h <= limit for w, h in sizes)  # no canvas past the limit
+    torch.testing.assert_close(bounded, direct, atol=0.05, rtol=0)  # up to resampling

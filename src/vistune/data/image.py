@@ -26,6 +26,7 @@ tower's mean/std -> (N, 3, S, S) float32.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,6 +152,11 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
     if width == height:
         return image
     side = max(width, height)
+    if side * side > MAX_PIXELS:  # a thin strip under MAX_PIXELS whose square is not
+        scale = math.isqrt(MAX_PIXELS) / side
+        small = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(small, Image.Resampling.BICUBIC)
+        (width, height), side = small, max(small)
     result = Image.new(image.mode, (side, side), background)
     result.paste(image, ((side - width) // 2, (side - height) // 2))
     return result
@@ -166,6 +172,11 @@ def _centre_square(image: Image.Image, size: int) -> Image.Image:
     with transformers' roundings (int() of the longer side, floor of the offsets)."""
     width, height = image.size
     longer = int(size * max(width, height) / min(width, height))
+    if size * longer > MAX_PIXELS:  # a thin strip: cut its centre square before scaling
+        short = min(width, height)
+        left, top = (width - short) // 2, (height - short) // 2
+        square = image.crop((left, top, left + short, top + short))
+        return square.resize((size, size), Image.Resampling.BICUBIC)
     scaled = (size, longer) if width <= height else (longer, size)
     if scaled != image.size:
         image = image.resize(scaled, Image.Resampling.BICUBIC)
