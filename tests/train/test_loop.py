@@ -178,8 +178,11 @@ def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
         model_max_length=128,
         template="vicuna_v0",
     )
-    result = train(TrainConfig(**args))
+    said: list[str] = []
+    result = train(TrainConfig(**args), say=said.append)
     assert result.samples == 8
+    # which image and why, not only a count
+    assert any(line.startswith(f"unreadable image, skipped: {corrupt}: ") for line in said), said
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {
         "missing_image": 1,

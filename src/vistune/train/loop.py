@@ -181,7 +181,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         say(note)
     model.vision.to(info.device)  # the feature fill runs the tower where training runs
     samples, skipped, store = prepare_samples(
-        cfg, model, info.rank, info.world, lambda: barrier(info), on_features
+        cfg, model, info.rank, info.world, lambda: barrier(info), on_features, say
     )
     steps_per_epoch = len(samples) // cfg.batch_size
     if steps_per_epoch == 0:

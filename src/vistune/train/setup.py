@@ -266,7 +266,8 @@ def read_rows(path: Path) -> list[Any]:
             raise DataError(f"{path}: a LLaVA JSON file holds a list of samples")
         return data
     rows: list[Any] = []
-    for line in path.read_bytes().splitlines():
+    data = path.read_bytes()
+    for line in data.removeprefix(b"\xef\xbb\xbf").splitlines():  # a BOM, as load_json takes
         if line.strip():
             # not UTF-8 (UnicodeDecodeError is a ValueError) or not JSON: one bad row
             try:
@@ -317,10 +318,12 @@ def prepare_samples(
     world: int,
     barrier: Callable[[], None],
     progress: Callable[[int, int], None] | None = None,
+    say: Say | None = None,
 ) -> tuple[list[Sample], Counter, FeatureStore]:
     """Rows -> samples (skips counted) with every image's features in the store. Each of
     the `world` processes computes every world-th image's missing features (each writes
-    its own shards), so none waits at the barrier for all the others' work."""
+    its own shards), so none waits at the barrier for all the others' work. `say` gets the
+    first few images the tower could not read, with the reason (they are skipped)."""
     malformed: Counter = Counter()
     rows = load_rows(cfg, malformed)
     samples, skipped = build_samples(
@@ -348,6 +351,11 @@ def prepare_samples(
     if failed and cfg.strict:
         path, reason = next(iter(failed.items()))
         raise DataError(f"{path}: unreadable image ({reason}; drop --strict to skip)")
+    if failed and say is not None:
+        for path, reason in list(failed.items())[:5]:
+            say(f"unreadable image, skipped: {path}: {reason}")
+        if len(failed) > 5:
+            say(f"... and {len(failed) - 5} more unreadable images (`vistune features` lists them)")
     barrier()
     store.reload()
     bad = set(store.missing(dict.fromkeys(paths), verify=False))
