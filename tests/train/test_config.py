@@ -60,6 +60,27 @@ def test_yaml_with_flags_overriding(tmp_path):
         load_config(path, {})
 
 
+def test_a_refused_setting_names_where_it_came_from(tmp_path):
+    """A flag's mistake was reported against the config file, which did not hold it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: pretrain\nlr: 2e-3\n")
+    with pytest.raises(DataError, match=r"^--stage finetun: unknown stage 'finetun'"):
+        load_config(path, {"stage": "finetun", "max_steps": 3})
+    with pytest.raises(DataError, match=r"^--per-device-batch 0: per_device_batch must be"):
+        load_config(path, {"per_device_batch": 0})
+    path.write_text("stage: pretrain\nepochs: 0\n")
+    with pytest.raises(DataError, match=r"c.yaml: epochs must be at least 1"):
+        load_config(path, {"max_steps": 3})
+    path.write_text("stage: pretrain\n")
+    with pytest.raises(DataError, match=r"^--lora-r 8: lora_r applies to the finetune stage"):
+        load_config(path, {"lora_r": 8})
+    path.write_text("stage: finetune\n")  # each flag fine alone, refused together
+    with pytest.raises(DataError, match=r"c.yaml with the flags given: lora_r applies"):
+        load_config(path, {"lora_r": 8, "stage": "pretrain"})
+    with pytest.raises(DataError, match=r"^flags: unknown stage"):
+        load_config(None, {"stage": "finetun"})
+
+
 def test_every_field_is_a_documented_flag(tmp_path, capsys):
     docs = field_docs()
     assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}

@@ -247,13 +247,36 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
                 f"(valid: {', '.join(sorted(known))})"
             )
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    from_file = dict(data)
+    flagged = {k: v for k, v in overrides.items() if v is not None}
+    data.update(flagged)
     try:
         cfg = TrainConfig(**{k: _coerce(k, v) for k, v in data.items()})
     except (TypeError, ValueError) as err:
-        raise DataError(f"{where}: {err}") from err
+        raise DataError(f"{_culprit(path, from_file, flagged)}: {err}") from err
     flags = {k for k, v in overrides.items() if v is not None}
     return _with_model_settings(cfg, [k for k in FRESH_MODEL_FIELDS if k in data], where, flags)
+
+
+def _culprit(path: str | Path | None, from_file: dict[str, Any], flagged: dict[str, Any]) -> str:
+    """Where a refused setting came from: the file, one flag, or the two together (a flag's
+    mistake named the file, where the user then looked for a typo that was not there)."""
+    if path is None:
+        return "flags"
+
+    def valid(values: dict[str, Any]) -> bool:
+        try:
+            TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    if not valid(from_file):
+        return str(path)
+    for key, value in flagged.items():
+        if not valid({**from_file, key: value}):
+            return f"--{key.replace('_', '-')} {value}"
+    return f"{path} with the flags given"
 
 
 FRESH_MODEL_FIELDS = ("projector", "vision_layer", "vision_select", "image_size", "image_aspect")
