@@ -287,3 +287,44 @@ def test_an_output_or_feature_folder_that_cannot_be_made_is_one_line(
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err, err[-800:]
         assert f"cannot use the {where} folder" in err
+
+
+def test_a_second_run_into_the_same_out_is_refused(tiny_data, tiny_model_dir, tmp_path):
+    """Two runs into one folder wrote one log, one set of checkpoints and one model, and
+    each reported the other's loss; the lock dies with its holder, so a killed run's folder
+    takes a --resume at once."""
+    import fcntl
+    import os
+
+    from vistune.errors import VistuneError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(holder, b"4242")
+    args = tiny_args(tiny_data, out, tmp_path / "f", tiny_model_dir, max_steps=1)
+    try:
+        with pytest.raises(VistuneError, match=r"another vistune train \(pid 4242\) is writing"):
+            train(TrainConfig(**args))
+    finally:
+        os.close(holder)  # as the process ends
+    assert train(TrainConfig(**args)).steps == 1
+    assert (out / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_resume_reports_the_skips_of_the_data_it_reads(tiny_model_dir, tmp_path):
+    """The counts came from the checkpoint, so rows added since (skipped: the samples are
+    the same) were not reported."""
+    from tests.train.conftest import write_dataset
+
+    data = write_dataset(tmp_path / "d", n=12)
+    args = tiny_args(data, tmp_path / "out", tmp_path / "f", tiny_model_dir, max_steps=1,
+                     save_every=1)  # fmt: skip
+    train(TrainConfig(**args))
+    rows = json.loads(data.read_text())
+    rows.append({"id": "gone", "image": "nowhere.png", "conversations": rows[1]["conversations"]})
+    data.write_text(json.dumps(rows))
+    train(TrainConfig(**{**args, "resume": True, "max_steps": 2}))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {"plain_multi_turn": 4, "missing_image": 1}

@@ -110,7 +110,7 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted)."""
     resume: bool = False
-    """Continue from the newest checkpoint in `out`."""
+    """Continue from the newest checkpoint in `out`; with none there yet, start at step 0 and say so (a job that is requeued can always pass it)."""
     seed: int = 0
     """Seeds the data order, the first-turn image placement and torch."""
     strict: bool = False

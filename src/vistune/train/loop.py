@@ -147,11 +147,54 @@ def train(
     info = init_distributed(resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
     if info.device.type == "cpu":
         keep_large_buffers()
+    lock = None
     try:
+        lock = _lock_out(Path(cfg.out), info)
         run = _setup(cfg, info, say, on_features)
         return _loop(run, say, on_step)
     finally:
+        if lock is not None:
+            os.close(lock)
         shutdown()
+
+
+def _lock_out(out: Path, info: DistInfo) -> int | None:
+    """Hold `out/.lock` for the run (rank 0; every rank learns the outcome), so a second
+    run into the same folder is refused: two runs wrote one log, one set of checkpoints and
+    one model, and each reported the other's loss. The lock dies with its process (flock),
+    so a killed run leaves nothing to clean up before `--resume`."""
+    handle, holder = None, None
+    if info.is_main:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unguarded
+            fcntl = None
+        if fcntl is not None:
+            try:
+                handle = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise VistuneError(
+                    f"{out}: cannot write in the out folder ({err.strerror})"
+                ) from err
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held by another process
+                holder = os.read(handle, 64).decode(errors="replace").strip() or "?"
+                os.close(handle)
+                handle = None
+            except OSError:  # a file system without locks: unguarded
+                os.close(handle)
+                handle = None
+            else:
+                os.ftruncate(handle, 0)
+                os.pwrite(handle, str(os.getpid()).encode(), 0)
+    holder = gather_objects(holder, info)[0]
+    if holder is not None:
+        raise VistuneError(
+            f"{out}: another vistune train (pid {holder}) is writing there; wait for it, or "
+            "pick another --out"
+        )
+    return handle
 
 
 def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
@@ -220,7 +263,6 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     if start:
         load_optimizer(wrapped, optimizer, latest, from_rank0=sharded)
         ckpt.restore_rng(latest, state, info.rank)
-        skipped = Counter(state.get("skipped", skipped))
     return _Run(
         cfg,
         info,
