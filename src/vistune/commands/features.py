@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 from vistune.commands.train import add_arguments as add_train_arguments
-from vistune.errors import VistuneError
 from vistune.train.config import load_config
 
 HELP = "compute frozen vision features for a data file into the feature store"
@@ -49,15 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vistune.features import open_store
     from vistune.train.setup import (
         build_encoder,
         encoder_notes,
-        feature_root,
         fill_features,
         image_root,
         load_rows,
         resolve_device,
+        run_store,
     )
 
     overrides = {name: getattr(args, name) for name in FIELDS}
@@ -82,12 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for note in encoder_notes(model):
         print(f"vistune features: {note}", file=sys.stderr)
     model.vision.to(resolve_device(cfg.device))
-    try:
-        store = open_store(feature_root(cfg), model)
-    except OSError as err:
-        raise VistuneError(
-            f"{feature_root(cfg)}: cannot use the features folder ({err.strerror or err})"
-        ) from err
+    store = run_store(cfg, model)
     store.verify_all = args.verify
     with tqdm(desc="features", unit="img", file=sys.stderr) as bar:
 

@@ -277,6 +277,17 @@ def read_rows(path: Path) -> list[Any]:
     return rows
 
 
+def run_store(cfg: TrainConfig, model: Any) -> FeatureStore:
+    """The run's feature store (a LlavaModel's or an Encoder's); a folder that cannot be
+    used is one line, not an OSError."""
+    try:
+        return open_store(feature_root(cfg), model)
+    except OSError as err:
+        raise VistuneError(
+            f"{feature_root(cfg)}: cannot use the features folder ({err.strerror or err})"
+        ) from err
+
+
 def feature_root(cfg: TrainConfig) -> Path:
     if cfg.features:
         return Path(cfg.features)
@@ -337,12 +348,7 @@ def prepare_samples(
         strict=cfg.strict,
     )
     skipped.update(malformed)
-    try:
-        store = open_store(feature_root(cfg), model)
-    except OSError as err:
-        raise VistuneError(
-            f"{feature_root(cfg)}: cannot use the features folder ({err.strerror})"
-        ) from err
+    store = run_store(cfg, model)
     paths = [s.image for s in samples if s.image is not None]
     if world > 1:
         store.writer = f"rank{rank}"
