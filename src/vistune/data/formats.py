@@ -247,8 +247,9 @@ def load_coco(
             caps[ann["image_id"]].append(text.strip())
     boxes: dict[Any, list[Box]] = {image_id: [] for image_id in images}
     instances_path = coco_dir / "annotations" / f"instances_{split}.json"
+    categories: tuple[str, ...] = ()
     if instances_path.exists():
-        _read_boxes(instances_path, images, boxes, skipped)
+        categories = _read_boxes(instances_path, images, boxes, skipped)
     contexts = []
     for image_id, record in images.items():
         image = f"{split}/{record['file_name']}"
@@ -265,6 +266,7 @@ def load_coco(
                     boxes=tuple(boxes[image_id]),
                     width=int(record["width"]),
                     height=int(record["height"]),
+                    categories=categories,
                 )
             )
     return contexts, skipped
@@ -310,7 +312,11 @@ def _coco_images(path: Path, data: dict[str, Any], skipped: Counter) -> dict[Any
 
 def _read_boxes(
     path: Path, images: dict[Any, dict], boxes: dict[Any, list[Box]], skipped: Counter
-) -> None:
+) -> tuple[str, ...]:
+    """Fill `boxes` per image id from an instances file; returns its category names.
+
+    An annotation's optional "color" (a vistune extension the built-in scenes write; COCO
+    has none) becomes the box's colour."""
     data = _coco_object(path)
     names = {}
     for cat in _coco_list(path, data, "categories"):
@@ -327,7 +333,10 @@ def _read_boxes(
             if xyxy is None:
                 skipped["box out of range"] += 1
             else:
-                boxes[ann["image_id"]].append(Box(names[ann["category_id"]], xyxy))
+                color = ann.get("color")
+                color = color.strip() if isinstance(color, str) else ""
+                boxes[ann["image_id"]].append(Box(names[ann["category_id"]], xyxy, color))
+    return tuple(dict.fromkeys(names.values()))
 
 
 def _normalise_box(bbox: Any, width: int, height: int) -> tuple[float, float, float, float] | None:

@@ -17,9 +17,13 @@ class Box:
     category: str
     xyxy: tuple[float, float, float, float]
     """(x1, y1, x2, y2), each in [0, 1]."""
+    color: str = ""
+    """The object's colour where the annotations give it (the built-in scenes' instances
+    carry a "color" key; COCO's do not)."""
 
     def render(self) -> str:
-        return f"{self.category}: [{', '.join(f'{v:.3f}' for v in self.xyxy)}]"
+        name = f"{self.color} {self.category}" if self.color else self.category
+        return f"{name}: [{', '.join(f'{v:.3f}' for v in self.xyxy)}]"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class ImageContext:
     boxes: tuple[Box, ...] = field(default_factory=tuple)
     width: int = 0
     height: int = 0
+    categories: tuple[str, ...] = ()
+    """Every category name of the dataset (COCO's "categories"), so that a teacher can ask
+    about objects that are not in this image; empty when unknown."""
 
     def render(self, with_boxes: bool = True) -> str:
         """The text block shown to the teacher: captions, a blank line, then boxes."""
