@@ -156,7 +156,7 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
             message = message.replace(field, flag, 1)
         raise VistuneError(message) from None
     check_images(questions, images)
-    engine = load_engine(args.model, args.batch_size)
+    engine = load_engine(args.model, args.batch_size, getattr(args, "template", None))
     # resuming tells models by their full path: two may share a folder name (checkpoint-1000)
     model_key = args.model if args.model == "default" else str(Path(args.model).resolve())
     bar = _progress(len(questions), "answering")
@@ -353,6 +353,11 @@ def run_scenes(args: argparse.Namespace) -> int:
     images = {c.image_id: c.image for c in contexts[: args.images]}
     truth = load_scene_objects(args.coco, args.split)
     questions = scenes.make_questions(truth, images, args.seed)
+    if args.control == "shuffled":
+        try:
+            questions = scenes.shuffled_control(questions, args.seed)
+        except ValueError as err:
+            raise VistuneError(f"--control shuffled: {err}") from None
     args.out.mkdir(parents=True, exist_ok=True)
     q_path = args.out / "questions.jsonl"
     _write_jsonl(q_path, questions)
@@ -372,7 +377,9 @@ def run_scenes(args: argparse.Namespace) -> int:
         check_same_ids(ids, by_id, "answers", args.answers)
     result = scenes.score(questions, {k: str(v["text"]) for k, v in by_id.items()})
     cols = [*scenes.SKILLS, "all"]
-    table = markdown_table(cols, [("accuracy (%)", [result["accuracy"][c] for c in cols]),
+    label = "accuracy, swapped images (%)" if args.control == "shuffled" else "accuracy (%)"
+    table = markdown_table(cols, [(label, [result["accuracy"][c] for c in cols]),
+                                  ("chance (%)", [result["chance"].get(c) for c in cols]),
                                   ("questions", [result["counts"][c] for c in cols])])  # fmt: skip
     write_run(args.out, result, _config(args), table, result["accuracy"], "Scene questions")
     print(table)

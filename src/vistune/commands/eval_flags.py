@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature, url
+from vistune.data.conversation import TEMPLATES
 
 
 def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
@@ -55,6 +56,8 @@ def _answer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template "
+                   "instead of the model's (a stage-1 model's plain never shows the question)")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +147,9 @@ def _add_scenes(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--split", default="val")
     c.add_argument("--images", type=positive_int, help="use only the first N images")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--control", choices=("none", "shuffled"), default="none",
+                   help="shuffled: ask every question about another held-out scene, to show "
+                   "what the model answers without the right picture")  # fmt: skip
     c.add_argument("--out", type=Path, required=True, help="writes questions.jsonl, and a "
                    "report when answers are given")  # fmt: skip
     how = c.add_mutually_exclusive_group()

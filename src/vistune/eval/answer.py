@@ -43,11 +43,14 @@ def require_engine() -> None:
         )
 
 
-def load_engine(model: str | Path, batch_size: int = 8) -> AnswerEngine:
+def load_engine(
+    model: str | Path, batch_size: int = 8, template: str | None = None
+) -> AnswerEngine:
     """`vistune.model.load_model(model)` (a folder or "default") in the serving engine (bf16).
 
     Loaded in bf16 directly, as `vistune chat` does: an fp32 load cast afterwards holds both
-    copies at once (28 GB for a 7B LLM)."""
+    copies at once (28 GB for a 7B LLM). `template`: a conversation template instead of the
+    model's own (a stage-1 model's `plain` never shows the question)."""
     require_engine()
     import torch
 
@@ -55,9 +58,9 @@ def load_engine(model: str | Path, batch_size: int = 8) -> AnswerEngine:
     from vistune.serve.engine import Engine
 
     loaded = load_model(model, dtype=torch.bfloat16)
-    for note in model_notes(loaded, model):
+    for note in model_notes(loaded, model, template):
         print(f"vistune: note: {note}", file=sys.stderr)
-    return Engine(loaded, batch_size=batch_size)
+    return Engine(loaded, batch_size=batch_size, template=template)
 
 
 def messages_for(question: dict) -> list[dict]:

@@ -11,7 +11,13 @@ can be checked without one. Skills:
   nine thirds ("top left" ... "center" ... "bottom right");
 - `presence`: "Is there a <color> <kind> in the image?" for a present pair -> yes;
 - `absence`: the same for a pair that is absent although its colour and its kind both
-  appear on other objects (the paper's strawberry-yogurt failure, §5.1 Limitations) -> no.
+  appear on other objects (the paper's strawberry-yogurt failure, §5.1 Limitations), or,
+  in a scene with one colour or one kind, a present kind in an absent colour -> no.
+
+Answers are balanced within each skill: of the questions a scene allows, the one whose
+answer the benchmark has asked least so far is asked (counts spread over 0-6 as the
+scenes allow, every colour and kind, yes as often as no). `CHANCE` is the accuracy of a
+uniform guess per skill; `shuffled_control` asks every question about another image.
 
 Matching (after lower-casing, number words -> digits, "grey" -> "gray", "centre"/"middle"
 -> "center", "upper"/"lower" -> "top"/"bottom"): count = the first number ("no"/"none"
@@ -54,52 +60,102 @@ def normalise(text: str) -> list[str]:
     return out
 
 
+CHANCE: dict[str, float] = {
+    "count": 100.0 / 7,  # 0-6
+    "color": 100.0 / len(COLORS),
+    "kind": 100.0 / len(KINDS),
+    "position": 100.0 / 9,  # the nine thirds
+    "presence": 50.0,
+    "absence": 50.0,
+}
+"""Accuracy of a uniform guess among each skill's possible answers (%)."""
+
+
+def _least_used(options: list, used: Counter, rng: random.Random):
+    """The option whose answer has been asked least so far (ties at random): `options`
+    are (answer, payload) pairs; spreads answers evenly over the benchmark."""
+    low = min(used[answer] for answer, _ in options)
+    pick = rng.choice([o for o in options if used[o[0]] == low])
+    used[pick[0]] += 1
+    return pick
+
+
 def questions_for_image(
-    image: str, objects: Sequence[SceneObject], rng: random.Random
+    image: str,
+    objects: Sequence[SceneObject],
+    rng: random.Random,
+    used: dict[str, Counter] | None = None,
 ) -> list[dict]:
-    """One question per skill that this scene can ask, with its exact answer."""
+    """One question per skill that this scene can ask, with its exact answer.
+
+    `used` (skill -> answers asked so far, updated here) balances answers across images:
+    of the questions this scene allows, the one whose answer is rarest so far is asked."""
+    used = {} if used is None else used
     kinds = Counter(o.kind for o in objects)
     colors = Counter(o.color for o in objects)
     pairs = Counter((o.color, o.kind) for o in objects)
     out = []
 
-    def add(skill: str, text: str, answer: str) -> None:
-        out.append({"image": image, "category": skill, "text": text, "answer": answer})
+    def add(skill: str, options: list[tuple[str, str]], text: str) -> None:
+        answer, subject = _least_used(sorted(options), used.setdefault(skill, Counter()), rng)
+        out.append(
+            {"image": image, "category": skill, "text": text.format(subject), "answer": answer}
+        )
 
-    kind = rng.choice(sorted(KINDS))
-    add("count", f"How many {_plural(kind)} are there in the image?", str(kinds.get(kind, 0)))
-    single_kinds = sorted(k for k, n in kinds.items() if n == 1)
+    # count: any kind (absent ones answer 0), grouped by answer so that each count is as
+    # likely as the scenes allow
+    by_count: dict[str, list[str]] = {}
+    for kind in sorted(KINDS):
+        by_count.setdefault(str(kinds.get(kind, 0)), []).append(kind)
+    add("count", [(n, _plural(rng.choice(ks))) for n, ks in by_count.items()],
+        "How many {} are there in the image?")  # fmt: skip
+    single_kinds = [k for k, n in kinds.items() if n == 1]
     if single_kinds:
-        k = rng.choice(single_kinds)
-        add("color", f"What color is the {k}?", next(o.color for o in objects if o.kind == k))
-    single_colors = sorted(c for c, n in colors.items() if n == 1)
+        add("color", [(next(o.color for o in objects if o.kind == k), k) for k in single_kinds],
+            "What color is the {}?")  # fmt: skip
+    single_colors = [c for c, n in colors.items() if n == 1]
     if single_colors:
-        c = rng.choice(single_colors)
-        add("kind", f"What shape is the {c} object?", next(o.kind for o in objects if o.color == c))
-    unique = sorted(p for p, n in pairs.items() if n == 1)
+        add("kind", [(next(o.kind for o in objects if o.color == c), c) for c in single_colors],
+            "What shape is the {} object?")  # fmt: skip
+    unique = [p for p, n in pairs.items() if n == 1]
     if unique:
-        c, k = rng.choice(unique)
-        pos = next(o.position for o in objects if (o.color, o.kind) == (c, k))
-        add("position", f"Where is the {c} {k} in the image?", pos)
+        where = {p: next(o.position for o in objects if (o.color, o.kind) == p) for p in unique}
+        add("position", [(where[p], f"{p[0]} {p[1]}") for p in unique],
+            "Where is the {} in the image?")  # fmt: skip
     if pairs:
-        c, k = rng.choice(sorted(pairs))
-        add("presence", f"Is there a {c} {k} in the image?", "yes")
-    traps = sorted((c, k) for c in colors for k in kinds if (c, k) not in pairs)
+        add("presence", [("yes", f"{c} {k}") for c, k in pairs], "Is there a {} in the image?")
+    traps = [(c, k) for c in colors for k in kinds if (c, k) not in pairs]
+    if not traps:  # one colour or one kind only: a present kind in a colour that is absent
+        traps = [(c, k) for c in COLORS for k in kinds if c not in colors]
     if traps:
-        c, k = rng.choice(traps)
-        add("absence", f"Is there a {c} {k} in the image?", "no")
+        add("absence", [("no", f"{c} {k}") for c, k in traps], "Is there a {} in the image?")
     return out
 
 
 def make_questions(
     truth: dict[str, list[SceneObject]], images: dict[str, str], seed: int = 0
 ) -> list[dict]:
-    """Questions for every image id in `images` (id -> image path), numbered in order."""
+    """Questions for every image id in `images` (id -> image path), numbered in order,
+    their answers balanced within each skill (see `questions_for_image`)."""
     rows = []
+    used: dict[str, Counter] = {}
     for image_id, image in images.items():
         rng = random.Random(f"vistune-scene-eval:{seed}:{image_id}")
-        rows += questions_for_image(image, truth.get(image_id, []), rng)
+        rows += questions_for_image(image, truth.get(image_id, []), rng, used)
     return [{"question_id": i, **row} for i, row in enumerate(rows)]
+
+
+def shuffled_control(questions: Sequence[dict], seed: int = 0) -> list[dict]:
+    """The same questions, each asked about another image of the set (a derangement of
+    the images): what a model answers without the right picture. Each row keeps its own
+    image as `own_image`."""
+    images = sorted({q["image"] for q in questions})
+    if len(images) < 2:
+        raise ValueError("the shuffled control needs questions on at least two images")
+    order = images[:]
+    random.Random(f"vistune-scene-control:{seed}").shuffle(order)
+    other = {a: b for a, b in zip(order, order[1:] + order[:1], strict=True)}
+    return [{**q, "image": other[q["image"]], "own_image": q["image"]} for q in questions]
 
 
 def _position(words: list[str]) -> tuple[str | None, str | None]:
@@ -142,5 +198,8 @@ def score(questions: Sequence[dict], answers: dict[str, str]) -> dict:
     accuracy = {s: (100.0 * right[s] / total[s] if total[s] else None) for s in SKILLS}
     n = sum(total.values())
     accuracy["all"] = 100.0 * sum(right.values()) / n if n else None
-    return {"accuracy": accuracy, "counts": {s: total[s] for s in SKILLS} | {"all": n},
-            "wrong": wrong}  # fmt: skip
+    present = [s for s in SKILLS if total[s]]
+    chance = {s: CHANCE[s] for s in present}
+    chance["all"] = sum(CHANCE[s] * total[s] for s in present) / n if n else None
+    return {"accuracy": accuracy, "chance": chance,
+            "counts": {s: total[s] for s in SKILLS} | {"all": n}, "wrong": wrong}  # fmt: skip
