@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
@@ -399,3 +400,46 @@ def test_a_build_says_how_many_kept_replies_are_not_reused(coco, tmp_path, scrip
     again = scripted_judge({}, default=_teacher_reply)
     assert _build(coco, out, again.url, "--max-tokens", "2048") == 0
     assert again.requests == [] and "not reused" not in capsys.readouterr().err
+
+
+def test_answers_are_balanced_within_each_skill(tmp_path):
+    make_scenes(tmp_path, 120, seed=2, val_fraction=0.5, size=64)
+    from vistune.data.scenes import load_scene_objects
+
+    truth = load_scene_objects(tmp_path, "val")
+    questions = scenes.make_questions(truth, {k: f"val/{k}.png" for k in truth})
+    by_skill = {s: [q["answer"] for q in questions if q["category"] == s] for s in scenes.SKILLS}
+    assert by_skill["presence"].count("yes") == len(by_skill["presence"]) == 60
+    assert by_skill["absence"].count("no") == len(by_skill["absence"]) == 60
+    counts = collections.Counter(by_skill["count"])
+    # every count a scene allows, not mostly 0 (the old benchmark: 17 of 20)
+    assert counts["0"] <= len(by_skill["count"]) / 3 and len(counts) >= 3
+    colours = collections.Counter(by_skill["color"])
+    assert len(colours) == 10 and max(colours.values()) - min(colours.values()) <= 3
+
+
+def test_shuffled_control_asks_about_another_picture():
+    questions = [{"question_id": i, "image": f"{i % 3}.png", "text": "q", "answer": "a"}
+                 for i in range(6)]  # fmt: skip
+    control = scenes.shuffled_control(questions)
+    assert all(c["image"] != c["own_image"] for c in control)
+    assert [c["own_image"] for c in control] == [q["image"] for q in questions]
+    assert sorted({c["image"] for c in control}) == ["0.png", "1.png", "2.png"]
+    with pytest.raises(ValueError, match="at least two images"):
+        scenes.shuffled_control(questions[:1])
+
+
+def test_scenes_cli_reports_chance_and_the_control(coco, tmp_path):
+    out = tmp_path / "ctl"
+    assert cli.main(["eval", "scenes", "--coco", str(coco), "--control", "shuffled",
+                     "--out", str(out)]) == 0  # fmt: skip
+    rows = _jsonl(out / "questions.jsonl")
+    assert all(r["image"] != r["own_image"] for r in rows)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": r["question_id"], "text": "no"}) + "\n"
+                               for r in rows))  # fmt: skip
+    assert cli.main(["eval", "scenes", "--coco", str(coco), "--control", "shuffled",
+                     "--out", str(out), "--answers", str(answers)]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["chance"]["presence"] == 50.0 and report["chance"]["color"] == 10.0
+    assert "accuracy, swapped images (%)" in (out / "report.md").read_text()
