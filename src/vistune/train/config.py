@@ -70,6 +70,16 @@ class TrainConfig:
     """How a fresh model squares images: `pad` (LLaVA-1.5), `resize` (squash) or `crop` (CLIP's resize + centre crop, the paper's)."""
     template: str | None = None
     """Conversation template; None: `plain` for pretrain (LLaVA's code: the caption alone; the paper's §4.2 keeps the instruction, `vicuna_v0`), `vicuna_v0` for finetune (paper)."""
+    ground: str = ""
+    """Grounded projector alignment before stage 1's caption steps (vistune.train.ground, docs/LEARNING.md): a COCO-layout folder whose instances give each training image's boxes; the projector first learns to map each grid cell to the words of the object there. Empty: the paper's stage 1, captions only."""
+    ground_split: str = "train"
+    """Split of `ground` whose boxes are read; its images are `<split>/<file_name>` under image_folder, as `vistune datagen` writes them."""
+    ground_steps: int = 600
+    """Minibatches of 128 images for the grounded alignment."""
+    ground_lr: float = 1e-3
+    """Peak learning rate of the grounded alignment (decays linearly to 0)."""
+    ground_where: bool = False
+    """Also align an object's cells to the words of the third of the picture it is in ("top left")."""
     epochs: int | None = None
     """Passes over the data; None: 1 for pretrain, 3 for finetune (paper §5)."""
     max_steps: int = 0
@@ -105,6 +115,10 @@ class TrainConfig:
     """Dropout on the LoRA branch."""
     lora_merge: bool = True
     """Merge LoRA into the LLM weights in the saved model; false: the model keeps the base LLM plus the adapter (`model/adapter`, merged when loaded; also in `<out>/adapter`)."""
+    gain_samples: int = 32
+    """Samples held out of training to measure the image gain (vistune.train.gain: their loss with their own images against swapped ones), logged every gain_every steps and at the end; 0: none held out."""
+    gain_every: int = 50
+    """Steps between image-gain measurements."""
     save_every: int = 500
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     keep_last: int = 2
@@ -148,14 +162,21 @@ class TrainConfig:
         check_choice("scienceqa_answer_format", self.scienceqa_answer_format, tuple(ANSWER_FORMATS))
         if self.lora_r and self.stage != "finetune":
             raise ValueError("lora_r applies to the finetune stage only")
+        if self.ground and self.stage != "pretrain":
+            raise ValueError("ground applies to the pretrain stage only (it sets up the projector)")
+        if self.ground_steps < 1:
+            raise ValueError(f"ground_steps must be at least 1, got {self.ground_steps}")
+        if not 0 < self.ground_lr < math.inf:
+            raise ValueError(f"ground_lr must be a positive number, got {self.ground_lr}")
         if (self.vision or self.llm) and self.init != "default":
             raise ValueError("vision/llm build a fresh model: use them with init 'default'")
         positive = ("epochs", "batch_size", "per_device_batch", "model_max_length", "image_size")
-        for name in (*positive, "save_every", "keep_last", "feature_batch", "length_group"):
+        for name in (*positive, "save_every", "keep_last", "feature_batch", "length_group",
+                     "gain_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0:
-            raise ValueError("max_steps, lora_r and threads must be >= 0")
+        if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0 or self.gain_samples < 0:
+            raise ValueError("max_steps, lora_r, threads and gain_samples must be >= 0")
         if not 0 <= self.seed < 2**63:  # torch generators take 64-bit seeds
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         # written as `not (...)` so that NaN, which fails every comparison, is refused too

@@ -102,6 +102,8 @@ class _Run:
     trainable: list[str]
     fingerprint: str
     attention: str
+    held: list[Sample] = field(default_factory=list)
+    """Held out of training to measure the image gain (cfg.gain_samples)."""
 
 
 def keep_large_buffers() -> None:
@@ -226,6 +228,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     samples, skipped, store = prepare_samples(
         cfg, model, info.rank, info.world, lambda: barrier(info), on_features, say
     )
+    samples, held = hold_out(samples, cfg.gain_samples, cfg.seed)
     steps_per_epoch = len(samples) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(
@@ -241,6 +244,8 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         if any(p.is_meta for p in model.llm.parameters()):
             materialize(model.llm, info.device)
         model.to(info.device)
+    if cfg.ground and latest is None:  # a resumed run's checkpoint holds the grounded projector
+        _ground(cfg, model, samples, store, say)
     # FSDP's DTensor weights run through transformers' forward, not vistune's CPU kernels
     step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
     trainable = [n for n, p in step_module.named_parameters() if p.requires_grad]
@@ -280,6 +285,22 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         trainable,
         fingerprint,
         attention,
+        held,
+    )
+
+
+def _ground(cfg: TrainConfig, model: Any, samples: list[Sample], store: Any, say: Say) -> None:
+    """Grounded projector alignment (vistune.train.ground), the same on every rank."""
+    from vistune.train.ground import ground_projector
+
+    images = [s.image for s in samples if s.image is not None]
+    result = ground_projector(
+        model, Path(cfg.ground), cfg.ground_split, images, store.get, cfg.ground_steps,
+        cfg.ground_lr, seed=cfg.seed, where=cfg.ground_where, say=say,
+    )  # fmt: skip
+    say(
+        f"grounded the projector on {result['images']} images: alignment loss "
+        f"{result['first_loss']:.3f} -> {result['last_loss']:.3f}"
     )
 
 
@@ -407,6 +428,12 @@ def _loop(run: _Run, say: Say, on_step) -> TrainResult:
                 )
                 epoch_of = epoch
             record = _one_step(run, step, batches[position])
+            if run.held and ((step + 1) % cfg.gain_every == 0 or step + 1 == run.total):
+                record.update(_image_gain(run))
+                if info.is_main:
+                    say(f"step {step + 1}: image gain {record['image_gain']:.3f} nats/token "
+                        f"(held-out loss {record['held_loss']:.3f} with own images, "
+                        f"{record['held_loss_swapped']:.3f} swapped)")  # fmt: skip
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -423,6 +450,30 @@ def _loop(run: _Run, say: Say, on_step) -> TrainResult:
     from vistune.train.report import finish
 
     return finish(run, model_dir, record)
+
+
+def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, `count` held-out samples with an image), picked by `seed`; none
+    held out when fewer than 4 x count samples have an image (a small run keeps its data)."""
+    with_image = [i for i, s in enumerate(samples) if s.image is not None]
+    if count < 2 or len(with_image) < 4 * count:
+        return samples, []
+    picked = set(random.Random(f"vistune-gain:{seed}").sample(with_image, count))
+    return ([s for i, s in enumerate(samples) if i not in picked],
+            [s for i, s in enumerate(samples) if i in picked])  # fmt: skip
+
+
+def _image_gain(run: _Run) -> dict[str, float]:
+    """The held-out image gain (vistune.train.gain), on every rank (no collective)."""
+    from vistune.train.gain import image_gain
+
+    features = run.store.get([s.image for s in run.held]).to(run.model.device)
+    autocast = torch.bfloat16 if run.cfg.precision == "bf16" else None
+    gain = image_gain(run.step_module, [s.input_ids for s in run.held],
+                      [s.labels for s in run.held], features, autocast=autocast)  # fmt: skip
+    run.step_module.weights_changed()  # the eval-mode forward may have cached casts
+    return {"image_gain": gain["gain"], "held_loss": gain["own"],
+            "held_loss_swapped": gain["swapped"]}  # fmt: skip
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:

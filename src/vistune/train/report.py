@@ -68,9 +68,23 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     marker = "o" if len(records) < 2 else None  # a line of one point draws nothing
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, marker=marker)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, alpha=0.35,
+            marker=marker, label="training loss")  # fmt: skip
+    if len(records) >= 8:  # an exponential moving average, as TensorBoard smooths
+        smooth, value = [], records[0]["loss"]
+        for r in records:
+            value = 0.9 * value + 0.1 * r["loss"]
+            smooth.append(value)
+        ax.plot([r["step"] for r in records], smooth, lw=1.4, label="smoothed")
+    gains = [r for r in records if "image_gain" in r]
+    if gains:
+        ax.plot([r["step"] for r in gains], [r["held_loss"] for r in gains], "o-", ms=3,
+                label="held out, own images")  # fmt: skip
+        ax.plot([r["step"] for r in gains], [r["held_loss_swapped"] for r in gains], "s--",
+                ms=3, label="held out, swapped images")  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss (token CE)")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -117,6 +131,12 @@ def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
             "model": str(model_dir),
             "processes": run.info.world,
             "accumulation": run.accum,
+            "held_out": len(getattr(run, "held", [])),
+            "image_gain": [
+                {k: r[k] for k in ("step", "image_gain", "held_loss", "held_loss_swapped")}
+                for r in records
+                if "image_gain" in r
+            ],
         },
     )
     return result

@@ -229,6 +229,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise DataError(f"{cfg.data}: training data file not found")
     if cfg.image_folder and not Path(cfg.image_folder).is_dir():
         raise DataError(f"{cfg.image_folder}: image folder not found")
+    boxes = Path(cfg.ground) / "annotations" / f"instances_{cfg.ground_split}.json"
+    if cfg.ground and not boxes.is_file():
+        raise DataError(f"{boxes}: not found; ground needs a COCO folder with its instances")
 
 
 def load_rows(cfg: TrainConfig, skipped: Counter | None = None) -> list[Any]:

@@ -1,0 +1,97 @@
+"""Grounded projector alignment: which cell shows what, the targets, and the fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.train.conftest import tiny_args, write_dataset
+from vistune.data.scenes import make_scenes
+from vistune.datagen.context import Box
+from vistune.errors import DataError
+from vistune.train.config import TrainConfig
+from vistune.train.ground import (
+    align_projector,
+    alignment_loss,
+    cell_objects,
+    cell_targets,
+    square_box,
+    third,
+)
+from vistune.train.loop import train
+
+
+def test_cells_show_the_smallest_covering_box_and_every_object_owns_its_centre():
+    big = Box("square", (0.0, 0.0, 1.0, 1.0))
+    small = Box("star", (0.55, 0.55, 0.65, 0.65))  # covers no cell centre of a 2x2 grid
+    cells = cell_objects([big, small], 2)
+    assert cells == [big, big, big, small]  # the star's centre falls in the last cell
+    assert cell_objects([], 3) == [None] * 9
+
+
+def test_boxes_follow_the_towers_square():
+    # a 200 x 100 image padded to 200 x 200: y moves down by a quarter and halves
+    assert square_box((0.0, 0.0, 0.5, 1.0), 200, 100, "pad") == (0.0, 0.25, 0.5, 0.75)
+    assert square_box((0.1, 0.2, 0.3, 0.4), 200, 100, "resize") == (0.1, 0.2, 0.3, 0.4)
+    # a centre crop of 100 x 100 keeps x in [0.25, 0.75]; a box left of it is cut away
+    assert square_box((0.0, 0.0, 0.2, 1.0), 200, 100, "crop") is None
+    assert square_box((0.25, 0.0, 0.5, 1.0), 200, 100, "crop") == (0.0, 0.0, 0.5, 1.0)
+
+
+def test_targets_are_the_words_of_the_object_or_background():
+    words = {"red": 1.0, "star": 3.0, "background": -1.0, "top": 10.0, "left": 20.0}
+
+    def vector(text: str) -> torch.Tensor:
+        return torch.tensor([sum(words[w] for w in text.split()) / len(text.split())])
+
+    box = Box("star", (0.0, 0.0, 0.3, 0.3), "red")
+    assert third(box) == "top left" and third(Box("x", (0.4, 0.4, 0.6, 0.6))) == "center"
+    targets = cell_targets([box], 2, vector)
+    assert targets.flatten().tolist() == [2.0, -1.0, -1.0, -1.0]
+    assert cell_targets([box], 2, vector, where=True)[0].item() == pytest.approx(8.5)
+
+
+def test_alignment_fits_a_projector_and_the_loss_sees_norm_and_direction():
+    torch.manual_seed(0)
+    features = torch.randn(64, 4, 8)
+    mapping = torch.randn(8, 6)
+    targets = features @ mapping  # (64, 4, 6): a linear projector can fit it exactly
+    assert alignment_loss(targets, targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert alignment_loss(2 * targets, targets).item() == pytest.approx(0.1, abs=1e-5)
+    projector = torch.nn.Linear(8, 6)
+    losses = align_projector(projector, features, targets, steps=300, lr=3e-2, batch=16)
+    assert len(losses) == 300 and losses[-1] < 0.05 < losses[0]
+    with pytest.raises(ValueError, match="differ in images or tokens"):
+        align_projector(projector, features, targets[:, :3], steps=1, lr=1e-3)
+
+
+def test_ground_is_for_stage_one_and_needs_the_instances(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="pretrain stage only"):
+        TrainConfig(stage="finetune", ground="x")
+    data = write_dataset(tmp_path / "data", n=8)
+    args = tiny_args(data, tmp_path / "out", tmp_path / "f", tiny_model_dir, ground=str(tmp_path))
+    with pytest.raises(DataError, match="instances_train.json: not found"):
+        train(TrainConfig(**args))
+
+
+def test_stage_one_grounds_the_projector_on_scene_boxes(tmp_path, tiny_model_dir):
+    """The real loop on scenes: the projector moves toward the words before the captions."""
+    import json
+
+    from vistune.data.formats import load_coco
+
+    scenes = tmp_path / "scenes"
+    make_scenes(scenes, 10, seed=0, val_fraction=0.0, size=32)
+    contexts, _ = load_coco(scenes, "train")
+    rows = [{"id": c.image_id, "image": c.image, "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": c.captions[0]}]}
+        for c in contexts]  # fmt: skip
+    data = scenes / "brief.json"
+    data.write_text(json.dumps(rows))
+    said = []
+    args = tiny_args(data, tmp_path / "out", tmp_path / "f", tiny_model_dir, ground=str(scenes),
+                     ground_steps=40, ground_lr=1e-2, image_folder=str(scenes), max_steps=1)  # fmt: skip
+    train(TrainConfig(**args), say=said.append)
+    (line,) = [s for s in said if s.startswith("grounded the projector on 10 images")]
+    first, last = (float(v) for v in line.rsplit("loss ", 1)[1].split(" -> "))
+    assert last < first
