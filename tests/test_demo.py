@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vistune import cli
 from vistune.commands import demo
 
 
@@ -16,6 +17,18 @@ def _args(out: Path, *extra: str) -> argparse.Namespace:
     return parser.parse_args(["--out", str(out), *extra])
 
 
+SCENE = {
+    "images": [{"id": 1, "file_name": "000000000001.png", "width": 64, "height": 64}],
+    "annotations": [{"image_id": 1, "category_id": 9, "bbox": [1, 1, 9, 9], "kind": "star",
+                     "color": "red", "size_name": "small", "position": "top left"}],
+    "categories": [{"id": 9, "name": "star"}],
+}  # fmt: skip
+
+
+def no_answers(model_dir, images, astronaut):
+    return [{"image": str(p), "question": "What is there?", "answer": "a red star"} for p in images]
+
+
 class FakeVistune:
     """Records each argv and writes the output the real command would leave."""
 
@@ -23,13 +36,17 @@ class FakeVistune:
         self.calls: list[list[str]] = []
 
     def __call__(self, argv: list[str]) -> int:
+        # the real parser of the command: a flag the demo passes that the command lacks fails
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        cli._load(argv[0]).add_arguments(parser)
+        parser.parse_args(argv[1:])
         self.calls.append(argv)
         out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
         if argv[0] == "scenes":
             (out / "val").mkdir(parents=True, exist_ok=True)
-            (out / "val" / "000.png").write_bytes(b"")
+            (out / "val" / "000000000001.png").write_bytes(b"")
             (out / "annotations").mkdir(exist_ok=True)
-            (out / "annotations" / "instances_val.json").write_text("{}")
+            (out / "annotations" / "instances_val.json").write_text(json.dumps(SCENE))
         elif argv[0] == "datagen":
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("[]")
@@ -41,7 +58,9 @@ class FakeVistune:
             (out / "model" / "config.json").write_text("{}")
         elif argv[0] == "eval":
             out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(json.dumps({"accuracy": {"all": 50.0}}))
+            report = {"accuracy": {"all": 50.0, "count": 40.0}, "chance": {"all": 20.0},
+                      "counts": {"all": 10}}  # fmt: skip
+            (out / "report.json").write_text(json.dumps(report))
         return 0
 
     def commands(self) -> list[str]:
@@ -53,15 +72,34 @@ class FakeVistune:
 
 def test_demo_runs_every_step_then_skips_what_is_done(tmp_path):
     fake = FakeVistune()
-    assert demo.run(_args(tmp_path / "demo"), call=fake) == 0
+    assert demo.run(_args(tmp_path / "demo"), call=fake, answer=no_answers) == 0
     assert fake.commands() == [
-        "weights", "scenes", "datagen", "datagen", "train", "train", "eval", "chat"
+        "weights", "scenes", "datagen", "datagen", "train", "train", "eval", "eval", "eval", "chat"
     ]  # fmt: skip
     assert "--resume" not in fake.train("pretrain")
-    assert fake.calls[-1][fake.calls[-1].index("--image") + 1].endswith("val/000.png")
+    assert fake.train("pretrain")[fake.train("pretrain").index("--ground") + 1].endswith("scenes")
+    evals = [a for a in fake.calls if a[0] == "eval"]
+    assert ["--control", "shuffled"] == evals[1][-2:]
+    assert ["--template", "chat_template"] == evals[2][-2:]
+    assert fake.calls[-1][fake.calls[-1].index("--image") + 1].endswith("val/000000000001.png")
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| tuned model (stage 1 + 2) | 40.00 | - | - | - | - | - | 50.00 |" in report
+    assert "| chance | - | - | - | - | - | - | 20.00 |" in report
+    assert "`000000000001.png` (really: red star): *What is there?* a red star" in report
     again = FakeVistune()
-    demo.run(_args(tmp_path / "demo"), call=again)
+    demo.run(_args(tmp_path / "demo"), call=again, answer=no_answers)
     assert again.commands() == ["weights", "chat"]
+
+
+def test_demo_ablation_trains_a_conversation_only_model_and_tabulates_it(tmp_path):
+    fake = FakeVistune()
+    demo.run(_args(tmp_path / "demo", "--ablation"), call=fake, answer=no_answers)
+    trains = [a for a in fake.calls if a[0] == "train"]
+    assert len(trains) == 3 and trains[2][trains[2].index("--data") + 1].endswith(
+        "conversation.json"
+    )
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Ablation" in report and (tmp_path / "demo" / "ablation.png").is_file()
 
 
 def test_demo_resumes_a_training_stage_it_stopped_in(tmp_path):
@@ -70,17 +108,17 @@ def test_demo_resumes_a_training_stage_it_stopped_in(tmp_path):
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text("{}")
     fake = FakeVistune()
-    demo.run(_args(out), call=fake)
+    demo.run(_args(out), call=fake, answer=no_answers)
     assert fake.train("pretrain")[-1] == "--resume"
     assert "--resume" not in fake.train("finetune")
 
 
 def test_demo_force_clears_finished_training_stages(tmp_path):
     out = tmp_path / "demo"
-    demo.run(_args(out), call=FakeVistune())
+    demo.run(_args(out), call=FakeVistune(), answer=no_answers)
     (out / "pretrain" / "old.txt").write_text("from the first run")
     fake = FakeVistune()
-    demo.run(_args(out, "--force"), call=fake)
+    demo.run(_args(out, "--force"), call=fake, answer=no_answers)
     assert "--resume" not in fake.train("pretrain") + fake.train("finetune")
     assert not (out / "pretrain" / "old.txt").exists()
     assert (out / "pretrain" / "model" / "config.json").is_file()

@@ -43,24 +43,66 @@ class Step:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
-    parser.add_argument("--images", type=int, default=400, help="scenes to render (default: 400)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=1500,
+        help="scenes to render, a fifth held out (default: 1500)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--pretrain-epochs", type=int, default=3, help="stage-1 passes (default: 3)"
+        "--ground-steps", type=int, default=600,
+        help="grounded projector alignment steps before stage 1 (default: 600; docs/LEARNING.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=8, help="stage-1 caption steps (default: 8)"
     )
     parser.add_argument(
-        "--finetune-epochs", type=int, default=1, help="stage-2 passes (default: 1)"
-    )
+        "--finetune-steps", type=int, default=150,
+        help="stage-2 steps of 8 samples (default: 150; more steps, better answers)",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-steps", type=int, default=0, help="cap each stage's steps (0: no cap)"
-    )
-    parser.add_argument(
-        "--eval-images", type=int, default=20, help="held-out scenes to evaluate (default: 20)"
+        "--eval-images", type=int, default=60, help="held-out scenes to evaluate (default: 60)"
     )
     parser.add_argument(
         "--image-size", type=int, default=112, help="image side: 112 gives 64 image tokens"
     )
+    parser.add_argument(
+        "--ablation", action="store_true",
+        help="also train stage 2 on conversations only and write the paper's Table 4 in small",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo steps whose output exists")
+
+
+def _datagen(scenes: Path, types: str, out: Path) -> Step:
+    title = {
+        "brief": "stage-1 data: captions as brief descriptions (naive expansion, §3)",
+        "conversation": "conversation-only stage-2 data (ablation)",
+    }.get(types, "stage-2 data: conversation, detail, complex reasoning (rules teacher)")
+    argv = ["datagen", "--coco", str(scenes), "--split", "train", "--types", types,
+            "--teacher", "rules", "--out", str(out)]  # fmt: skip
+    return Step(title, argv, out)
+
+
+def _finetune(args: argparse.Namespace, title: str, data: Path, out: Path) -> Step:
+    argv = ["train", "--stage", "finetune", "--init", str(Path(args.out) / "pretrain"),
+            "--data", str(data), "--out", str(out), "--template", "chat_template",
+            "--max-steps", str(args.finetune_steps), "--batch-size", "8",
+            "--per-device-batch", "8", "--lr", "2e-4", *_common(args)]  # fmt: skip
+    return Step(title, argv, out / "model" / "config.json", train_out=out)
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    scenes = Path(args.out) / "scenes"
+    return ["--image-folder", str(scenes), "--precision", "bf16", "--seed", str(args.seed),
+            "--save-every", "50"]  # fmt: skip
+
+
+def _eval(args: argparse.Namespace, title: str, model: Path, out: Path, *extra: str) -> Step:
+    argv = ["eval", "scenes", "--coco", str(Path(args.out) / "scenes"), "--split", "val",
+            "--images", str(args.eval_images), "--model", str(model), "--out", str(out),
+            "--max-new-tokens", "40", "--batch-size", "16", *extra]  # fmt: skip
+    return Step(title, argv, out / "report.json")
 
 
 def steps(args: argparse.Namespace) -> list[Step]:
@@ -68,51 +110,17 @@ def steps(args: argparse.Namespace) -> list[Step]:
     out = Path(args.out)
     scenes, data = out / "scenes", out / "data"
     pretrain, finetune = out / "pretrain", out / "finetune"
-    cap = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    common_train = ["--image-folder", str(scenes), "--precision", "bf16", "--seed", str(args.seed)]
-    return [
+    plan = [
         Step("convert the packaged weights", ["weights"], out / ".never"),
         Step(
             "render built-in scenes (COCO layout)",
             ["scenes", "--n", str(args.images), "--seed", str(args.seed), "--out", str(scenes)],
             scenes / "annotations" / "instances_val.json",
         ),
+        _datagen(scenes, "brief", data / "brief.json"),
+        _datagen(scenes, "conversation,detail,complex", data / "instruct.json"),
         Step(
-            "stage-1 data: captions as brief descriptions (naive expansion, §3)",
-            [
-                "datagen",
-                "--coco",
-                str(scenes),
-                "--split",
-                "train",
-                "--types",
-                "brief",
-                "--teacher",
-                "rules",
-                "--out",
-                str(data / "brief.json"),
-            ],
-            data / "brief.json",
-        ),
-        Step(
-            "stage-2 data: conversation, detail, complex reasoning (rules teacher)",
-            [
-                "datagen",
-                "--coco",
-                str(scenes),
-                "--split",
-                "train",
-                "--types",
-                "conversation,detail,complex",
-                "--teacher",
-                "rules",
-                "--out",
-                str(data / "instruct.json"),
-            ],
-            data / "instruct.json",
-        ),
-        Step(
-            "stage 1: align the projector (vision tower and LLM frozen)",
+            "stage 1: ground, then align the projector on captions (tower and LLM frozen)",
             [
                 "train",
                 "--stage",
@@ -125,64 +133,68 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 str(pretrain),
                 "--image-size",
                 str(args.image_size),
-                "--epochs",
-                str(args.pretrain_epochs),
+                "--ground",
+                str(scenes),
+                "--ground-steps",
+                str(args.ground_steps),
+                "--max-steps",
+                str(args.pretrain_steps),
                 "--batch-size",
                 "32",
                 "--per-device-batch",
                 "16",
                 "--lr",
-                "2e-3",
-                *common_train,
-                *cap,
-            ],
+                "1e-4",
+                *_common(args),
+            ],  # fmt: skip
             pretrain / "model" / "config.json",
             train_out=pretrain,
         ),
-        Step(
+        _finetune(
+            args,
             "stage 2: tune projector + LLM on instruction data",
-            [
-                "train",
-                "--stage",
-                "finetune",
-                "--init",
-                str(pretrain),
-                "--data",
-                str(data / "instruct.json"),
-                "--out",
-                str(finetune),
-                "--epochs",
-                str(args.finetune_epochs),
-                "--batch-size",
-                "16",
-                "--per-device-batch",
-                "16",
-                "--lr",
-                "2e-5",
-                *common_train,
-                *cap,
-            ],
-            finetune / "model" / "config.json",
-            train_out=finetune,
+            data / "instruct.json",
+            finetune,
         ),
-        Step(
+    ]
+    if args.ablation:
+        plan += [
+            _datagen(scenes, "conversation", data / "conversation.json"),
+            _finetune(
+                args,
+                "stage 2 on conversations only (ablation)",
+                data / "conversation.json",
+                out / "finetune_conversation",
+            ),  # fmt: skip
+        ]
+    plan += [
+        _eval(
+            args,
             "evaluate on held-out scenes (exact answers per skill)",
-            [
-                "eval",
-                "scenes",
-                "--coco",
-                str(scenes),
-                "--split",
-                "val",
-                "--images",
-                str(args.eval_images),
-                "--model",
-                str(finetune / "model"),
-                "--out",
-                str(out / "eval"),
-            ],
-            out / "eval" / "report.json",
-        ),
+            finetune / "model",
+            out / "eval",
+        ),  # fmt: skip
+        _eval(
+            args,
+            "the same questions about another scene's picture (swapped-image control)",
+            finetune / "model",
+            out / "eval_swapped",
+            "--control",
+            "shuffled",
+        ),  # fmt: skip
+        _eval(
+            args,
+            "the stage-1 model alone (no instruction tuning)",
+            pretrain / "model",
+            out / "eval_stage1",
+            "--template",
+            "chat_template",
+        ),  # fmt: skip
+    ]
+    if args.ablation:
+        plan.append(_eval(args, "the conversation-only model (ablation)",
+                          out / "finetune_conversation" / "model", out / "eval_conversation"))  # fmt: skip
+    plan.append(
         Step(
             "chat with the tuned model about a held-out image",
             [
@@ -192,11 +204,14 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 "--image",
                 FIRST_VAL_IMAGE,
                 "--prompt",
-                "What shapes are in the image?",
-            ],
+                "What objects can you see in the picture?",
+                "--max-tokens",
+                "60",
+            ],  # fmt: skip
             out / ".never",
-        ),
-    ]
+        )
+    )
+    return plan
 
 
 def _first_val_image(scenes: Path) -> str:
@@ -206,7 +221,13 @@ def _first_val_image(scenes: Path) -> str:
     return str(images[0])
 
 
-def run(args: argparse.Namespace, call: Callable[[list[str]], int] | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    call: Callable[[list[str]], int] | None = None,
+    answer: Callable[..., list[dict]] | None = None,
+) -> int:
+    """Run the steps through `call` (the `vistune` CLI), then write the report with the
+    sample answers of `answer` (vistune.eval.demo_report.sample_answers)."""
     if call is None:
         from vistune.cli import main as call
     plan = steps(args)
@@ -229,7 +250,8 @@ def run(args: argparse.Namespace, call: Callable[[list[str]], int] | None = None
         code = call(argv)
         if code != 0:
             raise VistuneError(f"demo step {number} failed (exit {code}): {command}")
-    _summary(Path(args.out), time.monotonic() - started)
+    report = _report(Path(args.out), answer)
+    _summary(Path(args.out), time.monotonic() - started, report)
     return 0
 
 
@@ -248,11 +270,33 @@ def _resume_or_restart(step: Step, argv: list[str], force: bool) -> list[str]:
     return [*argv, "--resume"]
 
 
-def _summary(out: Path, seconds: float) -> None:
-    report = out / "eval" / "report.json"
+def _report(out: Path, answer: Callable[..., list[dict]] | None) -> Path:
+    from vistune.data.scenes import load_scene_objects
+    from vistune.datagen.rules import join
+    from vistune.eval import demo_report
+
+    if answer is None:
+        answer = demo_report.sample_answers
+    images = sorted((out / "scenes" / "val").glob("*.png"))[:3]
+    truth = load_scene_objects(out / "scenes", "val")
+    truths = {
+        str(p): join([f"{o.color} {o.kind}" for o in truth.get(str(int(p.stem)), [])])
+        for p in images
+        if truth.get(str(int(p.stem)))
+    }
+    print("\nwriting the report (sample answers of the tuned model)", file=sys.stderr, flush=True)
+    samples = answer(out / "finetune" / "model", images, demo_report.astronaut_photo())
+    return demo_report.write_report(out, samples, truths)
+
+
+def _summary(out: Path, seconds: float, report: Path) -> None:
+    reports = {name: out / folder / "report.json" for name, folder in
+               (("tuned", "eval"), ("swapped images", "eval_swapped"), ("stage 1 only", "eval_stage1"))}  # fmt: skip
     print(f"\nDemo finished in {seconds / 60:.1f} min. Outputs in {out}/", file=sys.stderr)
-    if report.is_file():
-        accuracy = json.loads(report.read_text()).get("accuracy", {})
-        cells = ", ".join(f"{k} {v:.1f}%" for k, v in accuracy.items() if v is not None)
-        print(f"Held-out scene accuracy: {cells}")
+    for name, path in reports.items():
+        if path.is_file():
+            accuracy = json.loads(path.read_text()).get("accuracy", {})
+            cells = ", ".join(f"{k} {v:.1f}%" for k, v in accuracy.items() if v is not None)
+            print(f"Held-out accuracy, {name}: {cells}")
+    print(f"Report: {report}")
     print(f"Chat with it: vistune chat --model {out / 'finetune' / 'model'} --image IMAGE")
