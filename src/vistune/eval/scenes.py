@@ -9,7 +9,8 @@ can be checked without one. Skills:
 - `kind`: "What shape is the <color> object?" (a colour present once) -> its kind;
 - `position`: "Where is the <color> <kind> in the image?" (a unique pair) -> one of the
   nine thirds ("top left" ... "center" ... "bottom right");
-- `presence`: "Is there a <color> <kind> in the image?" for a present pair -> yes;
+- `presence`: "Is there a <color> <kind> in the image?" ("an orange ...") for a present
+  pair -> yes;
 - `absence`: the same for a pair that is absent although its colour and its kind both
   appear on other objects (the paper's strawberry-yogurt failure, §5.1 Limitations), or,
   in a scene with one colour or one kind, a present kind in an absent colour -> no.
@@ -40,6 +41,10 @@ _WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3",
           "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
           "ten": "10", "grey": "gray", "centre": "center", "middle": "center",
           "upper": "top", "lower": "bottom"}  # fmt: skip
+
+
+def _a(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def _plural(kind: str) -> str:
@@ -123,12 +128,12 @@ def questions_for_image(
         add("position", [(where[p], f"{p[0]} {p[1]}") for p in unique],
             "Where is the {} in the image?")  # fmt: skip
     if pairs:
-        add("presence", [("yes", f"{c} {k}") for c, k in pairs], "Is there a {} in the image?")
+        add("presence", [("yes", _a(f"{c} {k}")) for c, k in pairs], "Is there {} in the image?")
     traps = [(c, k) for c in colors for k in kinds if (c, k) not in pairs]
     if not traps:  # one colour or one kind only: a present kind in a colour that is absent
         traps = [(c, k) for c in COLORS for k in kinds if c not in colors]
     if traps:
-        add("absence", [("no", f"{c} {k}") for c, k in traps], "Is there a {} in the image?")
+        add("absence", [("no", _a(f"{c} {k}")) for c, k in traps], "Is there {} in the image?")
     return out
 
 
