@@ -159,7 +159,7 @@ def test_missing_image_listed(bench, tmp_path):
 def fake_engine(monkeypatch):
     engine = FakeEngine()
     monkeypatch.setattr(answer, "require_engine", lambda: None)
-    monkeypatch.setattr(answer, "load_engine", lambda model, batch_size=8: engine)
+    monkeypatch.setattr(answer, "load_engine", lambda model, batch_size=8, template=None: engine)
     return engine
 
 
@@ -343,3 +343,15 @@ def test_load_engine_says_what_chat_says_about_the_model(tiny_model, tmp_path, c
     model.projector_trained = True
     answer.load_engine(model.save(tmp_path / "stage2"))
     assert "vistune: note" not in capsys.readouterr().err
+
+
+def test_load_engine_takes_another_template(tiny_model, tmp_path, capsys):
+    """`--template chat_template` lets a stage-1 model (plain) be asked the question."""
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(tiny_model)
+    model.config = dataclasses.replace(model.config, template="plain")
+    engine = answer.load_engine(model.save(tmp_path / "stage1"), template="chat_template")
+    assert engine.template == "chat_template"
+    assert "plain template" not in capsys.readouterr().err

@@ -68,9 +68,10 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     marker = "o" if len(records) < 2 else None  # a line of one point draws nothing
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, alpha=0.35,
-            marker=marker, label="training loss")  # fmt: skip
-    if len(records) >= 8:  # an exponential moving average, as TensorBoard smooths
+    smoothed = len(records) >= 8
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8,
+            alpha=0.35 if smoothed else 1.0, marker=marker, label="training loss")  # fmt: skip
+    if smoothed:  # an exponential moving average, as TensorBoard smooths
         smooth, value = [], records[0]["loss"]
         for r in records:
             value = 0.9 * value + 0.1 * r["loss"]
