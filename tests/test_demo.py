@@ -78,6 +78,7 @@ def test_demo_runs_every_step_then_skips_what_is_done(tmp_path):
     ]  # fmt: skip
     assert "--resume" not in fake.train("pretrain")
     assert fake.train("pretrain")[fake.train("pretrain").index("--ground") + 1].endswith("scenes")
+    assert "--ground-where" in fake.train("pretrain")
     evals = [a for a in fake.calls if a[0] == "eval"]
     assert ["--control", "shuffled"] == evals[1][-2:]
     assert ["--template", "chat_template"] == evals[2][-2:]

@@ -137,6 +137,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 str(scenes),
                 "--ground-steps",
                 str(args.ground_steps),
+                "--ground-where",
                 "--max-steps",
                 str(args.pretrain_steps),
                 "--batch-size",
