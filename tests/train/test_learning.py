@@ -79,3 +79,21 @@ def test_the_gain_is_zero_when_the_images_carry_nothing(tiny_model):
     assert gain["gain"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="two or more samples"):
         image_gain(TrainStep(tiny_model, fast=False), ids[:1], labels[:1], same[:1])
+
+
+def test_hold_out_takes_samples_with_images_by_seed_and_spares_small_runs():
+    from pathlib import Path
+
+    from vistune.data.dataset import Sample
+    from vistune.train.gain import hold_out
+
+    def sample(i: int) -> Sample:
+        return Sample(str(i), Path(f"{i}.png") if i % 2 else None, [1], [1], 1, 0)
+
+    samples = [sample(i) for i in range(40)]  # 20 with an image
+    train, held = hold_out(samples, 4, seed=0)
+    assert len(held) == 4 and all(s.image is not None for s in held)
+    assert len(train) == 36 and not {s.id for s in held} & {s.id for s in train}
+    assert hold_out(samples, 4, seed=0)[1] == held != hold_out(samples, 4, seed=1)[1]
+    assert hold_out(samples, 6, seed=0) == (samples, [])  # 20 images < 4 x 6
+    assert hold_out(samples, 0, seed=0) == (samples, [])

@@ -12,11 +12,14 @@ Reported in nats per supervised token.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from vistune.data.conversation import IGNORE_INDEX
+from vistune.data.dataset import Sample
 
 
 @torch.no_grad()
@@ -64,3 +67,28 @@ def image_gain(
         step_module.train(was_training)
     own, other = totals
     return {"own": own, "swapped": other, "gain": other - own}
+
+
+def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, `count` held-out samples with an image), picked by `seed`; none
+    held out when fewer than 4 x count samples have an image (a small run keeps its data)."""
+    with_image = [i for i, s in enumerate(samples) if s.image is not None]
+    if count < 2 or len(with_image) < 4 * count:
+        return samples, []
+    picked = set(random.Random(f"vistune-gain:{seed}").sample(with_image, count))
+    return ([s for i, s in enumerate(samples) if i not in picked],
+            [s for i, s in enumerate(samples) if i in picked])  # fmt: skip
+
+
+def held_out_gain(
+    step_module: Any, store: Any, held: list[Sample], precision: str
+) -> dict[str, float]:
+    """`image_gain` of the held-out samples as a training log records it (every rank runs
+    it; no collective beyond what the module's own forward does)."""
+    features = store.get([s.image for s in held]).to(step_module.model.device)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    gain = image_gain(step_module, [s.input_ids for s in held], [s.labels for s in held],
+                      features, autocast=autocast)  # fmt: skip
+    step_module.weights_changed()  # the eval-mode forward may have cached weight casts
+    return {"image_gain": gain["gain"], "held_loss": gain["own"],
+            "held_loss_swapped": gain["swapped"]}  # fmt: skip

@@ -49,6 +49,7 @@ from vistune.train.distributed import (
     shutdown,
     wrap,
 )
+from vistune.train.gain import held_out_gain, hold_out
 from vistune.train.optim import (
     NonFiniteGradientError,
     build_optimizer,
@@ -429,7 +430,7 @@ def _loop(run: _Run, say: Say, on_step) -> TrainResult:
                 epoch_of = epoch
             record = _one_step(run, step, batches[position])
             if run.held and ((step + 1) % cfg.gain_every == 0 or step + 1 == run.total):
-                record.update(_image_gain(run))
+                record.update(held_out_gain(run.step_module, run.store, run.held, cfg.precision))
                 if info.is_main:
                     say(f"step {step + 1}: image gain {record['image_gain']:.3f} nats/token "
                         f"(held-out loss {record['held_loss']:.3f} with own images, "
@@ -450,30 +451,6 @@ def _loop(run: _Run, say: Say, on_step) -> TrainResult:
     from vistune.train.report import finish
 
     return finish(run, model_dir, record)
-
-
-def hold_out(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(training samples, `count` held-out samples with an image), picked by `seed`; none
-    held out when fewer than 4 x count samples have an image (a small run keeps its data)."""
-    with_image = [i for i, s in enumerate(samples) if s.image is not None]
-    if count < 2 or len(with_image) < 4 * count:
-        return samples, []
-    picked = set(random.Random(f"vistune-gain:{seed}").sample(with_image, count))
-    return ([s for i, s in enumerate(samples) if i not in picked],
-            [s for i, s in enumerate(samples) if i in picked])  # fmt: skip
-
-
-def _image_gain(run: _Run) -> dict[str, float]:
-    """The held-out image gain (vistune.train.gain), on every rank (no collective)."""
-    from vistune.train.gain import image_gain
-
-    features = run.store.get([s.image for s in run.held]).to(run.model.device)
-    autocast = torch.bfloat16 if run.cfg.precision == "bf16" else None
-    gain = image_gain(run.step_module, [s.input_ids for s in run.held],
-                      [s.labels for s in run.held], features, autocast=autocast)  # fmt: skip
-    run.step_module.weights_changed()  # the eval-mode forward may have cached casts
-    return {"image_gain": gain["gain"], "held_loss": gain["own"],
-            "held_loss_swapped": gain["swapped"]}  # fmt: skip
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
