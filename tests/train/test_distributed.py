@@ -240,3 +240,29 @@ def test_fsdp_lora_two_processes_match_one(merge, tiny_data, tiny_model_dir, tmp
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["accumulation"] == 1
+
+
+def test_grounding_under_ddp_and_fsdp_matches_one_process(tiny_model_dir, tmp_path):
+    """Rank 0 alone grounds the projector (rank 1's LLM is on the meta device, with no
+    embeddings to aim at); DDP's broadcast or FSDP's rank-0 load gives rank 1 its result."""
+    from tests.train.test_ground import scene_data
+
+    scenes, data = scene_data(tmp_path / "scenes")
+    feats = tmp_path / "feats"
+    common = dict(stage="pretrain", lr=1e-3, per_device_batch=2, batch_size=4, max_steps=2,
+                  ground=str(scenes), ground_steps=20, ground_lr=1e-2,
+                  image_folder=str(scenes))  # fmt: skip
+    train(TrainConfig(**tiny_args(data, tmp_path / "one", feats, tiny_model_dir, **common)))
+    one = load_file(str(tmp_path / "one" / "model" / "projector.safetensors"))
+    for mode in ("ddp", "fsdp"):
+        config = tmp_path / f"{mode}.yaml"
+        args = tiny_args(data, tmp_path / mode, feats, tiny_model_dir, **common)
+        config.write_text(yaml.safe_dump(args))
+        done = _run(config, 2, *(["--fsdp", "--no-cpu-kernels"] if mode == "fsdp" else []))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("grounded the projector on 10 images") == 1, done.stderr[-3000:]
+        two = load_file(str(tmp_path / mode / "model" / "projector.safetensors"))
+        for key in one:  # FSDP runs transformers' modules: the same maths in another order
+            torch.testing.assert_close(
+                two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{mode} {key}"
+            )

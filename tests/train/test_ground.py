@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.train.conftest import tiny_args, write_dataset
+from vistune.data.formats import load_coco
 from vistune.data.scenes import make_scenes
 from vistune.datagen.context import Box
 from vistune.errors import DataError
@@ -61,6 +65,8 @@ def test_alignment_fits_a_projector_and_the_loss_sees_norm_and_direction():
     projector = torch.nn.Linear(8, 6)
     losses = align_projector(projector, features, targets, steps=300, lr=3e-2, batch=16)
     assert len(losses) == 300 and losses[-1] < 0.05 < losses[0]
+    # its last gradient must not reach training's first step (it did: DDP != one process)
+    assert all(p.grad is None for p in projector.parameters())
     with pytest.raises(ValueError, match="differ in images or tokens"):
         align_projector(projector, features, targets[:, :3], steps=1, lr=1e-3)
 
@@ -74,13 +80,8 @@ def test_ground_is_for_stage_one_and_needs_the_instances(tmp_path, tiny_model_di
         train(TrainConfig(**args))
 
 
-def test_stage_one_grounds_the_projector_on_scene_boxes(tmp_path, tiny_model_dir):
-    """The real loop on scenes: the projector moves toward the words before the captions."""
-    import json
-
-    from vistune.data.formats import load_coco
-
-    scenes = tmp_path / "scenes"
+def scene_data(scenes: Path) -> tuple[Path, Path]:
+    """Ten 32 px scenes (all "train") and a stage-1 LLaVA JSON of their first captions."""
     make_scenes(scenes, 10, seed=0, val_fraction=0.0, size=32)
     contexts, _ = load_coco(scenes, "train")
     rows = [{"id": c.image_id, "image": c.image, "conversations": [
@@ -88,6 +89,12 @@ def test_stage_one_grounds_the_projector_on_scene_boxes(tmp_path, tiny_model_dir
         for c in contexts]  # fmt: skip
     data = scenes / "brief.json"
     data.write_text(json.dumps(rows))
+    return scenes, data
+
+
+def test_stage_one_grounds_the_projector_on_scene_boxes(tmp_path, tiny_model_dir):
+    """The real loop on scenes: the projector moves toward the words before the captions."""
+    scenes, data = scene_data(tmp_path / "scenes")
     said = []
     args = tiny_args(data, tmp_path / "out", tmp_path / "f", tiny_model_dir, ground=str(scenes),
                      ground_steps=40, ground_lr=1e-2, image_folder=str(scenes), max_steps=1)  # fmt: skip

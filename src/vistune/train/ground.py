@@ -160,6 +160,7 @@ def align_projector(
         losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
+    optimizer.zero_grad(set_to_none=True)  # no stale gradient into training's first step
     return losses
 
 

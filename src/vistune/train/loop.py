@@ -245,7 +245,10 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         if any(p.is_meta for p in model.llm.parameters()):
             materialize(model.llm, info.device)
         model.to(info.device)
-    if cfg.ground and latest is None:  # a resumed run's checkpoint holds the grounded projector
+    # A resumed run's checkpoint holds the grounded projector. Rank 0 alone grounds: the
+    # others may hold an LLM on the meta device (no embeddings to aim at), and DDP's
+    # start-up broadcast or FSDP's rank-0 load (wrap, below) gives them rank 0's projector.
+    if cfg.ground and latest is None and info.is_main:
         _ground(cfg, model, samples, store, say)
     # FSDP's DTensor weights run through transformers' forward, not vistune's CPU kernels
     step_module = TrainStep(model, fast=None if cfg.cpu_kernels and not sharded else False)
@@ -291,7 +294,7 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
 
 
 def _ground(cfg: TrainConfig, model: Any, samples: list[Sample], store: Any, say: Say) -> None:
-    """Grounded projector alignment (vistune.train.ground), the same on every rank."""
+    """Grounded projector alignment (vistune.train.ground)."""
     from vistune.train.ground import ground_projector
 
     images = [s.image for s in samples if s.image is not None]
