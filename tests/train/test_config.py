@@ -118,6 +118,8 @@ def test_cosine_schedule_with_warmup():
         ("lora_dropout", 1.5, r"lora_dropout must be in \[0, 1\), got 1.5"),
         ("lora_alpha", 0.0, "lora_alpha must be positive, got 0.0"),
         ("lr", math.inf, "lr must be a positive number, got inf"),
+        ("projector_lr", 0.0, "projector_lr must be a positive number, got 0.0"),
+        ("projector_lr", math.nan, "projector_lr must be a positive number, got nan"),
         ("max_grad_norm", math.nan, "max_grad_norm must be >= 0, got nan"),
         ("weight_decay", math.nan, "weight_decay must be >= 0, got nan"),
         ("weight_decay", math.inf, "weight_decay must be >= 0, got inf"),

@@ -328,3 +328,25 @@ def test_a_resume_reports_the_skips_of_the_data_it_reads(tiny_model_dir, tmp_pat
     train(TrainConfig(**{**args, "resume": True, "max_steps": 2}))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {"plain_multi_turn": 4, "missing_image": 1}
+
+
+def test_projector_lr_moves_the_projector_at_its_own_rate(tiny_data, tiny_model_dir, tmp_path):
+    """Adam's first step moves every weight by about the learning rate (sign of the
+    gradient): with projector_lr 100x lr, the projector's largest move is about 100x the
+    LLM's. One step, no warmup, no clipping."""
+    moves = {}
+    for name, projector_lr in (("same", None), ("fast", 1e-2)):
+        args = tiny_args(tiny_data, tmp_path / name, tmp_path / "feats", tiny_model_dir)
+        args.update(stage="finetune", lr=1e-4, projector_lr=projector_lr, max_steps=1,
+                     warmup_ratio=0.0, max_grad_norm=0.0, gain_samples=0)  # fmt: skip
+        train(TrainConfig(**args))
+        model_dir = tmp_path / name / "model"
+        moved = {}
+        for part, file in (("projector", "projector.safetensors"), ("llm", "llm/model.safetensors")):
+            before, after = load_file(str(tiny_model_dir / file)), load_file(str(model_dir / file))
+            moved[part] = max(float((after[k] - before[k]).abs().max()) for k in before)
+        moves[name] = moved
+    assert moves["same"]["projector"] == pytest.approx(1e-4, rel=0.05)
+    assert moves["same"]["llm"] == pytest.approx(1e-4, rel=0.05)
+    assert moves["fast"]["projector"] == pytest.approx(1e-2, rel=0.05)
+    assert moves["fast"]["llm"] == pytest.approx(1e-4, rel=0.05)

@@ -86,6 +86,8 @@ class TrainConfig:
     """Stop after this many optimizer steps (0: run the epochs); the schedule spans it."""
     lr: float | None = None
     """Peak learning rate; None: 2e-3 for pretrain, 2e-5 for finetune (paper §5)."""
+    projector_lr: float | None = None
+    """Peak learning rate of the projector, on the same schedule; None: lr. A projector that learns faster than the LLM lets a small model read the picture sooner (nanoVLM trains its projector at 100x the backbones' rate; docs/LEARNING.md)."""
     batch_size: int | None = None
     """Global batch (per_device_batch x accumulation x world); None: 128 / 32 (paper §5)."""
     per_device_batch: int = 8
@@ -182,6 +184,8 @@ class TrainConfig:
         # written as `not (...)` so that NaN, which fails every comparison, is refused too
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.projector_lr is not None and not 0 < self.projector_lr < math.inf:
+            raise ValueError(f"projector_lr must be a positive number, got {self.projector_lr}")
         for name, value in (
             ("warmup_ratio", self.warmup_ratio),
             ("lora_dropout", self.lora_dropout),

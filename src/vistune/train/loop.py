@@ -267,8 +267,11 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
     elif info.world > 1:
         say("DDP: only rank 0 read the LLM's weights; DDP broadcasts them to the others")
     wrapped = wrap(step_module, model.llm, info, sharded)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, fused=not cfg.fsdp)
+    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+    ratio = (cfg.projector_lr or cfg.lr) / cfg.lr
+    scales = [ratio if ".projector." in f".{n}" else 1.0 for n, _ in named]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, not cfg.fsdp, scales)
     if start:
         load_optimizer(wrapped, optimizer, latest, from_rank0=sharded)
         ckpt.restore_rng(latest, state, info.rank)
@@ -359,7 +362,7 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
     began = time.perf_counter()
     lr = lr_at(step, run.total, cfg.lr, cfg.warmup_ratio)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     targets = sum(run.samples[i].targets for i in batch)
     micros = micro_batches(batch, cfg.per_device_batch, info.world, info.rank)
     ce = real = padded = 0.0

@@ -39,7 +39,11 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float) -> floa
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], lr: float, weight_decay: float, fused: bool = True
+    params: list[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    fused: bool = True,
+    scales: list[float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (fp32 master weights).
 
@@ -47,13 +51,23 @@ def build_optimizer(
     as HF Trainer's get_decay_parameter_names. `fused` runs one kernel over all parameters
     (CPU and CUDA): the update is memory-bound, and the fused kernel reads each tensor once
     instead of once per elementwise op.
+
+    `scales` (one per parameter) multiply the learning rate of their parameters: each group
+    carries its `lr_scale`, which the training loop applies to the scheduled rate. Groups
+    go by scale, in order of first appearance, matrices before 1-D tensors within each.
     """
     if not params:
         raise VistuneError("nothing to train: every parameter is frozen")
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    scales = scales or [1.0] * len(params)
+    groups = []
+    for scale in dict.fromkeys(scales):
+        mine = [p for p, s in zip(params, scales, strict=True) if s == scale]
+        groups += [
+            {"params": [p for p in mine if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        for group in groups[-2:]:
+            group["lr_scale"] = scale
     groups = [g for g in groups if g["params"]]
     if fused:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
