@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-PROJECTORS = ("linear", "mlp2x_gelu")
+PROJECTORS = ("linear", "mlp2x_gelu", "mlp2x_gelu_pos")
 FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize", "crop")
 
@@ -28,7 +28,7 @@ class ModelConfig:
     """How the three parts of LLaVA (paper §4.1, Fig. 1) are put together."""
 
     projector: str = "mlp2x_gelu"
-    """`linear` is the paper's W; `mlp2x_gelu` is LLaVA-1.5's, better and what the HF layout holds."""
+    """`linear` is the paper's W; `mlp2x_gelu` is LLaVA-1.5's, better and what the HF layout holds; `mlp2x_gelu_pos` adds a learned position row per image token (vistune.model.projector)."""
     vision_layer: int = -2
     """Hidden state to take from the tower; the paper uses the one before the last (§5.2, Table 8)."""
     vision_select: str = "patch"

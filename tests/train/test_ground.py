@@ -19,6 +19,7 @@ from vistune.train.ground import (
     alignment_loss,
     cell_objects,
     cell_targets,
+    cell_third,
     square_box,
     third,
 )
@@ -44,6 +45,7 @@ def test_boxes_follow_the_towers_square():
 
 def test_targets_are_the_words_of_the_object_or_background():
     words = {"red": 1.0, "star": 3.0, "background": -1.0, "top": 10.0, "left": 20.0}
+    words |= {"bottom": 30.0, "right": 40.0}
 
     def vector(text: str) -> torch.Tensor:
         return torch.tensor([sum(words[w] for w in text.split()) / len(text.split())])
@@ -52,7 +54,15 @@ def test_targets_are_the_words_of_the_object_or_background():
     assert third(box) == "top left" and third(Box("x", (0.4, 0.4, 0.6, 0.6))) == "center"
     targets = cell_targets([box], 2, vector)
     assert targets.flatten().tolist() == [2.0, -1.0, -1.0, -1.0]
-    assert cell_targets([box], 2, vector, where=True)[0].item() == pytest.approx(8.5)
+    # with `where` the object's third joins its words, and each background cell's own third
+    where = cell_targets([box], 2, vector, where=True).flatten().tolist()
+    assert where == pytest.approx([8.5, (-1 + 10 + 40) / 3, (-1 + 30 + 20) / 3, (-1 + 30 + 40) / 3])
+    assert [cell_third(i, 3) for i in (0, 4, 5, 8)] == [
+        "top left",
+        "center",
+        "right",
+        "bottom right",
+    ]
 
 
 def test_alignment_fits_a_projector_and_the_loss_sees_norm_and_direction():
@@ -68,7 +78,10 @@ def test_alignment_fits_a_projector_and_the_loss_sees_norm_and_direction():
     # its last gradient must not reach training's first step (it did: DDP != one process)
     assert all(p.grad is None for p in projector.parameters())
     with pytest.raises(ValueError, match="differ in images or tokens"):
-        align_projector(projector, features, targets[:, :3], steps=1, lr=1e-3)
+        align_projector(projector, features[:, :3], targets, steps=1, lr=1e-3)
+    # a CLS token before the grid has no target: the last tokens are the grid's
+    fitted = align_projector(projector, features, targets[:, 1:], steps=1, lr=1e-3)
+    assert len(fitted) == 1
 
 
 def test_ground_is_for_stage_one_and_needs_the_instances(tmp_path, tiny_model_dir):
@@ -102,3 +115,29 @@ def test_stage_one_grounds_the_projector_on_scene_boxes(tmp_path, tiny_model_dir
     (line,) = [s for s in said if s.startswith("grounded the projector on 10 images")]
     first, last = (float(v) for v in line.rsplit("loss ", 1)[1].split(" -> "))
     assert last < first
+
+
+def test_grounding_starts_the_position_table_at_each_cells_third(
+    tmp_path, tiny_clip_dir, tiny_llm_dir
+):
+    """mlp2x_gelu_pos: the table's rows begin as the LLM's words of the cell's third (2x2
+    grid: top left, top right, bottom left, bottom right); a near-zero learning rate keeps
+    them there through the alignment and one caption step."""
+    from vistune.config import ModelConfig
+    from vistune.model.llava import LlavaModel
+    from vistune.train.ground import word_vector
+
+    model = LlavaModel.from_parts(
+        tiny_clip_dir, tiny_llm_dir, ModelConfig(image_size=28, projector="mlp2x_gelu_pos")
+    )
+    init = model.save(tmp_path / "init")
+    scenes, data = scene_data(tmp_path / "scenes")
+    args = tiny_args(data, tmp_path / "out", tmp_path / "f", init, ground=str(scenes),
+                     ground_steps=2, ground_lr=1e-12, lr=1e-12, image_folder=str(scenes),
+                     max_steps=1, gain_samples=0)  # fmt: skip
+    train(TrainConfig(**args))
+    trained = LlavaModel.load(tmp_path / "out" / "model")
+    embed = model.llm.get_input_embeddings().weight.detach()
+    words = ["top left", "top right", "bottom left", "bottom right"]
+    expected = torch.stack([word_vector(embed, model.tokenizer, w) for w in words])
+    torch.testing.assert_close(trained.projector.position.detach(), expected, atol=1e-5, rtol=0)

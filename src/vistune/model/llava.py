@@ -130,7 +130,8 @@ class LlavaModel(nn.Module):
         llm_hidden = llm.get_input_embeddings().embedding_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            projector = build_projector(config.projector, vision.hidden_size, llm_hidden)
+            tokens = vision.num_tokens(config.image_size)
+            projector = build_projector(config.projector, vision.hidden_size, llm_hidden, tokens)
         try:
             image_processor = ImageProcessor.from_vision_dir(
                 vision_dir, size=config.image_size, aspect=config.image_aspect

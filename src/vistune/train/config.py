@@ -59,7 +59,7 @@ class TrainConfig:
     llm: str = ""
     """Causal LM directory for a fresh model (init `default` only; empty: packaged SmolLM2)."""
     projector: str = "mlp2x_gelu"
-    """Projector of a fresh model: `linear` (paper) or `mlp2x_gelu` (LLaVA-1.5)."""
+    """Projector of a fresh model: `linear` (paper), `mlp2x_gelu` (LLaVA-1.5) or `mlp2x_gelu_pos` (it plus a learned position row per image token; vistune.model.projector)."""
     vision_layer: int = -2
     """Tower hidden layer for a fresh model (paper: the one before the last)."""
     vision_select: str = "patch"

@@ -98,15 +98,22 @@ def third(box: Box) -> str:
     return f"{row} {col}".strip() or "center"
 
 
+def cell_third(index: int, grid: int) -> str:
+    """The third of the picture the centre of row-major cell `index` falls in."""
+    row, col = divmod(index, grid)
+    return third(Box("", ((col + 0.5) / grid, (row + 0.5) / grid) * 2))
+
+
 def cell_targets(
     boxes: Sequence[Box], grid: int, vector: Callable[[str], torch.Tensor], where: bool = False
 ) -> torch.Tensor:
     """Target embedding per grid cell: the words of its object ("red star", with `where`
-    also the third it is in: "red star top left"), or "background". # (grid*grid, D)"""
+    also the third it is in: "red star top left"), or "background" (with `where`, and the
+    cell's own third: "background top left"). # (grid*grid, D)"""
     rows = []
-    for box in cell_objects(boxes, grid):
+    for index, box in enumerate(cell_objects(boxes, grid)):
         if box is None:
-            rows.append(vector(BACKGROUND))
+            rows.append(vector(f"{BACKGROUND} {cell_third(index, grid)}" if where else BACKGROUND))
         else:
             name = f"{box.color} {box.category}".strip()
             rows.append(vector(f"{name} {third(box)}" if where else name))
@@ -132,12 +139,13 @@ def align_projector(
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Fit `projector` so that features (N, T, Dv) map to targets (N, T, D): AdamW at `lr`
+    """Fit `projector` so that features (N, T, Dv) map to targets (N, G, D): AdamW at `lr`
     with a linear decay over `steps` minibatches of `batch` images. Returns the losses.
+    The last G of the T tokens are the grid's (a CLS token before them has no target).
 
     Deterministic by `seed` (the same on every rank, so ranks stay identical without
     talking); the projector's own dtype and device are kept."""
-    if features.shape[:2] != targets.shape[:2]:
+    if features.shape[0] != targets.shape[0] or features.shape[1] < targets.shape[1]:
         raise ValueError(
             f"features {tuple(features.shape)} and targets {tuple(targets.shape)} differ in "
             "images or tokens"
@@ -153,7 +161,7 @@ def align_projector(
         pick = [rng.randrange(features.shape[0]) for _ in range(min(batch, features.shape[0]))]
         x = features[pick].to(device=weight.device, dtype=weight.dtype)
         y = targets[pick].to(device=weight.device, dtype=torch.float32)
-        loss = alignment_loss(projector(x).float(), y)
+        loss = alignment_loss(projector(x)[:, -y.shape[1] :].float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,8 +219,12 @@ def ground_projector(
                 boxes.append(Box(box.category, xyxy, box.color))
         targets.append(cell_targets(boxes, grid, vector, where))
     target = torch.stack(targets)  # (N, G, D)
-    feats = features([p for _, p in chosen]).float()  # (N, T, Dv)
-    feats = feats[:, feats.shape[1] - grid * grid :]  # the grid tokens (no CLS)
+    feats = features([p for _, p in chosen]).float()  # (N, T, Dv), T = G (+ CLS first)
+    position = getattr(model.projector, "position", None)
+    if position is not None:  # mlp2x_gelu_pos: each cell's row starts at its third's words
+        with torch.no_grad():
+            rows = torch.stack([vector(cell_third(i, grid)) for i in range(grid * grid)])
+            position[-grid * grid :] = rows.to(position)
     if say is not None:
         say(f"grounding the projector on the boxes of {len(chosen)} images ({steps} steps)")
     losses = align_projector(model.projector, feats, target, steps, lr, seed=seed)
