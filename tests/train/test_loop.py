@@ -342,7 +342,10 @@ def test_projector_lr_moves_the_projector_at_its_own_rate(tiny_data, tiny_model_
         train(TrainConfig(**args))
         model_dir = tmp_path / name / "model"
         moved = {}
-        for part, file in (("projector", "projector.safetensors"), ("llm", "llm/model.safetensors")):
+        for part, file in (
+            ("projector", "projector.safetensors"),
+            ("llm", "llm/model.safetensors"),
+        ):
             before, after = load_file(str(tiny_model_dir / file)), load_file(str(model_dir / file))
             moved[part] = max(float((after[k] - before[k]).abs().max()) for k in before)
         moves[name] = moved
