@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from vistune.chat_client import ClientConfig
 from vistune.datagen.context import Box, ImageContext
 from vistune.datagen.messages import build_messages
 from vistune.datagen.parse import RejectedOutput, parse_description, parse_pairs, parse_response
@@ -78,7 +79,7 @@ def test_rules_output_always_parses_on_random_scenes():
 
 
 def test_openai_teacher_sends_the_messages(chat_server):
-    teacher = OpenAITeacher(chat_server.url, "gpt-x", api_key="k", backoff=0.001)
+    teacher = OpenAITeacher(ClientConfig(chat_server.url, "gpt-x", backoff=0.001), api_key="k")
     req = request("complex")
     assert teacher.respond(req).startswith("Question: What can be seen")
     assert teacher.name == "openai:gpt-x"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import ChatClient
+from vistune.config import ClientConfig
 from vistune.datagen.context import ImageContext
 from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.rules import SceneFacts
@@ -64,9 +65,9 @@ class Teacher(ABC):
 class OpenAITeacher(Teacher):
     """A chat-completions endpoint; the name records the model (not the URL)."""
 
-    def __init__(self, base_url: str, model: str, **client_options: Any) -> None:
-        self.client = ChatClient(base_url, model, **client_options)
-        self.name = f"openai:{model}"
+    def __init__(self, config: ClientConfig, api_key: str | None = None) -> None:
+        self.client = ChatClient(config, api_key)
+        self.name = f"openai:{config.model}"
         self.max_tokens = self.client.max_tokens
 
     def respond(self, request: Request) -> str:
