@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from vistune.chat_client import EndpointDownError
 from vistune.datagen.context import Box
 from vistune.errors import DataError, ModelDirError, VistuneError
+from vistune.eval.ask import Try, Unusable, ask
 from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
 
@@ -198,46 +198,36 @@ def judge_one(
     log: Callable[[dict], None] | None = None,
     judge_id: str = "",
 ) -> Judgement:
-    """Ask until two valid scores come back, at most `retries + 1` requests; every reply
-    (or error) goes to `log`. When the last try finds the endpoint down or refusing the key
-    (EndpointDownError, after the client's own retries) that error is raised: it would fail
-    every question."""
+    """Ask until two valid scores come back, at most `retries + 1` requests
+    (vistune.eval.ask); every reply (or error) goes to `log`. When the last try finds the
+    endpoint down or refusing the key (EndpointDownError, after the client's own retries)
+    that error is raised: it would fail every question."""
     messages = judge_messages(item, load_rubric(item.category))
     key = prompt_key(messages, judge_id)
-    reason = content = None
-    for attempt in range(retries + 1):
-        record = {
-            "repeat": repeat,
-            "question_id": item.question_id,
-            "category": item.category,
-            "attempt": attempt,
-            "prompt_key": key,
-        }
-        down = None
-        try:
-            content = complete(messages)
-        except VistuneError as err:
-            reason = f"request failed: {err}"
-            record.update(content=None, scores=None, error=reason)
-            down = err if isinstance(err, EndpointDownError) else None
-        else:
-            scores = parse_scores(content)
-            reason = None if scores else "unparsable scores: " + repr(content.strip()[:80])
-            record.update(content=content, scores=list(scores) if scores else None, error=reason)
+
+    def parse(content: str) -> tuple[float, float]:
+        scores = parse_scores(content)
+        if scores is None:
+            raise Unusable("unparsable scores: " + repr(content.strip()[:80]))
+        return scores
+
+    def record(tried: Try[tuple[float, float]]) -> None:
         if log is not None:
-            log(record)
-        if down is not None and attempt == retries:  # down on every try: so for every
-            raise down  # question; stop rather than fail them all one by one
-        if reason is None:
-            return Judgement(
-                repeat,
-                item.question_id,
-                item.category,
-                attempt + 1,
-                (record["scores"][0], record["scores"][1]),
-                content,
-            )
-    return Judgement(repeat, item.question_id, item.category, retries + 1, None, content, reason)
+            log({"repeat": repeat, "question_id": item.question_id, "category": item.category,
+                 "attempt": tried.attempt, "prompt_key": key, "content": tried.content,
+                 "scores": list(tried.value) if tried.value else None,
+                 "error": _reason(tried.error)})  # fmt: skip
+
+    outcome = ask(lambda: complete(messages), parse, retries, record)
+    return Judgement(repeat, item.question_id, item.category, outcome.attempts, outcome.value,
+                     outcome.content, _reason(outcome.error))  # fmt: skip
+
+
+def _reason(error: Exception | None) -> str | None:
+    """A failed try as the journal and the report say it."""
+    if error is None or isinstance(error, Unusable):
+        return None if error is None else str(error)
+    return f"request failed: {error}"
 
 
 def relative_scores(judgements: Sequence[Judgement]) -> dict[str, dict[str, float | int | None]]:
