@@ -136,7 +136,7 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
 
     teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
     assert teacher.name == f"local:{tiny_lm_dir.resolve()}" and not teacher.concurrent
-    assert teacher._model is None  # loads on first use
+    assert teacher.lm.model is None  # loads on first use
     req = request("conversation")
     with pytest.raises(RejectedOutput) as first:  # a random tiny LM never stops by itself
         teacher.respond(req)
@@ -163,16 +163,16 @@ def test_a_local_teacher_stops_at_its_context(tiny_lm_dir):
     error that stops the run; a reply stops where the context ends."""
     teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
     req = request("conversation")
-    teacher._load()
-    tok = teacher._tokenizer
+    teacher.lm.load()
+    tok = teacher.lm.tokenizer
     text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
     prompt = len(tok(text, add_special_tokens=False)["input_ids"])
-    teacher._model.config.max_position_embeddings = prompt
+    teacher.lm.model.config.max_position_embeddings = prompt
     with pytest.raises(RejectedOutput) as long:
         teacher.respond(req)
     assert long.value.reason == "too_long"
     assert f"{prompt} tokens, the teacher reads {prompt}" in str(long.value)
-    teacher._model.config.max_position_embeddings = prompt + 3
+    teacher.lm.model.config.max_position_embeddings = prompt + 3
     with pytest.raises(RejectedOutput) as cut:  # a random tiny LM never stops by itself
         teacher.respond(req)
     assert cut.value.reason == "truncated" and "3 new tokens" in str(cut.value)

@@ -28,12 +28,14 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from vistune.datagen.context import Box
-from vistune.errors import DataError, ModelDirError, VistuneError
+from vistune.errors import DataError
 from vistune.eval.ask import Try, Unusable, ask
 from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
+from vistune.local_chat import LocalChatModel
 
 CATEGORIES = ("conversation", "detail", "complex")
 CATEGORY_ALIASES = {
@@ -362,37 +364,20 @@ def reusable(
 
 
 class LocalJudge:
-    """A judge from a local Hugging Face causal LM directory (its chat template, greedy).
+    """A judge from a local Hugging Face causal LM directory (its chat template, greedy;
+    vistune.local_chat, as datagen's local teacher).
 
-    The folder is checked first (safetensors weights only, never a pickle; no custom code)
-    and a problem with it is one ModelDirError."""
+    The folder is checked and loaded when the judge is made (safetensors weights only,
+    never a pickle; no custom code), and a problem with it is one ModelDirError; a prompt
+    that fills its context fails that question alone (PromptTooLong, a VistuneError)."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 256) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
+        self.lm = LocalChatModel(model_dir, "judge", max_new_tokens)
+        self.lm.load()
 
-        from vistune.model.checkpoint import check_hf_dir, load_hf_model, load_tokenizer
-
-        path = Path(model_dir)
-        check_hf_dir(path, "judge", tokenizer=True)
-        self.tokenizer = load_tokenizer(path)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelDirError(f"{path}: the judge's tokenizer has no chat template")
-        self.model = load_hf_model(AutoModelForCausalLM, path, "judge", torch.float32)
-        self.max_new_tokens = max_new_tokens
+    @property
+    def model(self) -> Any:
+        return self.lm.model
 
     def complete(self, messages: list[dict]) -> str:
-        import torch
-
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        # a reply stops at the LLM's context; a prompt that fills it fails this question only
-        prompt = ids["input_ids"].shape[1]
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 62
-        if prompt >= limit:
-            raise VistuneError(f"the prompt is {prompt} tokens, the judge reads {limit}")
-        budget = min(self.max_new_tokens, limit - prompt)
-        with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=budget, do_sample=False)
-        return self.tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
+        return self.lm.reply(messages).text
