@@ -3,13 +3,17 @@
 The paper's data generation (§3) and its evaluation judge (§5.1, LLaVA-Bench) both query a
 text-only GPT-4. This client reaches any server that speaks the same protocol (OpenAI,
 vLLM, llama.cpp's server, ...): it POSTs `{base_url}/chat/completions` and returns the
-first choice's text. Transient faults are retried with exponential backoff and jitter:
-HTTP 5xx, 429 (honouring `Retry-After`), connection errors, timeouts, malformed JSON,
-empty content and content cut off by the token limit. After the last try it raises
-`EndpointError`: `EndpointDownError` when the endpoint itself failed (HTTP errors, no
-connection, timeouts) and `BadResponseError` when it answered with something unusable.
+first choice's text. Transient faults are retried by tenacity with exponential backoff and
+jitter: HTTP 5xx, 408/409/425/429 (honouring `Retry-After`), connection errors, timeouts,
+malformed JSON, empty content and content cut off by the token limit. After the last try
+it raises `EndpointError`: `EndpointDownError` when the endpoint itself failed (HTTP
+errors, no connection, timeouts) and `BadResponseError` when it answered with something
+unusable. (The official `openai` client retries only HTTP faults, with a fixed backoff, and
+would hand a truncated or empty reply to the parser.)
 
-It is safe to share one client between threads (httpx's connection pool is thread-safe).
+Every setting is one `ClientConfig` (vistune.config), shared by datagen's teacher and the
+evaluation judge, so both commands have the same flags. It is safe to share one client between threads
+(httpx's connection pool is thread-safe).
 """
 
 from __future__ import annotations
@@ -17,13 +21,21 @@ from __future__ import annotations
 import email.utils
 import json
 import os
-import random
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
 
+from vistune.config import ClientConfig
 from vistune.errors import EndpointError
 
 # HTTP statuses worth another try, besides every 5xx (a server or proxy fault: 500-504, a
@@ -73,37 +85,25 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class ChatClient:
-    """Chat completions with bounded retries; `complete(messages)` returns the reply text."""
+    """Chat completions with bounded retries; `complete(messages)` returns the reply text.
+
+    `sleep` waits between tries (tests pass a recorder instead of waiting)."""
 
     def __init__(
         self,
-        base_url: str,
-        model: str,
+        config: ClientConfig,
         api_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff: float = 1.0,
-        temperature: float = 0.2,
-        max_tokens: int = 1024,
-        max_backoff: float = 60.0,
-        seed: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or max_tokens < 1:
-            raise ValueError("timeout > 0, max_retries >= 0, backoff >= 0, max_tokens >= 1")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.max_backoff = max_backoff
-        self.seed = seed
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
+        self._sleep = sleep
+        # half the base delay fixed plus up to half at random: base x (0.5 + 0.5 U)
+        half, most = config.backoff / 2, config.max_backoff / 2
+        self._backoff = wait_exponential(multiplier=half, max=most) + wait_random_exponential(
+            multiplier=half, max=most
+        )
         headers = {"Content-Type": "application/json"}
         if self.api_key and not self.api_key.isascii():  # httpx: a UnicodeEncodeError later
             raise EndpointError(
@@ -113,7 +113,15 @@ class ChatClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits)
+        self._http = httpx.Client(headers=headers, timeout=config.timeout, limits=limits)
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_tokens
 
     @property
     def url(self) -> str:
@@ -131,38 +139,43 @@ class ChatClient:
     def payload(self, messages: list[dict]) -> dict[str, Any]:
         """The JSON body sent for `messages`."""
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": self.config.model,
             "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            "temperature": self.config.temperature,
+            "max_tokens": self.config.max_tokens,
         }
-        if self.seed is not None:
-            body["seed"] = self.seed
+        if self.config.seed is not None:
+            body["seed"] = self.config.seed
         return body
 
     def complete(self, messages: list[dict]) -> str:
         """The assistant's reply to `messages`; raises EndpointError after the last try."""
-        body = self.payload(messages)
-        last: _Retry | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self._delay(attempt, last.wait if last else None))
-            try:
-                return self._attempt(body)
-            except _Retry as err:
-                last = err
-        assert last is not None
-        tries = self.max_retries + 1
-        error = EndpointDownError if last.down else BadResponseError
-        raise error(f"{self.url} failed after {tries} tries: {last}")
+        tries = self.config.http_retries + 1
+        retrying = Retrying(
+            stop=stop_after_attempt(tries),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retry),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, self.payload(messages))
+        except _Retry as last:
+            error = EndpointDownError if last.down else BadResponseError
+            raise error(f"{self.url} failed after {tries} tries: {last}") from None
+
+    def _wait(self, state: RetryCallState) -> float:
+        err = state.outcome.exception() if state.outcome is not None else None
+        return self._delay(state.attempt_number, getattr(err, "wait", None))
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter; a server's Retry-After wins when it is longer."""
-        base = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-        with self._rng_lock:
-            delay = base * (0.5 + 0.5 * self._rng.random())
+        """Exponential backoff with jitter before try `attempt + 1`; a server's
+        Retry-After wins when it is longer."""
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        delay = self._backoff(state)
         if retry_after is not None:  # honoured in full up to 10 minutes
-            delay = max(delay, min(retry_after, max(self.max_backoff, 600.0)))
+            delay = max(delay, min(retry_after, max(self.config.max_backoff, 600.0)))
         return delay
 
     def _attempt(self, body: dict[str, Any]) -> str:
@@ -170,7 +183,7 @@ class ChatClient:
             response = self._http.post(self.url, json=body)
         except httpx.TimeoutException as err:
             raise _Retry(
-                f"no answer within {self.timeout:g} s ({type(err).__name__})", True
+                f"no answer within {self.config.timeout:g} s ({type(err).__name__})", True
             ) from err
         except httpx.TransportError as err:
             raise _Retry(f"cannot reach the endpoint ({type(err).__name__}: {err})", True) from err

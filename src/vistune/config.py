@@ -81,3 +81,43 @@ class GenerationConfig:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach a chat-completions endpoint and what to ask it for (the teacher of
+    `vistune datagen` and `eval build`, the judge of `eval judge` and `eval scienceqa`)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    """OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (key from $OPENAI_API_KEY)."""
+    model: str = ""
+    """Model name sent to the endpoint."""
+    temperature: float = 0.2
+    """Sampling temperature."""
+    max_tokens: int = 1024
+    """Longest reply in tokens."""
+    timeout: float = 60.0
+    """Seconds per request try."""
+    http_retries: int = 5
+    """Client-level retries of 5xx/429/timeouts/malformed replies."""
+    backoff: float = 1.0
+    """First retry delay in seconds (doubles per try, with jitter)."""
+    max_backoff: float = 60.0
+    """Longest delay between tries, unless the server's Retry-After asks for more."""
+    seed: int | None = None
+    """Sent as the request's `seed` when set (servers that honour it sample reproducibly)."""
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        # written as `not (...)` so that NaN, which fails every comparison, is refused too
+        if not 0 < self.timeout < math.inf:
+            raise ValueError(f"timeout must be above 0, got {self.timeout}")
+        if self.http_retries < 0:
+            raise ValueError(f"http_retries must be at least 0, got {self.http_retries}")
+        if not (0 <= self.backoff < math.inf and 0 <= self.max_backoff < math.inf):
+            raise ValueError(f"backoff must be at least 0, got {self.backoff}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")

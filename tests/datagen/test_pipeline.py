@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from vistune.cli import main
+from vistune.config import ClientConfig
 from vistune.datagen.context import Box, ImageContext, screen_contexts
 from vistune.datagen.messages import build_messages, detail_question, load_prompt
 from vistune.datagen.naive import DETAIL_QUESTIONS
@@ -69,7 +70,7 @@ def datagen_args(coco: Path, out: Path, *extra: str, types=TYPES) -> list[str]:
 
 def openai_args(server, workers: int = 2) -> list[str]:
     return ["--teacher", "openai", "--base-url", server.url, "--model", "m", "--workers",
-            str(workers), "--backoff", "0.001", "--max-retries", "2", "--timeout", "5"]  # fmt: skip
+            str(workers), "--backoff", "0.001", "--http-retries", "2", "--timeout", "5"]  # fmt: skip
 
 
 def ids(path: Path) -> list[str]:
@@ -130,7 +131,7 @@ def test_openai_run_survives_faults_and_sends_each_request_once(tmp_path, chat_s
     chat_server.retry_after = "0.05"
     faults = ("500", "429", "malformed", "cut", "empty", "length", "503")
     chat_server.inject(*faults)
-    assert main(datagen_args(coco, out, *openai_args(chat_server, 3), "--max-retries", "8")) == 0
+    assert main(datagen_args(coco, out, *openai_args(chat_server, 3), "--http-retries", "8")) == 0
     assert ids(out) == [f"{i}_{t}" for i in (1, 2, 3, 4) for t in TYPES]
     assert len(chat_server.counts) == 4 * 3
     assert sum(chat_server.counts.values()) == 4 * 3 + len(faults)
@@ -202,7 +203,7 @@ def test_one_refused_request_fails_alone_and_the_run_goes_on(tmp_path, chat_serv
 def test_workers_send_concurrently_through_the_library(tmp_path, chat_server):
     chat_server.latency = 0.2
     contexts = [ImageContext(str(i), f"{i}.png", (f"Scene {i}.",)) for i in range(8)]
-    teacher = OpenAITeacher(chat_server.url, "m", backoff=0.001)
+    teacher = OpenAITeacher(ClientConfig(chat_server.url, "m", backoff=0.001))
     config = DatagenConfig(types=("complex",), workers=4, check_images=False)
     ticks = []
     start = time.monotonic()
@@ -312,7 +313,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
         ("--timeout", "nan", "must be above 0, got nan"),
         ("--temperature", "nan", "must be a number >= 0, got nan"),
         ("--temperature", "-1", "must be a number >= 0, got -1"),
-        ("--max-retries", "-1", "must be at least 0, got -1"),
+        ("--http-retries", "-1", "must be at least 0, got -1"),
         ("--max-tokens", "0", "must be at least 1, got 0"),
         ("--workers", "0", "must be at least 1, got 0"),
         ("--limit", "0", "must be at least 1, got 0"),
@@ -375,7 +376,13 @@ def test_an_interrupted_run_reports_what_is_left(tmp_path, chat_server):
     import pytest
 
     with Store(tmp_path / "s.sqlite") as store, pytest.raises(KeyboardInterrupt):
-        run_datagen(contexts, Interrupted(chat_server.url, "m", backoff=0.001), store, out, config)
+        run_datagen(
+            contexts,
+            Interrupted(ClientConfig(chat_server.url, "m", backoff=0.001)),
+            store,
+            out,
+            config,
+        )
     assert len(ids(out)) == 2
     assert summary(out)["remaining"] == 3  # the third, in flight, and two never sent
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from vistune.chat_client import ClientConfig
 from vistune.datagen.context import Box, ImageContext
 from vistune.datagen.messages import build_messages
 from vistune.datagen.parse import RejectedOutput, parse_description, parse_pairs, parse_response
@@ -78,7 +79,7 @@ def test_rules_output_always_parses_on_random_scenes():
 
 
 def test_openai_teacher_sends_the_messages(chat_server):
-    teacher = OpenAITeacher(chat_server.url, "gpt-x", api_key="k", backoff=0.001)
+    teacher = OpenAITeacher(ClientConfig(chat_server.url, "gpt-x", backoff=0.001), api_key="k")
     req = request("complex")
     assert teacher.respond(req).startswith("Question: What can be seen")
     assert teacher.name == "openai:gpt-x"
@@ -135,7 +136,7 @@ def test_local_teacher_is_greedy_through_the_chat_template(tiny_lm_dir):
 
     teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
     assert teacher.name == f"local:{tiny_lm_dir.resolve()}" and not teacher.concurrent
-    assert teacher._model is None  # loads on first use
+    assert teacher.lm.model is None  # loads on first use
     req = request("conversation")
     with pytest.raises(RejectedOutput) as first:  # a random tiny LM never stops by itself
         teacher.respond(req)
@@ -162,16 +163,16 @@ def test_a_local_teacher_stops_at_its_context(tiny_lm_dir):
     error that stops the run; a reply stops where the context ends."""
     teacher = LocalTeacher(tiny_lm_dir, max_new_tokens=8)
     req = request("conversation")
-    teacher._load()
-    tok = teacher._tokenizer
+    teacher.lm.load()
+    tok = teacher.lm.tokenizer
     text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
     prompt = len(tok(text, add_special_tokens=False)["input_ids"])
-    teacher._model.config.max_position_embeddings = prompt
+    teacher.lm.model.config.max_position_embeddings = prompt
     with pytest.raises(RejectedOutput) as long:
         teacher.respond(req)
     assert long.value.reason == "too_long"
     assert f"{prompt} tokens, the teacher reads {prompt}" in str(long.value)
-    teacher._model.config.max_position_embeddings = prompt + 3
+    teacher.lm.model.config.max_position_embeddings = prompt + 3
     with pytest.raises(RejectedOutput) as cut:  # a random tiny LM never stops by itself
         teacher.respond(req)
     assert cut.value.reason == "truncated" and "3 new tokens" in str(cut.value)

@@ -141,7 +141,7 @@ def test_complement(problems):
 
 
 def test_judge_ensemble(problems, scripted_judge):
-    from vistune.chat_client import ChatClient
+    from vistune.chat_client import ChatClient, ClientConfig
 
     server = scripted_judge(
         {
@@ -157,7 +157,7 @@ def test_judge_ensemble(problems, scripted_judge):
         },
         default="unexpected request",
     )
-    client = ChatClient(server.url, "judge", max_retries=0, backoff=0.0)
+    client = ChatClient(ClientConfig(server.url, "judge", http_retries=0, backoff=0.0))
     result = sqa.judge_ensemble(problems, OURS, OTHER, client.complete, retries=2)
     # answers differ everywhere but pid 2 (both B)
     assert result.asked == ["1", "3", "4", "5", "6", "7", "8", "9", "10"]
@@ -166,7 +166,7 @@ def test_judge_ensemble(problems, scripted_judge):
     assert result.failures == ["6"]  # judge failed 3 times -> ours (B, right) kept, and listed
     assert result.letters["6"] == "B"
     down = scripted_judge({}, default=503)
-    client = ChatClient(down.url, "judge", max_retries=0, backoff=0.0)
+    client = ChatClient(ClientConfig(down.url, "judge", http_retries=0, backoff=0.0))
     with pytest.raises(EndpointDownError):  # not nine answers kept by default, silently
         sqa.judge_ensemble(problems, OURS, OTHER, client.complete, retries=2)
     assert len(down.requests) == 3  # the first question's three tries

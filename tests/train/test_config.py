@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from vistune.cli import main
+from vistune.commands.flags import field_help
 from vistune.errors import DataError
-from vistune.train.config import TrainConfig, field_docs, load_config
+from vistune.train.config import TrainConfig, load_config
 from vistune.train.optim import lr_at
 from vistune.train.stages import STAGES
 
@@ -82,8 +83,14 @@ def test_a_refused_setting_names_where_it_came_from(tmp_path):
 
 
 def test_every_field_is_a_documented_flag(tmp_path, capsys):
-    docs = field_docs()
+    docs = field_help(TrainConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--no-group-by-length" in text and "(default: stage default)" in text
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: config file not found" in capsys.readouterr().err
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature
+from vistune.commands.flag_types import positive_int
+from vistune.commands.flags import add_client_flags, client_config
 from vistune.errors import EndpointError, VistuneError
 
 HELP = "generate instruction data (brief, conversation, detail, complex) with a teacher"
@@ -71,22 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="picks the brief/detail questions (default: 0)"
     )
-    parser.add_argument(
-        "--temperature", type=temperature, default=0.2, help="openai: sampling temperature"
-    )
-    parser.add_argument(
-        "--max-tokens", type=positive_int, default=1024, help="longest answer in tokens"
-    )
-    parser.add_argument(
-        "--timeout", type=seconds, default=60.0, help="openai: seconds per request try"
-    )
-    parser.add_argument("--max-retries", type=count, default=5, help="openai: retries per request")
-    parser.add_argument(
-        "--backoff",
-        type=delay,
-        default=1.0,
-        help="openai: first retry delay in seconds (doubles, with jitter)",
-    )
+    add_client_flags(parser)  # openai: --temperature, --max-tokens, --timeout, ...
     parser.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=True, help="skip images missing on disk (default: on)")  # fmt: skip
 
 
@@ -107,16 +93,7 @@ def _teacher(args: argparse.Namespace, types: tuple[str, ...]):
             raise VistuneError(
                 f"--base-url must start with http:// or https://, got {args.base_url!r}"
             )
-        return make_teacher(
-            "openai",
-            base_url=args.base_url,
-            model=args.model,
-            timeout=args.timeout,
-            max_retries=args.max_retries,
-            backoff=args.backoff,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-        )
+        return make_teacher("openai", config=client_config(args, args.base_url, args.model))
     if args.teacher == "local":
         return make_teacher("local", model_dir=args.model_dir, max_new_tokens=args.max_tokens)
     return make_teacher("rules")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature, url
+from vistune.commands.flag_types import count, positive_int, temperature, url
+from vistune.commands.flags import add_client_flags
 from vistune.data.conversation import TEMPLATES
 
 
@@ -19,20 +20,7 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") 
         "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
     )
     p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
-    p.add_argument(
-        "--temperature", type=temperature, default=0.2, help=f"{role} sampling temperature"
-    )
-    p.add_argument(
-        "--max-tokens", type=positive_int, default=1024, help=f"{role} reply token limit"
-    )
-    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds per request")
-    p.add_argument(
-        "--http-retries",
-        type=count,
-        default=5,
-        help="client-level retries of 5xx/429/timeouts/malformed replies",
-    )
-    p.add_argument("--backoff", type=delay, default=1.0, help="first retry delay in seconds")
+    add_client_flags(p)
     p.add_argument(
         "--retries",
         type=count,
@@ -54,8 +42,8 @@ def _resume_flag(p: argparse.ArgumentParser, what: str) -> None:
 def _answer_flags(p: argparse.ArgumentParser) -> None:
     """Generation settings for --model (seeded by --seed where the subcommand has one)."""
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--answer-temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
+    p.add_argument("--answer-temperature", type=temperature, default=0.0, help="0 = greedy")
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template "
                    "instead of the model's (a stage-1 model's plain never shows the question)")  # fmt: skip
 

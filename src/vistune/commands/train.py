@@ -15,42 +15,20 @@ import dataclasses
 import os
 import sys
 
-from vistune.train.config import TrainConfig, field_docs, load_config
+from vistune.commands.flags import add_dataclass_flags
+from vistune.train.config import TrainConfig, load_config
 
 HELP = "train a stage (pretrain: projector; finetune: projector + LLM or LoRA)"
 
 
-def _flag_type(kind: str):
-    for name, convert in (("int", int), ("float", float)):
-        if kind.startswith(name):
-            return convert
-    return str
-
-
 def add_arguments(parser: argparse.ArgumentParser, only: frozenset[str] | None = None) -> None:
-    """`--config` and a flag per TrainConfig field (or per field in `only`)."""
+    """`--config` and a flag per TrainConfig field (or per field in `only`); a flag left
+    out is None, so the file's value stands."""
     parser.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
-    docs = field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        if only is not None and f.name not in only:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        default = f.default if f.default is not None else "stage default"
-        text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
-        if kind.startswith("bool"):
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        else:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                type=_flag_type(kind),
-                default=None,
-                metavar=f.name.upper(),
-                help=text,
-            )
+    by_stage = {
+        f.name: "stage default" for f in dataclasses.fields(TrainConfig) if f.default is None
+    }
+    add_dataclass_flags(parser, TrainConfig, only=only, given_only=True, default_text=by_stage)
 
 
 def run(args: argparse.Namespace) -> int:

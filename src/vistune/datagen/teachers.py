@@ -7,7 +7,8 @@ format (so one parser, `vistune.datagen.parse`, reads all of them):
 - `openai`: any OpenAI-compatible chat-completions endpoint through `ChatClient` (the
   paper's path; GPT-4-class APIs, vLLM, llama.cpp servers);
 - `local`: a Hugging Face causal LM in this process, greedy, through its chat template
-  (default: the packaged SmolLM2-135M-Instruct; loads on first use); an answer cut off
+  (vistune.local_chat, as the local judge; default: the packaged SmolLM2-135M-Instruct;
+  loads on first use); an answer cut off
   by `max_new_tokens` is rejected as "truncated" (greedy would repeat it);
 - `rules`: a deterministic generator from the captions and boxes (`vistune.datagen.rules`):
   counts, absent objects, colours, positions, sizes and relative positions. It is not an
@@ -17,17 +18,18 @@ format (so one parser, `vistune.datagen.parse`, reads all of them):
 from __future__ import annotations
 
 import random
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import ChatClient
+from vistune.config import ClientConfig
 from vistune.datagen.context import ImageContext
 from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.rules import SceneFacts
 from vistune.datagen.store import prompt_hash
+from vistune.local_chat import LocalChatModel, PromptTooLong
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,9 @@ class Teacher(ABC):
 class OpenAITeacher(Teacher):
     """A chat-completions endpoint; the name records the model (not the URL)."""
 
-    def __init__(self, base_url: str, model: str, **client_options: Any) -> None:
-        self.client = ChatClient(base_url, model, **client_options)
-        self.name = f"openai:{model}"
+    def __init__(self, config: ClientConfig, api_key: str | None = None) -> None:
+        self.client = ChatClient(config, api_key)
+        self.name = f"openai:{config.model}"
         self.max_tokens = self.client.max_tokens
 
     def respond(self, request: Request) -> str:
@@ -77,83 +79,43 @@ class OpenAITeacher(Teacher):
 
 
 class LocalTeacher(Teacher):
-    """A Hugging Face causal LM directory, greedy decoding with its chat template.
-
-    A folder given is checked when the teacher is made (config, safetensors weights only,
-    never a pickle; no custom code; a tokenizer with a chat template), so a problem with it
-    is one ModelDirError before any request; the weights load on first use."""
+    """A Hugging Face causal LM directory, greedy decoding with its chat template
+    (vistune.local_chat: checked when made, loaded on first use)."""
 
     concurrent = False
 
     def __init__(self, model_dir: str | Path | None = None, max_new_tokens: int = 512) -> None:
-        self.model_dir = Path(model_dir) if model_dir is not None else None
-        self.max_new_tokens = self.max_tokens = max_new_tokens
+        self.lm = LocalChatModel(model_dir, "teacher", max_new_tokens)
+        self.max_tokens = max_new_tokens
         # the folder's full path: two models may share a folder name (checkpoint-1000)
-        label = self.model_dir.resolve() if self.model_dir else "default SmolLM2-135M-Instruct"
+        label = (
+            self.lm.model_dir.resolve() if self.lm.model_dir else "default SmolLM2-135M-Instruct"
+        )
         self.name = f"local:{label}"
-        self._lock = threading.Lock()
-        self._model: Any = None
-        self._tokenizer: Any = None
-        if self.model_dir is not None:
-            self._tokenizer = _checked_tokenizer(self.model_dir)
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
+    @property
+    def model_dir(self) -> Path | None:
+        """The folder; None until the packaged default is loaded."""
+        return self.lm.model_dir
 
-        from vistune.model.checkpoint import load_hf_model
-
-        if self.model_dir is None:
-            from vistune.weights import ensure_default_weights
-
-            self.model_dir = ensure_default_weights().llm_dir
-        if self._tokenizer is None:
-            self._tokenizer = _checked_tokenizer(self.model_dir)
-        self._model = load_hf_model(AutoModelForCausalLM, self.model_dir, "teacher", torch.float32)
+    @property
+    def max_new_tokens(self) -> int:
+        return self.lm.max_new_tokens
 
     def respond(self, request: Request) -> str:
-        import torch
-
-        with self._lock:
-            if self._model is None:
-                self._load()
-            tok = self._tokenizer
-            text = tok.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
-            )
-            enc = tok(text, return_tensors="pt", add_special_tokens=False)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            # the reply stops at the LLM's context: past it, positions are out of range
-            # (absolute embeddings fail, rotary ones drift); this request alone is rejected
-            prompt = enc["input_ids"].shape[1]
-            limit = getattr(self._model.config, "max_position_embeddings", None) or 1 << 62
-            if prompt >= limit:
-                raise RejectedOutput("too_long", f"{prompt} tokens, the teacher reads {limit}")
-            budget = min(self.max_new_tokens, limit - prompt)
-            with torch.no_grad():
-                out = self._model.generate(
-                    **enc, do_sample=False, max_new_tokens=budget, pad_token_id=pad
-                )  # (1, T + new)
-            new = out[0, prompt:]
-            text = tok.decode(new, skip_special_tokens=True).strip()
-        if len(new) >= budget and new[-1].item() != tok.eos_token_id:
-            raise RejectedOutput("truncated", f"{budget} new tokens", raw=text)
+        try:
+            reply = self.lm.reply(request.messages)
+        except PromptTooLong as err:  # this request alone is rejected
+            raise RejectedOutput(
+                "too_long", f"{err.prompt} tokens, the teacher reads {err.limit}"
+            ) from err
+        text = reply.text.strip()
+        if reply.truncated:
+            raise RejectedOutput("truncated", f"{reply.budget} new tokens", raw=text)
         return text
 
     def close(self) -> None:
-        self._model = None
-
-
-def _checked_tokenizer(path: Path) -> Any:
-    """The tokenizer of a checked teacher folder (ModelDirError, one line, when unusable)."""
-    from vistune.errors import ModelDirError
-    from vistune.model.checkpoint import check_hf_dir, load_tokenizer
-
-    check_hf_dir(path, "teacher", tokenizer=True)
-    tokenizer = load_tokenizer(path)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelDirError(f"{path}: the teacher's tokenizer has no chat template")
-    return tokenizer
+        self.lm.close()
 
 
 class RulesTeacher(Teacher):

@@ -27,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vistune.chat_client import EndpointDownError
 from vistune.data.formats import load_coco
 from vistune.datagen.context import ImageContext, screen_contexts
 from vistune.datagen.messages import build_messages, detail_question
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
+from vistune.eval.ask import Try, Unusable, ask
 from vistune.eval.journal import prompt_key, read_records
 
 BENCH_CATEGORY = {"conversation": "conv", "detail": "detail", "complex": "complex"}
@@ -122,21 +122,21 @@ def _ask(
             return first_pair(rtype, done[ctx.image, key], question), None
         except RejectedOutput:
             pass  # kept under an older parser that accepted it: ask again
-    reason = ""
-    for attempt in range(retries + 1):
+
+    def parse(reply: str) -> tuple[str, str]:
         try:
-            reply = teacher.respond(request)
-            pair = first_pair(rtype, reply, question)
-        except (RejectedOutput, EndpointError) as err:
-            if isinstance(err, EndpointDownError) and attempt == retries:
-                raise  # down on every try: every question would fail, stop the build
-            reason = str(err)
-            continue
-        if log is not None:
+            return first_pair(rtype, reply, question)
+        except RejectedOutput as err:
+            raise Unusable(str(err)) from err
+
+    def keep(tried: Try[tuple[str, str]]) -> None:
+        if log is not None and tried.error is None:
             log({"prompt_key": key, "image": ctx.image, "category": rtype,
-                 "attempt": attempt, "content": reply})  # fmt: skip
-        return pair, None
-    return None, reason
+                 "attempt": tried.attempt, "content": tried.content})  # fmt: skip
+
+    outcome = ask(lambda: teacher.respond(request), parse, retries, keep,
+                  failures=(RejectedOutput, EndpointError))  # fmt: skip
+    return outcome.value, None if outcome.value is not None else str(outcome.error)
 
 
 def build_bench(

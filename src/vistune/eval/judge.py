@@ -28,12 +28,14 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from vistune.chat_client import EndpointDownError
 from vistune.datagen.context import Box
-from vistune.errors import DataError, ModelDirError, VistuneError
+from vistune.errors import DataError
+from vistune.eval.ask import Try, Unusable, ask
 from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
+from vistune.local_chat import LocalChatModel
 
 CATEGORIES = ("conversation", "detail", "complex")
 CATEGORY_ALIASES = {
@@ -198,46 +200,36 @@ def judge_one(
     log: Callable[[dict], None] | None = None,
     judge_id: str = "",
 ) -> Judgement:
-    """Ask until two valid scores come back, at most `retries + 1` requests; every reply
-    (or error) goes to `log`. When the last try finds the endpoint down or refusing the key
-    (EndpointDownError, after the client's own retries) that error is raised: it would fail
-    every question."""
+    """Ask until two valid scores come back, at most `retries + 1` requests
+    (vistune.eval.ask); every reply (or error) goes to `log`. When the last try finds the
+    endpoint down or refusing the key (EndpointDownError, after the client's own retries)
+    that error is raised: it would fail every question."""
     messages = judge_messages(item, load_rubric(item.category))
     key = prompt_key(messages, judge_id)
-    reason = content = None
-    for attempt in range(retries + 1):
-        record = {
-            "repeat": repeat,
-            "question_id": item.question_id,
-            "category": item.category,
-            "attempt": attempt,
-            "prompt_key": key,
-        }
-        down = None
-        try:
-            content = complete(messages)
-        except VistuneError as err:
-            reason = f"request failed: {err}"
-            record.update(content=None, scores=None, error=reason)
-            down = err if isinstance(err, EndpointDownError) else None
-        else:
-            scores = parse_scores(content)
-            reason = None if scores else "unparsable scores: " + repr(content.strip()[:80])
-            record.update(content=content, scores=list(scores) if scores else None, error=reason)
+
+    def parse(content: str) -> tuple[float, float]:
+        scores = parse_scores(content)
+        if scores is None:
+            raise Unusable("unparsable scores: " + repr(content.strip()[:80]))
+        return scores
+
+    def record(tried: Try[tuple[float, float]]) -> None:
         if log is not None:
-            log(record)
-        if down is not None and attempt == retries:  # down on every try: so for every
-            raise down  # question; stop rather than fail them all one by one
-        if reason is None:
-            return Judgement(
-                repeat,
-                item.question_id,
-                item.category,
-                attempt + 1,
-                (record["scores"][0], record["scores"][1]),
-                content,
-            )
-    return Judgement(repeat, item.question_id, item.category, retries + 1, None, content, reason)
+            log({"repeat": repeat, "question_id": item.question_id, "category": item.category,
+                 "attempt": tried.attempt, "prompt_key": key, "content": tried.content,
+                 "scores": list(tried.value) if tried.value else None,
+                 "error": _reason(tried.error)})  # fmt: skip
+
+    outcome = ask(lambda: complete(messages), parse, retries, record)
+    return Judgement(repeat, item.question_id, item.category, outcome.attempts, outcome.value,
+                     outcome.content, _reason(outcome.error))  # fmt: skip
+
+
+def _reason(error: Exception | None) -> str | None:
+    """A failed try as the journal and the report say it."""
+    if error is None or isinstance(error, Unusable):
+        return None if error is None else str(error)
+    return f"request failed: {error}"
 
 
 def relative_scores(judgements: Sequence[Judgement]) -> dict[str, dict[str, float | int | None]]:
@@ -372,37 +364,20 @@ def reusable(
 
 
 class LocalJudge:
-    """A judge from a local Hugging Face causal LM directory (its chat template, greedy).
+    """A judge from a local Hugging Face causal LM directory (its chat template, greedy;
+    vistune.local_chat, as datagen's local teacher).
 
-    The folder is checked first (safetensors weights only, never a pickle; no custom code)
-    and a problem with it is one ModelDirError."""
+    The folder is checked and loaded when the judge is made (safetensors weights only,
+    never a pickle; no custom code), and a problem with it is one ModelDirError; a prompt
+    that fills its context fails that question alone (PromptTooLong, a VistuneError)."""
 
     def __init__(self, model_dir: str | Path, max_new_tokens: int = 256) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
+        self.lm = LocalChatModel(model_dir, "judge", max_new_tokens)
+        self.lm.load()
 
-        from vistune.model.checkpoint import check_hf_dir, load_hf_model, load_tokenizer
-
-        path = Path(model_dir)
-        check_hf_dir(path, "judge", tokenizer=True)
-        self.tokenizer = load_tokenizer(path)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelDirError(f"{path}: the judge's tokenizer has no chat template")
-        self.model = load_hf_model(AutoModelForCausalLM, path, "judge", torch.float32)
-        self.max_new_tokens = max_new_tokens
+    @property
+    def model(self) -> Any:
+        return self.lm.model
 
     def complete(self, messages: list[dict]) -> str:
-        import torch
-
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        # a reply stops at the LLM's context; a prompt that fills it fails this question only
-        prompt = ids["input_ids"].shape[1]
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 62
-        if prompt >= limit:
-            raise VistuneError(f"the prompt is {prompt} tokens, the judge reads {limit}")
-        budget = min(self.max_new_tokens, limit - prompt)
-        with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=budget, do_sample=False)
-        return self.tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
+        return self.lm.reply(messages).text

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from vistune.chat_client import EndpointDownError
 from vistune.data.scienceqa import OPTIONS, SUBJECTS, ScienceQAProblem, build_question
-from vistune.errors import VistuneError
+from vistune.eval.ask import Try, Unusable, ask
 from vistune.eval.journal import prompt_key, read_records
 from vistune.eval.report import check_same_ids, index_by, read_jsonl
 
@@ -241,21 +240,23 @@ def _ask_judge(
     log: Callable[[dict], None] | None,
 ) -> str | None:
     """The judge's letter for one problem in at most `retries + 1` requests, else None."""
-    log = log or (lambda record: None)
-    for attempt in range(retries + 1):
-        record = {"question_id": p.pid, "attempt": attempt, "prompt_key": key}
-        try:
-            reply = complete(messages)
-        except VistuneError as err:
-            log({**record, "error": str(err)})
-            if isinstance(err, EndpointDownError) and attempt == retries:
-                raise  # down on every try: it would be for every question
-            continue
+
+    def parse(reply: str) -> str:
         letter = parse_judge_letter(reply, len(p.choices))
-        log({**record, "content": reply, "letter": letter})
-        if letter is not None:
-            return letter
-    return None
+        if letter is None:
+            raise Unusable("no letter")
+        return letter
+
+    def record(tried: Try[str]) -> None:
+        entry = {"question_id": p.pid, "attempt": tried.attempt, "prompt_key": key}
+        if log is None:
+            return
+        if tried.content is None:
+            log({**entry, "error": str(tried.error)})
+        else:
+            log({**entry, "content": tried.content, "letter": tried.value})
+
+    return ask(lambda: complete(messages), parse, retries, record).value
 
 
 def kept_replies(path: str | Path) -> dict[tuple[str, str], str]:

@@ -6,16 +6,14 @@ Fields left at `None` take the stage's default (see `vistune.train.stages.STAGE_
 so the resolved config saved beside the output always holds concrete values.
 
 Every field is also a command-line flag (`--field-name`), generated from this dataclass
-and documented by the attribute docstrings below; flags override the YAML file.
+by vistune.commands.flags, its help the attribute docstring below; flags override the YAML
+file.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,18 +204,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def field_docs() -> dict[str, str]:
-    """Attribute docstrings of TrainConfig, used as the flags' --help text."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
-            if isinstance(after.value, ast.Constant) and isinstance(node.target, ast.Name):
-                docs[node.target.id] = str(after.value.value)
-    return docs
 
 
 def _coerce(name: str, value: Any) -> Any:

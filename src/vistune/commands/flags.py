@@ -1,0 +1,102 @@
+"""Command-line flags made from the config dataclasses, so a setting is declared once.
+
+Each field becomes `--field-name`: its type comes from the annotation, its `--help` from
+the attribute docstring under it (read by docstring-parser, the library jsonargparse uses
+for the same purpose), and a `bool` becomes `--name/--no-name`. jsonargparse and tyro were
+weighed and not taken: jsonargparse spells flags `--field_name` and booleans `--name true`,
+tyro cannot tell a flag left out from one given its default, and our YAML-then-flags merge
+(`vistune.train.config.load_config`) needs exactly that.
+
+The shared endpoint settings of a teacher or judge (`ClientConfig`) get the same flags in
+`vistune datagen` and `vistune eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Callable, Collection
+from typing import Any
+
+import docstring_parser
+
+from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature
+from vistune.config import ClientConfig
+
+CLIENT_FLAGS: dict[str, Callable[[str], Any]] = {
+    "temperature": temperature,
+    "max_tokens": positive_int,
+    "timeout": seconds,
+    "http_retries": count,
+    "backoff": delay,
+}
+"""The ClientConfig fields every endpoint command shares, with the check of each value
+(argparse's one-line error naming the flag, before any request). The endpoint and the
+model name are the command's own flags: their names and defaults depend on the role."""
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its attribute docstring, for every documented field of `cls`."""
+    parsed = docstring_parser.parse_from_object(cls)
+    return {
+        p.arg_name: " ".join(p.description.split())
+        for p in parsed.params
+        if p.args[0] == "attribute" and p.description
+    }
+
+
+def _scalar(annotation: Any) -> Any:
+    """int, float, str or bool from an annotation such as `int | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return annotation
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    only: Collection[str] | None = None,
+    checks: dict[str, Callable[[str], Any]] | None = None,
+    given_only: bool = False,
+    default_text: dict[str, str] | None = None,
+) -> None:
+    """A flag per field of the dataclass `cls` (or per field in `only`).
+
+    `checks` replaces a field's plain type with a checking one. With `given_only` every flag
+    defaults to None, so a caller can tell the flags given from those left out (the field's
+    own default is shown in the help; `default_text` overrides that text per field)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_help(cls)
+    checks = checks or {}
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        kind = _scalar(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = (default_text or {}).get(f.name, default)
+        text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
+        value = None if given_only else default
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=value, help=text)  # fmt: skip
+            continue
+        convert = checks.get(f.name, kind if kind in (int, float) else str)
+        parser.add_argument(flag, dest=f.name, type=convert, default=value,
+                            metavar=f.name.upper(), help=text)  # fmt: skip
+
+
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """The endpoint settings shared by every teacher and judge (see CLIENT_FLAGS)."""
+    add_dataclass_flags(parser, ClientConfig, only=CLIENT_FLAGS, checks=CLIENT_FLAGS)
+
+
+def client_config(args: argparse.Namespace, base_url: str, model: str) -> ClientConfig:
+    """The ClientConfig of an endpoint at `base_url` serving `model`, with the shared flags."""
+    return ClientConfig(base_url, model, **{name: getattr(args, name) for name in CLIENT_FLAGS})

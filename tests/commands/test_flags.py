@@ -1,0 +1,50 @@
+"""vistune.commands.flags: flags, types and help come from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from vistune.commands.flags import add_client_flags, add_dataclass_flags, client_config, field_help
+from vistune.config import ClientConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    rate: float = 0.5
+    """How fast, per step."""
+    steps: int | None = None
+    """How many; None: as many as needed."""
+    name: str = "toy"
+    fast: bool = True
+    """Go fast."""
+
+
+def test_flags_follow_the_fields_types_and_docstrings():
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Toy)
+    args = parser.parse_args(["--rate", "2", "--steps", "3", "--no-fast"])
+    assert (args.rate, args.steps, args.name, args.fast) == (2.0, 3, "toy", False)
+    text = parser.format_help()
+    assert "How fast, per step. (default: 0.5)" in text
+    assert field_help(Toy) == {"rate": "How fast, per step.",
+                               "steps": "How many; None: as many as needed.", "fast": "Go fast."}  # fmt: skip
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "many"])
+
+
+def test_given_only_tells_flags_given_from_those_left_out():
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Toy, only={"rate", "fast"}, given_only=True)
+    args = parser.parse_args(["--fast"])
+    assert vars(args) == {"rate": None, "fast": True}
+
+
+def test_client_flags_make_a_client_config():
+    parser = argparse.ArgumentParser()
+    add_client_flags(parser)
+    args = parser.parse_args(["--http-retries", "0", "--max-tokens", "9"])
+    config = client_config(args, "http://127.0.0.1:9/v1", "m")
+    assert config == ClientConfig("http://127.0.0.1:9/v1", "m", max_tokens=9, http_retries=0)
