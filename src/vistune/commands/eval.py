@@ -169,7 +169,8 @@ def _answer(args: argparse.Namespace, questions: list[dict], images: Path, out: 
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from vistune.eval.report import index_by, read_jsonl
+    from vistune.data.records import read_jsonl
+    from vistune.eval.report import index_by
 
     rows = read_jsonl(args.questions, "questions", ("question_id", "text"))
     index_by(rows, "question_id", "questions", args.questions)
@@ -285,7 +286,7 @@ def run_build(args: argparse.Namespace) -> int:
     from vistune.datagen.teachers import make_teacher
     from vistune.eval.build import build_bench, kept_replies, request_keys, sample_contexts
     from vistune.eval.journal import appender, requester_id
-    from vistune.eval.report import atomic_write_json
+    from vistune.files import write_json as atomic_write_json
 
     if args.images < 1:
         raise VistuneError("--images must be at least 1")
@@ -345,9 +346,10 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_scenes(args: argparse.Namespace) -> int:
     from vistune.data.formats import load_coco
+    from vistune.data.records import read_jsonl
     from vistune.data.scenes import load_scene_objects
     from vistune.eval import scenes
-    from vistune.eval.report import check_same_ids, index_by, markdown_table, read_jsonl, write_run
+    from vistune.eval.report import check_same_ids, index_by, markdown_table, write_run
 
     contexts, _ = load_coco(args.coco, args.split)
     images = {c.image_id: c.image for c in contexts[: args.images]}
@@ -390,7 +392,8 @@ def _say_rekeyed(path: Path, expected: dict, identify, kept) -> None:
     """One line on stderr, before anything is asked, when kept replies are not reused
     because their key differs (an older vistune's journal, or other settings): with a
     paid endpoint the user may rather stop than pay for them again."""
-    from vistune.eval.journal import read_records, rekeyed
+    from vistune.data.records import read_journal as read_records
+    from vistune.eval.journal import rekeyed
 
     n = rekeyed((r for r in read_records(path) if kept(r)), expected, identify)
     if n:
@@ -414,7 +417,7 @@ def _kept(keys: list, kept: dict, path: Path) -> str:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    from vistune.eval.report import atomic_write_text
+    from vistune.files import write_text as atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import ChatClient
-from vistune.datagen.context import ImageContext
+from vistune.data.annotations import ImageContext
 from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.rules import SceneFacts
 from vistune.datagen.store import prompt_hash

@@ -30,10 +30,11 @@ from importlib import resources
 from pathlib import Path
 
 from vistune.chat_client import EndpointDownError
-from vistune.datagen.context import Box
+from vistune.data.annotations import Box
+from vistune.data.records import read_journal, read_jsonl
 from vistune.errors import DataError, ModelDirError, VistuneError
-from vistune.eval.journal import prompt_key, read_records
-from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
+from vistune.eval.journal import prompt_key
+from vistune.eval.report import check_same_ids, index_by, list_ids
 
 CATEGORIES = ("conversation", "detail", "complex")
 CATEGORY_ALIASES = {
@@ -354,7 +355,7 @@ def reusable(
         for i in items
     }
     done: dict[tuple[int, str], Judgement] = {}
-    for rec in read_records(raw_path):
+    for rec in read_journal(raw_path):
         try:
             qid, scores = str(rec["question_id"]), rec.get("scores")
             if scores and qid in keys and rec.get("prompt_key") == keys[qid][1]:
