@@ -20,7 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from vistune.datagen.context import Box, ImageContext
+from vistune.data.annotations import Box, ImageContext
 from vistune.datagen.pipeline import DatagenConfig, run_datagen
 from vistune.datagen.store import Store
 from vistune.datagen.teachers import OpenAITeacher

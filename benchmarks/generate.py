@@ -213,6 +213,8 @@ whenever other jobs are busy, hence `--threads 1` (also a `vistune chat` flag).
 
 def write_section(text: str) -> None:
     """Replace (or add) the "## Generation" section of docs/PERFORMANCE.md, atomically."""
+    from vistune.files import write_text
+
     doc = DOC.read_text() if DOC.exists() else "# Performance\n"
     start = doc.find("\n## Generation\n")
     if start < 0:
@@ -220,9 +222,7 @@ def write_section(text: str) -> None:
     else:
         end = doc.find("\n## ", start + 1)
         new = doc[: start + 1] + text + ("" if end < 0 else "\n" + doc[end + 1 :])
-    tmp = DOC.with_name(f".{DOC.name}.{os.getpid()}.tmp")
-    tmp.write_text(new.rstrip("\n") + "\n")
-    os.replace(tmp, DOC)
+    write_text(DOC, new.rstrip("\n") + "\n")
 
 
 def main() -> int:

@@ -49,10 +49,10 @@ import torch
 
 from vistune.config import ModelConfig
 from vistune.data.dataset import build_samples
+from vistune.data.formats import read_llava_rows
 from vistune.data.image import load_image
 from vistune.train.config import TrainConfig
 from vistune.train.loop import train
-from vistune.train.setup import read_rows
 
 
 def make_data(folder: Path, n: int) -> None:
@@ -162,7 +162,7 @@ def reference(
     model.llm.requires_grad_(stage == "finetune")
     model.llm.train()
     samples, _ = build_samples(
-        read_rows(data), model.tokenizer, template, root, model.num_image_tokens, 1024
+        read_llava_rows(data), model.tokenizer, template, root, model.num_image_tokens, 1024
     )
     random.Random(0).shuffle(samples)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vistune.data.formats import host_tag
 from vistune.errors import ImageError
 from vistune.features import FeatureStore, encoder_key, open_store, tower_features
+from vistune.files import host_tag
 
 
 def _images(folder: Path, n: int) -> list[Path]:
@@ -228,14 +228,14 @@ def test_a_store_that_takes_no_marker_is_still_read(tmp_path, monkeypatch):
 
     paths = _images(tmp_path, 3)
     _store(tmp_path / "s").ensure(paths, Counting())
-    write = features._write_atomic
+    write = features.write_text
 
-    def read_only(path, write_to):
+    def read_only(path, text):
         if ".verified" in path.name:
             raise PermissionError(13, "Permission denied", str(path))
-        write(path, write_to)
+        write(path, text)
 
-    monkeypatch.setattr(features, "_write_atomic", read_only)
+    monkeypatch.setattr(features, "write_text", read_only)
     reads = _count_reads(monkeypatch)
     assert _store(tmp_path / "s").missing(paths) == []
     assert _store(tmp_path / "s").missing(paths) == [] and len(reads) == 6  # twice, unmarked

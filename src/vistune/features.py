@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistune.data.formats import host_tag, remove_orphaned_temps
 from vistune.errors import ImageError, VistuneError
+from vistune.files import remove_orphaned_temps, sync_file, temp_path, write_text
 
 FP16_MAX = 65504.0
 
@@ -103,12 +103,6 @@ def _row(fields: object) -> tuple[int, int, int, int]:
     return fields[1], fields[2], fields[3], fields[4]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{host_tag()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class FeatureStore:
     """On-disk (path -> (T, D) float16) features for one encoder."""
 
@@ -131,7 +125,7 @@ class FeatureStore:
         except (OSError, ValueError):
             found = None  # garbled: the folder's name already says which encoder it is for
         if not isinstance(found, dict):
-            _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+            write_text(meta_path, json.dumps(meta, indent=1))
         elif (found.get("tokens"), found.get("dim")) != (tokens, dim):
             raise FeatureStoreError(f"{meta_path}: holds {found} but the encoder gives {meta}")
         self._arrays: dict[str, np.ndarray] = {}
@@ -245,7 +239,7 @@ class FeatureStore:
         rows = good.union(*(rows for file, _, rows in marks if file == name))
         record = {"npy": identity[0], "json": identity[1], "rows": sorted(rows)}
         try:
-            _write_atomic(self.folder / name, lambda p: p.write_text(json.dumps(record)))
+            write_text(self.folder / name, json.dumps(record))
         except OSError:  # a read-only or full store: the rows are checked again next time
             return
         others = [m for m in self._marks.get(shard, []) if m[0] != name]
@@ -268,14 +262,13 @@ class FeatureStore:
         for row, (path, _) in enumerate(items):
             size, mtime_ns = file_identity(Path(path))
             rows.append([str(Path(path).resolve()), row, size, mtime_ns, _row_crc(stacked[row])])
-        tmp = self.folder / f".tmp-{os.getpid()}-{host_tag()}-shard.npy"
+        tmp = temp_path(self.folder / "shard.npy")
         try:
             with open(tmp, "wb") as handle:
                 np.save(handle, stacked)
-                handle.flush()
-                os.fsync(handle.fileno())
-            name = self._claim(tmp)
-            _write_atomic(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(rows)))
+            sync_file(tmp)
+            name = self._claim(tmp)  # a new name, taken with a link: not a replace
+            write_text(self.folder / f"{name}.json", json.dumps(rows))  # syncs the folder
         except OSError as err:  # read-only, full, gone: what is stored so far stays
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

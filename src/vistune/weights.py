@@ -13,7 +13,7 @@ No hub access on these machines, so the default model is built from two PyPI pac
   them back to q_proj/k_proj/v_proj on load.)
 
 Both land in `<VISTUNE_HOME>/models/<name>/`: built once in a temporary directory beside
-the target and moved into place with `os.replace`, under an exclusive lock on
+the target, synced and moved into place (vistune.files.staged_dir), under an exclusive lock on
 `<VISTUNE_HOME>/.lock`, so a killed run leaves no half directory and concurrent processes
 do not clash. A second call only checks the completion markers.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vistune.errors import VistuneError
+from vistune.files import staged_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -109,7 +110,7 @@ def ensure_default_weights(
 ) -> DefaultWeights:
     """Convert the packaged weights into `<home>/models/` once; return their directories.
 
-    Idempotent (finished directories are kept unless `force`), atomic (temp dir + os.replace)
+    Idempotent (finished directories are kept unless `force`), atomic (temp dir, swapped in)
     and safe against concurrent callers (flock on `<home>/.lock`).
     """
     home = Path(home) if home is not None else vistune_home()
@@ -159,22 +160,12 @@ def _remove_stale(models: Path) -> None:
 
 def _build_atomically(target: Path, build: Callable[[Path, Progress], None], say: Progress) -> None:
     tmp = target.parent / f".{target.name}-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    aside = target.parent / f".{target.name}-old-{os.getpid()}"  # names `_remove_stale` clears
     start = time.perf_counter()
-    try:
-        build(tmp, say)
+    with staged_dir(target, tmp, aside) as folder:
+        build(folder, say)
         marker = {"format_version": FORMAT_VERSION, "built_at": time.time()}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}-old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     say(f"{target.name}: converted in {time.perf_counter() - start:.1f} s -> {target}")
 
 

@@ -11,6 +11,7 @@ from vistune.data.formats import (
     load_coco,
     load_pairs,
     read_llava_json,
+    read_llava_rows,
     validate_llava_sample,
     write_llava_json,
 )
@@ -333,43 +334,6 @@ def test_coco_boxes_nan_or_outside_within_tolerance_are_dropped_not_the_image(tm
     assert skipped == {"box out of range": 4}
 
 
-def test_orphaned_temporaries_of_killed_writers_are_removed(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    from vistune.data.formats import host_tag, remove_orphaned_temps
-    from vistune.features import FeatureStore
-    from vistune.train.checkpoint import save_checkpoint
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    dead, alive = int(gone.stdout), os.getppid()
-    checkpoints = tmp_path / "run" / "checkpoints"
-    for pid in (dead, alive):
-        (checkpoints / f".tmp-step-00000002-{pid}").mkdir(parents=True)
-        (checkpoints / f".tmp-step-00000002-{pid}" / "trainable.safetensors").write_bytes(b"x")
-    save_checkpoint(tmp_path / "run", 4, {"w": torch.zeros(2)}, {"state": {}, "param_groups": []},
-                    {}, keep_last=2)  # fmt: skip
-    assert sorted(p.name for p in checkpoints.iterdir()) == [
-        f".tmp-step-00000002-{alive}", "step-00000004"
-    ]  # fmt: skip
-    store = tmp_path / "features" / "enc"
-    store.mkdir(parents=True)
-    here = host_tag()
-    for pid in (dead, alive):
-        (store / f".tmp-{pid}-{here}-shard-000001.npy").write_bytes(b"x")
-    # on storage several nodes share: another node's writer, whose pid means nothing here
-    (store / f".tmp-{dead}-0badf00d-shard-000002.npy").write_bytes(b"x")
-    FeatureStore(tmp_path / "features", "enc", tokens=4, dim=6, settings={})
-    assert sorted(p.name for p in store.glob(".tmp-*")) == sorted(
-        [f".tmp-{dead}-0badf00d-shard-000002.npy", f".tmp-{alive}-{here}-shard-000001.npy"]
-    )
-    assert remove_orphaned_temps(store, ".tmp-*", 1, 2) == []
-
-
 def test_load_coco_takes_whole_float_sizes(tmp_path: Path) -> None:
     """Some exporters write sizes as 640.0; a size that is not whole is still refused."""
     (tmp_path / "annotations").mkdir()
@@ -383,3 +347,12 @@ def test_load_coco_takes_whole_float_sizes(tmp_path: Path) -> None:
     contexts, skipped = load_coco(tmp_path, "val")
     assert [(c.image_id, c.width, c.height) for c in contexts] == [("1", 200, 100)]
     assert skipped["image record without width/height"] == 1
+
+
+def test_a_jsonl_file_with_a_bom_keeps_its_first_row(tmp_path):
+    """Editors on Windows start UTF-8 files with a BOM: the first row was counted malformed
+    (LLaVA JSON files already took it)."""
+    rows = [{"id": "a", "conversations": []}, {"id": "b", "conversations": []}]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    assert read_llava_rows(path) == rows

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from vistune.data.annotations import ImageContext
 from vistune.data.formats import validate_llava_sample
-from vistune.datagen.context import ImageContext
 from vistune.datagen.naive import (
     BRIEF_QUESTIONS,
     DETAIL_QUESTIONS,

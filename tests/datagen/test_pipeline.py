@@ -17,7 +17,8 @@ from PIL import Image
 
 from vistune.cli import main
 from vistune.config import ClientConfig
-from vistune.datagen.context import Box, ImageContext, screen_contexts
+from vistune.data.annotations import Box, ImageContext
+from vistune.datagen.context import screen_contexts
 from vistune.datagen.messages import build_messages, detail_question, load_prompt
 from vistune.datagen.naive import DETAIL_QUESTIONS
 from vistune.datagen.parse import RejectedOutput

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
+from vistune.data.annotations import Box, ImageContext
 from vistune.data.formats import load_coco
 from vistune.data.scenes import COLORS, KINDS, make_scenes
-from vistune.datagen.context import Box, ImageContext
 from vistune.datagen.messages import build_messages
 from vistune.datagen.parse import parse_pairs
 from vistune.datagen.rules import SceneFacts, plural, where

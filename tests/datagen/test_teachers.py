@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vistune.chat_client import ClientConfig
-from vistune.datagen.context import Box, ImageContext
+from vistune.data.annotations import Box, ImageContext
 from vistune.datagen.messages import build_messages
 from vistune.datagen.parse import RejectedOutput, parse_description, parse_pairs, parse_response
 from vistune.datagen.teachers import (

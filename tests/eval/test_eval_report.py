@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from vistune.errors import DataError
 from vistune.eval import report
 
 
@@ -28,43 +25,3 @@ def test_write_run(tmp_path):
     # no temporary files left behind
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "config.json", "report.json", "report.md", "report.png"]  # fmt: skip
-
-
-def test_atomic_write_keeps_old_file_on_error(tmp_path):
-    path = tmp_path / "r.json"
-    report.atomic_write_json(path, {"a": 1})
-    with pytest.raises(TypeError):
-        report.atomic_write_json(path, {"a": object()})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
-
-
-def test_a_byte_order_mark_opening_a_jsonl_file_is_not_part_of_line_1(tmp_path):
-    path = tmp_path / "answers.jsonl"
-    path.write_bytes(
-        b'\xef\xbb\xbf{"question_id": 1, "text": "ok"}\n{"question_id": 2, "text": "b"}\n'
-    )
-    assert [r["question_id"] for r in report.read_jsonl(path, "answers")] == [1, 2]
-    path.write_bytes(b'\xef\xbb\xbf\n{"question_id": 1, "text": "ok"}\n')  # a BOM alone
-    assert report.read_jsonl(path, "answers") == [{"question_id": 1, "text": "ok"}]
-    path.write_bytes(b'{"question_id": 1, "text": "ok"}\n\xef\xbb\xbf{"question_id": 2}\n')
-    with pytest.raises(DataError, match=r"line 2 \(not JSON\)"):  # only the file's start
-        report.read_jsonl(path, "answers")
-
-
-def test_a_line_nested_too_deeply_is_named_not_a_traceback(tmp_path):
-    path = tmp_path / "answers.jsonl"
-    path.write_text('{"question_id": 1, "text": "ok"}\n' + "[" * 100_000 + "\n")
-    with pytest.raises(DataError, match=r"line 2 \(not JSON\)"):
-        report.read_jsonl(path, "answers")
-
-
-def test_long_id_lists_are_cut():
-    assert report.list_ids(range(25), limit=3) == "0, 1, 2 ... and 22 more"
-
-
-def test_a_line_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
-    path = tmp_path / "answers.jsonl"
-    path.write_bytes(b'{"question_id": 1, "text": "ok"}\n{"question_id": 2, "text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"line 2 \(not UTF-8\)"):
-        report.read_jsonl(path, "answers")

@@ -3,7 +3,8 @@ resumable: what reaches the disk when, and what a torn file gives back."""
 
 from __future__ import annotations
 
-from vistune.eval.journal import appender, prompt_key, read_records, rekeyed, requester_id
+from vistune.data.records import read_journal
+from vistune.eval.journal import appender, prompt_key, rekeyed, requester_id
 
 
 def test_each_record_is_on_disk_before_the_next_request(tmp_path):
@@ -13,7 +14,7 @@ def test_each_record_is_on_disk_before_the_next_request(tmp_path):
         # a kill -9 now loses nothing: the record is already in the file
         assert path.read_bytes() == '{"prompt_key": "a", "content": "café"}\n'.encode()
         log({"prompt_key": "b", "content": "x"})
-        assert [r["prompt_key"] for r in read_records(path)] == ["a", "b"]
+        assert [r["prompt_key"] for r in read_journal(path)] == ["a", "b"]
 
 
 def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next_record(tmp_path):
@@ -21,11 +22,11 @@ def test_a_torn_last_line_is_skipped_and_not_glued_to_the_next_record(tmp_path):
     path.write_bytes(
         b'{"prompt_key": "a"}\n[1, 2]\nnot json\n{"prompt_key": "b", "content": "caf\xc3'
     )
-    assert read_records(path) == [{"prompt_key": "a"}]
+    assert read_journal(path) == [{"prompt_key": "a"}]
     with appender(path) as log:
         log({"prompt_key": "c"})
-    assert read_records(path) == [{"prompt_key": "a"}, {"prompt_key": "c"}]
-    assert read_records(tmp_path / "missing.jsonl") == []
+    assert read_journal(path) == [{"prompt_key": "a"}, {"prompt_key": "c"}]
+    assert read_journal(tmp_path / "missing.jsonl") == []
 
 
 def test_prompt_key_names_the_model_and_the_exact_messages():
@@ -54,7 +55,7 @@ def test_a_reply_holding_a_unicode_line_separator_is_kept(tmp_path):
     with appender(path) as log:
         for i, content in enumerate(contents):
             log({"prompt_key": str(i), "content": content})
-    assert [r["content"] for r in read_records(path)] == contents
+    assert [r["content"] for r in read_journal(path)] == contents
 
 
 def test_rekeyed_counts_requests_kept_under_another_key_only():
@@ -73,4 +74,4 @@ def test_rekeyed_counts_requests_kept_under_another_key_only():
 def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
     path = tmp_path / "j.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt_key": "a"}\n{"prompt_key": "b"}\n')
-    assert [r["prompt_key"] for r in read_records(path)] == ["a", "b"]
+    assert [r["prompt_key"] for r in read_journal(path)] == ["a", "b"]

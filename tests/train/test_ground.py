@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.train.conftest import tiny_args, write_dataset
+from vistune.data.annotations import Box
 from vistune.data.formats import load_coco
 from vistune.data.scenes import make_scenes
-from vistune.datagen.context import Box
 from vistune.errors import DataError
 from vistune.train.config import TrainConfig
 from vistune.train.ground import (

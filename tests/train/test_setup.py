@@ -118,16 +118,3 @@ def test_an_llm_with_learned_positions_trains_on_samples_cut_to_its_table(tiny_c
     result = train(TrainConfig(**args), say=said.append)
     assert result.steps == 2
     assert any("1 cut to 48 tokens" in line for line in said), said
-
-
-def test_a_jsonl_file_with_a_bom_keeps_its_first_row(tmp_path):
-    """Editors on Windows start UTF-8 files with a BOM: the first row was counted malformed
-    (LLaVA JSON files already took it)."""
-    import json
-
-    from vistune.train.setup import read_rows
-
-    rows = [{"id": "a", "conversations": []}, {"id": "b", "conversations": []}]
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
-    assert read_rows(path) == rows

@@ -80,7 +80,8 @@ def run_judge(args: argparse.Namespace) -> int:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from vistune.eval.report import index_by, read_jsonl
+    from vistune.data.records import read_jsonl
+    from vistune.eval.report import index_by
     from vistune.eval.runs import answer
 
     rows = read_jsonl(args.questions, "questions", ("question_id", "text"))

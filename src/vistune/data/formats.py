@@ -7,7 +7,9 @@
   JSON array (like LLaVA-CC3M-Pretrain-595K's metadata.json) or TSV (`image<TAB>caption`,
   optional header). Keys: the image under "image" (or "file_name", "file", "url"), the
   caption under "caption" (or "text"), an optional "id".
-- `read_llava_json` / `write_llava_json` keep LLaVA's released files as they are:
+- `read_llava_rows` reads a LLaVA JSON (or JSONL) file's rows for every reader of one
+  (training, the data mix); `read_llava_json` / `write_llava_json` keep LLaVA's released
+  files as they are:
   `[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]`, "<image>" once
   in the first human turn; samples without "image" are text-only; unknown keys and the
   type of "id" (str or int) are kept. The default writer output is byte-identical to the
@@ -15,7 +17,8 @@
 
 Bad rows (empty captions, boxes out of range, unknown categories, images missing on disk
 when checked) are skipped and counted by reason in the returned Counter; a file that is
-not valid JSON raises `DataError` naming the file and the position.
+not valid JSON, or a JSONL line that is not, raises `DataError` naming the file and the
+position (the one rule of vistune.data.records).
 """
 
 from __future__ import annotations
@@ -23,20 +26,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
-import socket
-import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vistune.datagen.context import Box, ImageContext
+from vistune.data.annotations import Box, ImageContext
+from vistune.data.conversation import IMAGE_PLACEHOLDER
+from vistune.data.records import kind, load_json, read_jsonl
 from vistune.errors import DataError
+from vistune.files import write_text
 
-IMAGE_PLACEHOLDER = "<image>"  # same as vistune.data.conversation.IMAGE_PLACEHOLDER
 ROLES = ("human", "gpt")
 IMAGE_KEYS = ("image", "file_name", "file", "url")
 CAPTION_KEYS = ("caption", "text")
@@ -44,89 +44,7 @@ BOX_TOLERANCE_PX = 1.0
 """COCO boxes may poke out of the image by a fraction of a pixel; within this, clamp."""
 
 
-# ---------------------------------------------------------------------------- JSON files
-
-
-def load_json(path: str | Path) -> Any:
-    """Parse a JSON file; malformed JSON raises DataError naming the file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows tools) is not JSON's
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    except OSError as err:  # a folder, no permission
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: malformed JSON at line {err.lineno} column {err.colno} "
-            f"(char {err.pos}): {err.msg}"
-        ) from None
-    except RecursionError:
-        raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
-
-
-def host_tag() -> str:
-    """This machine in a file name (no '-'): temporaries on storage that several nodes share
-    carry it, so a node judges only its own writers' pids."""
-    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
-
-
-def remove_orphaned_temps(
-    folder: Path, pattern: str, pid_field: int, host_field: int | None = None
-) -> list[Path]:
-    """Delete temporaries in `folder` matching the glob `pattern` whose writer is gone: a
-    process killed while writing leaves them (a whole checkpoint, a feature shard). Their
-    names hold the writer's pid as field `pid_field` of name.split("-"); files of a process
-    still running on this machine are kept. With `host_field`, that field holds the writer's
-    `host_tag()`, and files written on other machines are kept (their pids mean nothing here)."""
-    removed = []
-    for path in folder.glob(pattern):
-        fields = path.name.split("-")
-        try:
-            pid = int(fields[pid_field])
-            if host_field is not None and fields[host_field] != host_tag():
-                continue
-        except (IndexError, ValueError):
-            continue
-        if pid == os.getpid() or _running(pid):
-            continue
-        try:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError:
-            continue  # a read-only folder: left for a writer that can
-        removed.append(path)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ---------------------------------------------------------------------------- LLaVA JSON
 
 
 def dumps_llava(
@@ -148,7 +66,22 @@ def write_llava_json(
     llava_instruct_150k.json / blip_laion_cc_sbu_558k.json are; `indent=2` a pretty file.
     `ensure_ascii=True` escapes non-ASCII as `json.dump` does by default.
     """
-    atomic_write_text(path, dumps_llava(samples, indent=indent, ensure_ascii=ensure_ascii))
+    write_text(path, dumps_llava(samples, indent=indent, ensure_ascii=ensure_ascii))
+
+
+def read_llava_rows(path: str | Path) -> list[Any]:
+    """The rows of a LLaVA JSON file (a list) or JSONL file (one sample a line), unchecked.
+
+    A file that is not JSON, or a line that is not, raises DataError naming it (see
+    vistune.data.records); a row that is JSON but not a sample is the caller's to skip and
+    count (training counts it as malformed)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, required=None, allow_empty=True)
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a LLaVA JSON file holds a list of samples, got {kind(data)}")
+    return data
 
 
 def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
@@ -157,16 +90,10 @@ def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
     Samples are not validated here: use `validate_llava_sample` (training checks each row
     itself in vistune.data.dataset, skipping and counting the bad ones).
     """
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        data = list(_iter_jsonl(path))
-    else:
-        data = load_json(path)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a LLaVA JSON file holds a list of samples, got {_kind(data)}")
+    data = read_llava_rows(path)
     for i, sample in enumerate(data):
         if not isinstance(sample, dict):
-            raise DataError(f"{path}: sample {i} is {_kind(sample)}, not an object")
+            raise DataError(f"{path}: sample {i} is {kind(sample)}, not an object")
     return data
 
 
@@ -178,7 +105,7 @@ def validate_llava_sample(sample: Any) -> str | None:
     exactly one "<image>", in the first human turn; without "image" no "<image>" at all.
     """
     if not isinstance(sample, dict):
-        return f"sample is {_kind(sample)}, not an object"
+        return f"sample is {kind(sample)}, not an object"
     if "id" not in sample:
         return "missing id"
     turns = sample.get("conversations")
@@ -207,7 +134,7 @@ def validate_llava_sample(sample: Any) -> str | None:
 
 def _check_turn(i: int, turn: Any) -> str | None:
     if not isinstance(turn, dict):
-        return f"turn {i} is {_kind(turn)}, not an object"
+        return f"turn {i} is {kind(turn)}, not an object"
     role = turn.get("from")
     if role not in ROLES:
         return f"turn {i}: bad role {role!r} (expected human or gpt)"
@@ -275,7 +202,7 @@ def load_coco(
 def _coco_object(path: Path) -> dict[str, Any]:
     data = load_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: a COCO annotation file holds an object, got {_kind(data)}")
+        raise DataError(f"{path}: a COCO annotation file holds an object, got {kind(data)}")
     return data
 
 
@@ -381,11 +308,11 @@ def load_pairs(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     if path.suffix == ".jsonl":
-        rows: Iterable[Any] = _iter_jsonl(path)
+        rows: Iterable[Any] = read_jsonl(path, required=None, allow_empty=True)
     elif path.suffix == ".json":
         rows = load_json(path)
         if not isinstance(rows, list):
-            raise DataError(f"{path}: a pairs JSON file holds a list, got {_kind(rows)}")
+            raise DataError(f"{path}: a pairs JSON file holds a list, got {kind(rows)}")
     elif path.suffix in (".tsv", ".txt"):
         rows = _iter_tsv(path)
     else:
@@ -421,33 +348,6 @@ def _pair_context(row: Any, skipped: Counter) -> ImageContext | None:
     return ImageContext(image_id=str(image_id), image=image.strip(), captions=(caption.strip(),))
 
 
-def _iter_jsonl(path: Path) -> Iterable[Any]:
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}: line {lineno} is not UTF-8 ({err.reason})") from None
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}: malformed JSON at line {lineno} column {err.colno}: {err.msg}"
-                ) from None
-            except RecursionError:
-                raise DataError(
-                    f"{path}: line {lineno} is malformed JSON (nested too deeply)"
-                ) from None
-
-
 def _iter_tsv(path: Path) -> Iterable[dict[str, str] | None]:
     try:  # utf-8-sig: a BOM (Windows tools write one) is not part of the header
         f = path.open(encoding="utf-8-sig", newline="")
@@ -468,9 +368,3 @@ def _iter_tsv(path: Path) -> Iterable[dict[str, str] | None]:
             raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
         except csv.Error as err:  # e.g. a field over csv's size limit (a binary file)
             raise DataError(f"{path}: line {reader.line_num}: {err}") from None
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vistune.data.formats import atomic_write_text, load_json
+from vistune.data.records import load_json
 from vistune.data.scene_captions import scene_captions
 from vistune.errors import DataError
+from vistune.files import replacing, write_text
 
 # name -> (category id, supercategory); ids start at 1 as in COCO.
 KINDS: dict[str, tuple[int, str]] = {
@@ -289,9 +290,8 @@ def _one_scene(
     image, objects = render_scene(spec, seed=rng.getrandbits(32))
     file_name = f"{image_id:012d}.png"
     path = out / split / file_name
-    tmp = path.with_name(f".{file_name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        image.save(tmp, format="PNG")
     record = {
         "id": image_id,
         "file_name": file_name,
@@ -318,7 +318,7 @@ def _one_scene(
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=None))
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=None))
 
 
 def load_scene_objects(coco_dir: str | Path, split: str) -> dict[str, list[SceneObject]]:

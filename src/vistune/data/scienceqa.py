@@ -29,14 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vistune.data.formats import load_json
+from vistune.data.conversation import IMAGE_PLACEHOLDER
+from vistune.data.records import load_json
 from vistune.errors import DataError
 
 OPTIONS = "ABCDE"
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 _REQUIRED = ("question", "choices", "answer")
-IMAGE_PLACEHOLDER = "<image>"
-"""Same string as vistune.data.conversation.IMAGE_PLACEHOLDER (kept here to avoid the import)."""
 
 
 @dataclass(frozen=True)

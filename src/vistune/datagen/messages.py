@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from vistune.datagen.context import ImageContext
+from vistune.data.annotations import ImageContext
 from vistune.datagen.parse import RESPONSE_TYPES
 from vistune.datagen.teachers import Request
 

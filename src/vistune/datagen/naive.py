@@ -14,9 +14,9 @@ import random
 from importlib import resources
 from typing import Any
 
-from vistune.datagen.context import ImageContext
+from vistune.data.annotations import ImageContext
+from vistune.data.conversation import IMAGE_PLACEHOLDER
 
-IMAGE_PLACEHOLDER = "<image>"  # same as vistune.data.conversation.IMAGE_PLACEHOLDER
 QUESTION_KINDS = ("brief", "detail")
 
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import EndpointDownError
+from vistune.data.annotations import ImageContext
 from vistune.data.formats import write_llava_json
-from vistune.datagen.context import ImageContext, screen_contexts
+from vistune.datagen.context import screen_contexts
 from vistune.datagen.messages import build_requests
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.store import Key, Record, Store, prompt_hash
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
+from vistune.files import write_json, write_jsonl
 
 ALL_TYPES = ("brief", *RESPONSE_TYPES)
 
@@ -342,20 +341,5 @@ def _write_files(
         f"{c.image_id}_{t}": i for i, (c, t) in enumerate((c, t) for c in contexts for t in types)
     }
     rejected = sorted(run.rejected, key=lambda r: order.get(r["id"], len(order)))
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-    _atomic_write(out.with_name(out.stem + ".rejected.jsonl"), lines)
-    summary = json.dumps(run.summary.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out.with_name(out.stem + ".summary.json"), summary)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl(out.with_name(out.stem + ".rejected.jsonl"), rejected)
+    write_json(out.with_name(out.stem + ".summary.json"), run.summary.to_dict(), sort_keys=True)

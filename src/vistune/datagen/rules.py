@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from vistune.datagen.context import Box, ImageContext
+from vistune.data.annotations import Box, ImageContext
 
 COLOURS = (
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",

@@ -25,7 +25,7 @@ from typing import Any
 
 from vistune.chat_client import ChatClient
 from vistune.config import ClientConfig
-from vistune.datagen.context import ImageContext
+from vistune.data.annotations import ImageContext
 from vistune.datagen.parse import RejectedOutput
 from vistune.datagen.rules import SceneFacts
 from vistune.datagen.store import prompt_hash

@@ -14,19 +14,17 @@ request (another model, --max-new-tokens, temperature, text or image) is answere
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from vistune.config import GenerationConfig
+from vistune.data.conversation import IMAGE_PLACEHOLDER
+from vistune.data.records import list_ids, read_journal
 from vistune.errors import VistuneError
-from vistune.eval.journal import appender, prompt_key, read_records, requester_id
-from vistune.eval.report import atomic_write_text, list_ids
-
-IMAGE_PLACEHOLDER = "<image>"
-"""Same string as vistune.data.conversation.IMAGE_PLACEHOLDER."""
+from vistune.eval.journal import appender, prompt_key, requester_id
+from vistune.files import write_jsonl
 
 
 class AnswerEngine(Protocol):
@@ -96,7 +94,7 @@ def _done(partial: Path, keys: dict[str, str]) -> dict[str, dict]:
     (`keys`, by question id). Lines from an older vistune (no key), for another request,
     torn by a kill or not JSON are skipped: their questions are answered again."""
     done = {}
-    for record in read_records(partial):
+    for record in read_journal(partial):
         row = record.get("row")
         if isinstance(row, dict) and "question_id" in row and isinstance(row.get("text"), str):
             qid = str(row["question_id"])
@@ -150,6 +148,6 @@ def answer_questions(
             if progress is not None:
                 progress(len(batch))
     rows = [done[str(q["question_id"])] for q in questions]
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(out, rows)
     partial.unlink(missing_ok=True)
     return rows

@@ -27,18 +27,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vistune.data.annotations import ImageContext
+from vistune.data.conversation import IMAGE_PLACEHOLDER
 from vistune.data.formats import load_coco
-from vistune.datagen.context import ImageContext, screen_contexts
+from vistune.data.records import read_journal
+from vistune.datagen.context import screen_contexts
 from vistune.datagen.messages import build_messages, detail_question
 from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
 from vistune.eval.ask import Try, Unusable, ask
-from vistune.eval.journal import prompt_key, read_records
+from vistune.eval.journal import prompt_key
 
 BENCH_CATEGORY = {"conversation": "conv", "detail": "detail", "complex": "complex"}
 """Our response types -> LLaVA-Bench's category names."""
-_PLACEHOLDER = "<image>"
 
 
 @dataclass
@@ -80,7 +82,7 @@ def context_row(ctx: ImageContext) -> dict:
 def first_pair(rtype: str, text: str, question: str | None) -> tuple[str, str]:
     """The first (question, answer) of a teacher reply, without the image placeholder."""
     turns = parse_response(rtype, text, question)
-    human = turns[0]["value"].replace(_PLACEHOLDER, "").strip()
+    human = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
     return human, turns[1]["value"].strip()
 
 
@@ -181,6 +183,6 @@ def kept_replies(path: str | Path) -> dict[ReplyKey, str]:
     (a record naming no image cannot be told apart from a twin's and is skipped)."""
     return {
         (str(r["image"]), str(r["prompt_key"])): r["content"]
-        for r in read_records(path)
+        for r in read_journal(path)
         if "prompt_key" in r and "image" in r and isinstance(r.get("content"), str)
     }

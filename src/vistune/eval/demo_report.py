@@ -16,8 +16,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vistune.eval.report import atomic_write_text, bar_chart, markdown_table
+from vistune.eval.report import bar_chart, markdown_table
 from vistune.eval.scenes import SKILLS
+from vistune.files import write_text
 
 RUNS = {
     "full": ("tuned model (stage 1 + 2)", "eval"),
@@ -124,5 +125,5 @@ def write_report(out: Path, samples: Sequence[dict], truths: dict[str, str]) -> 
               f"vistune chat --model {out / 'finetune' / 'model'} --image IMAGE "
               "--prompt 'How many stars are there?'", "```", ""]  # fmt: skip
     path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

@@ -7,7 +7,8 @@ token limit) and the exact messages sent. A run appends one record per reply as 
 arrives (flushed at once); the next run with the same settings reuses the replies whose
 key it would send again.
 Used by `eval judge` and `eval scienceqa --ensemble judge` (raw_judgements.jsonl) and
-`eval build` (build_requests.jsonl).
+`eval build` (build_requests.jsonl). They are read back with
+vistune.data.records.read_journal, which skips a torn line: its request is asked again.
 """
 
 from __future__ import annotations
@@ -55,27 +56,6 @@ def appender(path: str | Path) -> Iterator[Callable[[dict], None]]:
             handle.flush()
 
         yield write
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a journal, [] when there is none. A torn line (possibly cut inside
-    a UTF-8 character) or any line that is not a JSON object is skipped: its request is
-    simply asked again."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    # split on "\n" alone: str.splitlines() also breaks at U+2028, U+2029 and U+0085,
-    # which json.dumps(ensure_ascii=False) leaves raw inside a reply
-    # utf-8-sig: a byte order mark left by an editor does not cost the first record
-    for line in path.read_text(encoding="utf-8-sig", errors="replace").split("\n"):
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def rekeyed(

@@ -30,11 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vistune.datagen.context import Box
+from vistune.data.annotations import Box
+from vistune.data.records import read_journal, read_jsonl
 from vistune.errors import DataError
 from vistune.eval.ask import Try, Unusable, ask
-from vistune.eval.journal import prompt_key, read_records
-from vistune.eval.report import check_same_ids, index_by, list_ids, read_jsonl
+from vistune.eval.journal import prompt_key
+from vistune.eval.report import check_same_ids, index_by, list_ids
 from vistune.local_chat import LocalChatModel
 
 CATEGORIES = ("conversation", "detail", "complex")
@@ -346,7 +347,7 @@ def reusable(
         for i in items
     }
     done: dict[tuple[int, str], Judgement] = {}
-    for rec in read_records(raw_path):
+    for rec in read_journal(raw_path):
         try:
             qid, scores = str(rec["question_id"]), rec.get("scores")
             if scores and qid in keys and rec.get("prompt_key") == keys[qid][1]:

@@ -1,5 +1,7 @@
-"""Files in and out of an evaluation run: strict JSONL reading, atomic writes, and the
-report set written per run (paper §5.1 Tables 4-5, §5.2 Table 7).
+"""What an evaluation run writes, and the checks of the files it reads: the report set
+per run (paper §5.1 Tables 4-5, §5.2 Table 7), ids indexed and matched against the
+questions. The files themselves are read by vistune.data.records and written by
+vistune.files.
 
 Every run directory gets `report.json` (the numbers), `report.md` (a Markdown table),
 `report.png` (a bar chart) and `config.json` (every resolved flag), written atomically.
@@ -8,72 +10,14 @@ The judge also keeps `raw_judgements.jsonl` beside them (see vistune.eval.judge)
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vistune.data.records import list_ids
 from vistune.errors import DataError
-
-_MAX_LISTED = 20
-
-
-def list_ids(ids: Iterable[Any], limit: int = _MAX_LISTED) -> str:
-    """`a, b, c` (with `... and N more` past `limit`) for error messages."""
-    items = [str(i) for i in ids]
-    shown = ", ".join(items[:limit])
-    if len(items) > limit:
-        shown += f" ... and {len(items) - limit} more"
-    return shown
-
-
-def read_jsonl(path: str | Path, what: str, required: Sequence[str] = ()) -> list[dict]:
-    """Objects from a JSONL file, one per non-blank line.
-
-    Raises DataError for a missing, unreadable or empty file, and lists every malformed
-    line (not UTF-8, not JSON, not an object, or missing a `required` key) by line number
-    in one message. A UTF-8 byte order mark opening the file (as some Windows editors and
-    exporters write) is not part of the first line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
-    rows: list[dict] = []
-    bad: list[str] = []
-    try:
-        fh = path.open("rb")
-    except OSError as err:  # no permission
-        raise DataError(f"{what} file {path} cannot be read ({err.strerror or err})") from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                bad.append(f"line {lineno} (not UTF-8)")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                bad.append(f"line {lineno} (not JSON)")
-                continue
-            if not isinstance(row, dict):
-                bad.append(f"line {lineno} (not an object)")
-                continue
-            missing = [k for k in required if k not in row]
-            if missing:
-                bad.append(f"line {lineno} (missing {', '.join(missing)})")
-                continue
-            rows.append(row)
-    if bad:
-        raise DataError(f"{what} file {path} has malformed lines: {list_ids(bad)}")
-    if not rows:
-        raise DataError(f"{what} file is empty: {path}")
-    return rows
+from vistune.files import replacing, write_json, write_text
 
 
 def index_by(rows: Sequence[dict], key: str, what: str, path: str | Path) -> dict[str, dict]:
@@ -107,24 +51,6 @@ def check_same_ids(
 
 def _natural(key: str) -> tuple:
     return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fmt(value: Any) -> str:
@@ -176,12 +102,11 @@ def bar_chart(
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max([100.0, *heights]) * 1.1)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_run(
@@ -202,8 +127,8 @@ def write_run(
         "chart": out / "report.png",
         "config": out / "config.json",
     }
-    atomic_write_json(paths["config"], config)
-    atomic_write_json(paths["report"], report)
-    atomic_write_text(paths["markdown"], f"# {chart_title}\n\n{table_md}")
+    write_json(paths["config"], config)
+    write_json(paths["report"], report)
+    write_text(paths["markdown"], f"# {chart_title}\n\n{table_md}")
     bar_chart(chart, paths["chart"], chart_title, "score (%)", chart_errors)
     return paths

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vistune.config import ClientConfig
-from vistune.eval.journal import read_records, rekeyed, requester_id
+from vistune.data.records import read_journal
+from vistune.eval.journal import rekeyed, requester_id
 
 
 def endpoint_id(config: ClientConfig) -> str:
@@ -29,7 +30,7 @@ def rekeyed_note(
 ) -> str | None:
     """A line for the user when replies kept in `path` are not reused because their key
     differs from `expected` (identity -> key); None when all match."""
-    n = rekeyed((r for r in read_records(path) if kept(r)), expected, identify)
+    n = rekeyed((r for r in read_journal(path) if kept(r)), expected, identify)
     if not n:
         return None
     return (

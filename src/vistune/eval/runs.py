@@ -11,8 +11,7 @@ teacher down on every try stops a run with one VistuneError saying what is kept.
 from __future__ import annotations
 
 import collections
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,8 +21,9 @@ from vistune.config import ClientConfig, GenerationConfig
 from vistune.errors import VistuneError
 from vistune.eval import judge
 from vistune.eval.journal import appender, prompt_key, requester_id
-from vistune.eval.report import atomic_write_json, atomic_write_text, markdown_table, write_run
+from vistune.eval.report import markdown_table, write_run
 from vistune.eval.resume import endpoint_id, kept_note, rekeyed_note
+from vistune.files import write_json, write_jsonl
 
 
 class Bar(Protocol):
@@ -341,8 +341,8 @@ def build(
     summary = {"teacher": teacher.name, "split": split, "seed": seed,
                "images": len(bench.contexts), "questions": len(bench.questions),
                "failures": bench.failures}  # fmt: skip
-    atomic_write_json(out / "build.json", summary)
-    atomic_write_json(out / "config.json", settings)
+    write_json(out / "build.json", summary)
+    write_json(out / "config.json", settings)
     return (f"{len(bench.questions)} questions on {len(bench.contexts)} images in {out}"
             f" ({len(bench.failures)} could not be made)")  # fmt: skip
 
@@ -364,9 +364,10 @@ def scenes(
     out/questions.jsonl and, with `answers` or `answerer`, scored; the line or table the
     command prints."""
     from vistune.data.formats import load_coco
+    from vistune.data.records import read_jsonl
     from vistune.data.scenes import load_scene_objects
     from vistune.eval import scenes as sc
-    from vistune.eval.report import check_same_ids, index_by, read_jsonl
+    from vistune.eval.report import check_same_ids, index_by
 
     contexts, _ = load_coco(coco, split)
     pictures = {c.image_id: c.image for c in contexts[:images]}
@@ -399,10 +400,3 @@ def scenes(
                                   ("questions", [result["counts"][c] for c in cols])])  # fmt: skip
     write_run(out, result, settings, table, result["accuracy"], "Scene questions")
     return table
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """One JSON object a line, written whole or not at all.
-
-    (Kept small here: the data path's atomic-write module is the place for it.)"""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

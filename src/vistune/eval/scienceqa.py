@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from vistune.data.records import read_journal, read_jsonl
 from vistune.data.scienceqa import OPTIONS, SUBJECTS, ScienceQAProblem, build_question
 from vistune.eval.ask import Try, Unusable, ask
-from vistune.eval.journal import prompt_key, read_records
-from vistune.eval.report import check_same_ids, index_by, read_jsonl
+from vistune.eval.journal import prompt_key
+from vistune.eval.report import check_same_ids, index_by
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "average")
 _PREFIX = re.compile(r"^([A-E])\.(?:\s|$)")
@@ -265,7 +266,7 @@ def kept_replies(path: str | Path) -> dict[tuple[str, str], str]:
     can send the same messages, and each keeps its own reply as in an uninterrupted run."""
     return {
         (str(r["question_id"]), str(r["prompt_key"])): r["content"]
-        for r in read_records(path)
+        for r in read_journal(path)
         if "prompt_key" in r
         and "question_id" in r
         and r.get("letter")

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import vistune
 from vistune.config import ModelConfig
 from vistune.data.conversation import get_template
 from vistune.errors import ModelDirError
+from vistune.files import staged_dir
 
 if TYPE_CHECKING:
     from vistune.model.llava import LlavaModel
@@ -401,25 +401,13 @@ def _check_overwritable(path: Path) -> None:
 
 
 def save_model(model: LlavaModel, model_dir: str | Path, llm_source: Path | None = None) -> Path:
-    """Write the model directory atomically: into a temp dir beside it, then os.replace.
+    """Write the model directory atomically: into a temp dir beside it, synced, then swapped
+    in (vistune.files.staged_dir; an old directory stays until the new one is in place).
 
     `llm_source`: a HF folder holding exactly `model.llm`'s weights (a frozen LLM): llm/
     takes its files as they are (`link_hf_files`) instead of the fp32 ones in memory."""
     path = Path(model_dir)
     _check_overwritable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model dir is an ordinary directory
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    try:
+    with staged_dir(path) as tmp:
         _write_parts(model, tmp, llm_source)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return path

@@ -8,8 +8,9 @@ Layout of `<out>/checkpoints/step-00000123/`:
                           dropout masks, so each resumes its own generators)
   state.json              step, data fingerprint, python/numpy RNG (`rng`: rank 0;
                           `rng_ranks`: ranks 1..), skip counts, ...
-A checkpoint is written into a temporary folder and renamed into place (os.replace), so a
-run killed at any moment leaves only whole checkpoints; the newest `keep_last` are kept.
+A checkpoint is written into a temporary folder, synced and renamed into place
+(vistune.files.staged_dir), so a run killed at any moment leaves only whole checkpoints;
+the newest `keep_last` are kept.
 Frozen weights are not stored: resuming rebuilds them from the run's `init`.
 """
 
@@ -28,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from vistune.data.formats import remove_orphaned_temps
 from vistune.errors import VistuneError
+from vistune.files import remove_orphaned_temps, staged_dir
 from vistune.train.config import FRESH_MODEL_FIELDS
 from vistune.train.optim import save_optimizer
 
@@ -80,51 +81,26 @@ def save_checkpoint(
     remove_orphaned_temps(root, f".tmp-{PREFIX}*", -1)  # a run killed mid-write left them
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
-        str(tmp / "trainable.safetensors"),
-    )
-    save_optimizer(optimizer_state, tmp)
-    ranks = rng or [rng_state()]
-    tensors = {
-        name if rank == 0 else f"{name}.rank{rank}": value
-        for rank, (_plain, generators) in enumerate(ranks)
-        for name, value in generators.items()
-    }
-    save_file(tensors, str(tmp / "rng.safetensors"))
-    plains = [plain for plain, _generators in ranks]
-    body = json.dumps({**state, "step": step, "rng": plains[0], "rng_ranks": plains[1:]})
-    (tmp / "state.json").write_text(body, encoding="utf-8")
-    for path in tmp.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # the same step again: keep it until the new one is in place
-        aside = root / f".tmp-{PREFIX}{step:08d}-old-{os.getpid()}"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)  # the rename itself survives a power cut
+    aside = root / f".tmp-{PREFIX}{step:08d}-old-{os.getpid()}"  # the same step written again
+    with staged_dir(final, tmp, aside) as folder:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+            str(folder / "trainable.safetensors"),
+        )
+        save_optimizer(optimizer_state, folder)
+        ranks = rng or [rng_state()]
+        tensors = {
+            name if rank == 0 else f"{name}.rank{rank}": value
+            for rank, (_plain, generators) in enumerate(ranks)
+            for name, value in generators.items()
+        }
+        save_file(tensors, str(folder / "rng.safetensors"))
+        plains = [plain for plain, _generators in ranks]
+        body = json.dumps({**state, "step": step, "rng": plains[0], "rng_ranks": plains[1:]})
+        (folder / "state.json").write_text(body, encoding="utf-8")
     for old in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # a platform that cannot open folders
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass  # a file system that does not sync folders
-    finally:
-        os.close(handle)
 
 
 def list_checkpoints(out: Path) -> list[Path]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistune.datagen.context import Box
+from vistune.data.annotations import Box
 from vistune.errors import DataError
 
 BACKGROUND = "background"

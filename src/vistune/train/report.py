@@ -8,46 +8,25 @@ are dropped so the log reads as one run. `train_config.json` is the resolved Tra
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import IO, Any
 
+from vistune.data.records import read_journal
+from vistune.files import replacing, write_json, write_jsonl
 from vistune.train.config import TrainConfig
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Records of a log.jsonl (a torn last line from a killed run is ignored)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
 def open_log(path: Path, start: int) -> IO[str]:
-    """The log opened for appending, keeping only records up to step `start`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in read_log(path) if r.get("step", 0) <= start] if start else []
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    """The log opened for appending, keeping only records up to step `start` (a torn last
+    line from a killed run is dropped)."""
+    kept = [r for r in read_journal(path) if r.get("step", 0) <= start] if start else []
+    write_jsonl(path, kept)
     return open(path, "a", encoding="utf-8")
 
 
 def save_run_files(out: Path, cfg: TrainConfig, run: Any, say: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "train_config.json", cfg.to_dict())
+    write_json(out / "train_config.json", cfg.to_dict(), indent=1)
     from vistune.train.setup import sample_limit
 
     cut = sum(s.truncated for s in run.samples)
@@ -88,10 +67,11 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
@@ -109,7 +89,7 @@ def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
     )
     if not run.info.is_main:
         return result
-    records = read_log(out / "log.jsonl")
+    records = read_journal(out / "log.jsonl")
     tokens = sum(r.get("tokens", 0) for r in records)
     padded = sum(r.get("padded_tokens", 0) for r in records)
     result.padding_share = (padded - tokens) / padded if padded else 0.0
@@ -118,7 +98,7 @@ def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:
     if run.cfg.plot and records:
         plot_loss(records, out / "loss.png")
     seconds = sum(r.get("seconds", 0.0) for r in records)
-    _write_json(
+    write_json(
         out / "summary.json",
         {
             "steps": run.total,

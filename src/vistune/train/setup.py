@@ -19,6 +19,7 @@ import torch
 
 from vistune.config import ModelConfig
 from vistune.data.dataset import Sample, build_samples, drop_samples
+from vistune.data.formats import read_llava_rows
 from vistune.errors import DataError, VistuneError
 from vistune.features import Encoder, FeatureStore, open_store, tower_features
 from vistune.model import model_dir_of
@@ -253,31 +254,7 @@ def load_rows(cfg: TrainConfig, skipped: Counter | None = None) -> list[Any]:
             skipped=None if cfg.strict else skipped,
         )
         return [to_llava_sample(p, cfg.scienceqa_answer_format) for p in found]
-    return read_rows(Path(cfg.data))
-
-
-def read_rows(path: Path) -> list[Any]:
-    """LLaVA JSON (a list) or JSONL (one sample a line) rows, unchecked: a bad row is
-    skipped later (counted as malformed), never a reason to refuse the whole file."""
-    import json
-
-    from vistune.data.formats import load_json
-
-    if path.suffix != ".jsonl":
-        data = load_json(path)
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a LLaVA JSON file holds a list of samples")
-        return data
-    rows: list[Any] = []
-    data = path.read_bytes()
-    for line in data.removeprefix(b"\xef\xbb\xbf").splitlines():  # a BOM, as load_json takes
-        if line.strip():
-            # not UTF-8 (UnicodeDecodeError is a ValueError) or not JSON: one bad row
-            try:
-                rows.append(json.loads(line.decode("utf-8")))
-            except ValueError:
-                rows.append(None)
-    return rows
+    return read_llava_rows(Path(cfg.data))
 
 
 def run_store(cfg: TrainConfig, model: Any) -> FeatureStore:
