@@ -47,7 +47,7 @@ class FakeVistune:
             (out / "val" / "000000000001.png").write_bytes(b"")
             (out / "annotations").mkdir(exist_ok=True)
             (out / "annotations" / "instances_val.json").write_text(json.dumps(SCENE))
-        elif argv[0] == "datagen":
+        elif argv[0] in ("datagen", "mix"):
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("[]")
         elif argv[0] == "train":
@@ -74,8 +74,18 @@ def test_demo_runs_every_step_then_skips_what_is_done(tmp_path):
     fake = FakeVistune()
     assert demo.run(_args(tmp_path / "demo"), call=fake, answer=no_answers) == 0
     assert fake.commands() == [
-        "weights", "scenes", "datagen", "datagen", "train", "train", "eval", "eval", "eval", "chat"
+        "weights", "scenes", "datagen", "datagen", "datagen", "datagen", "mix", "train", "train",
+        "eval", "eval", "eval", "chat",
     ]  # fmt: skip
+    # stage 2 trains on Table 4's conv + 5% detail + 10% complex, mixed from one file a type
+    mix = next(a for a in fake.calls if a[0] == "mix")
+    assert mix[mix.index("--ratios") + 1] == "conv+5%detail+10%complex"
+    assert [a.split("=")[0] for a in mix if "=" in a] == ["conversation", "detail", "complex"]
+    finetune_data = fake.train("finetune")[fake.train("finetune").index("--data") + 1]
+    assert finetune_data == mix[mix.index("--out") + 1]
+    pretrain = fake.train("pretrain")
+    assert pretrain[pretrain.index("--projector") + 1] == "mlp2x_gelu_pos"
+    assert pretrain[pretrain.index("--image-size") + 1] == "126"
     assert "--resume" not in fake.train("pretrain")
     assert fake.train("pretrain")[fake.train("pretrain").index("--ground") + 1].endswith("scenes")
     assert "--ground-where" in fake.train("pretrain")
