@@ -1,4 +1,5 @@
-"""The fused Llama decode step reproduces transformers' forward (fp32 and bf16)."""
+"""The Llama decode step reproduces transformers' forward (fp32 and bf16), with q/k/v and
+gate/up fused (the CPU's layout) or as the LLM's own weights (no copy: other devices')."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from vistune.config import GenerationConfig
-from vistune.serve.decoder import LlamaDecoder, supports
+from vistune.model.llama import supports
+from vistune.serve.decoder import LlamaDecoder
 from vistune.serve.generate import Generator, positions_from_mask
 
 
@@ -31,10 +33,12 @@ def reference_logits(llm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 @torch.inference_mode()
-def decoder_logits(llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> torch.Tensor:
+def decoder_logits(
+    llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int, fused: bool | None = None
+) -> torch.Tensor:
     """Prefill `prompt` columns with the decoder in one pass, then the rest one by one."""
     pos = positions_from_mask(mask)
-    dec = LlamaDecoder(llm)
+    dec = LlamaDecoder(llm, fused=fused)
     state = dec.allocate(mask[:, :prompt], extra=ids.shape[1] - prompt)
     embeds = llm.get_input_embeddings()(ids[:, :prompt])
     logits = dec.forward(state, embeds, pos[:, :prompt], mask[:, :prompt])
@@ -43,7 +47,7 @@ def decoder_logits(llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int) -> t
     return logits
 
 
-def test_supports_llama_only(tiny_llm):
+def test_decoder_takes_llama_only(tiny_llm):
     assert supports(tiny_llm)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     assert not supports(gpt2)
@@ -51,12 +55,32 @@ def test_supports_llama_only(tiny_llm):
         LlamaDecoder(gpt2)
 
 
+def test_layout_follows_the_device_and_only_the_fused_one_copies(tiny_llm):
+    """On the CPU q/k/v and gate/up are fused (a copy, faster there). Anywhere else (the
+    meta device stands in for a GPU here) every matrix the decoder multiplies is the LLM's
+    own parameter: the weights are held once."""
+    cpu = LlamaDecoder(tiny_llm)
+    own = {p.data_ptr() for p in tiny_llm.parameters()}
+    assert cpu.fused and len(cpu.layers[0].qkv) == len(cpu.layers[0].gate_up) == 1
+    assert cpu.layers[0].qkv[0].data_ptr() not in own
+    assert cpu.layers[0].gate_up[0].data_ptr() not in own
+    for llm in (copy.deepcopy(tiny_llm).to("meta"), tiny_llm):
+        plain = LlamaDecoder(llm) if llm.device.type == "meta" else LlamaDecoder(llm, fused=False)
+        assert not plain.fused
+        params = {id(p) for p in llm.parameters()}
+        for layer in plain.layers:
+            weights = [*layer.qkv, layer.o, *layer.gate_up, layer.down]
+            assert len(weights) == 7 and all(id(w) in params for w in weights)
+        assert id(plain.lm_head) in params
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("lengths", [[9], [9, 5, 7]])
-def test_prefill_and_steps_match_transformers_fp32(tiny_llm, lengths):
+def test_prefill_and_steps_match_transformers_fp32(tiny_llm, lengths, fused):
     ids, mask = left_padded(tiny_llm, lengths)
     width = ids.shape[1]
     torch.testing.assert_close(
-        decoder_logits(tiny_llm, ids, mask, prompt=width),
+        decoder_logits(tiny_llm, ids, mask, prompt=width, fused=fused),
         reference_logits(tiny_llm, ids, mask),
         atol=1e-4,
         rtol=1e-4,
@@ -64,18 +88,19 @@ def test_prefill_and_steps_match_transformers_fp32(tiny_llm, lengths):
     full = torch.cat([ids, ids[:, -4:]], dim=1)  # 4 decode steps after the prompt
     full_mask = torch.cat([mask, torch.ones(len(lengths), 4, dtype=torch.long)], dim=1)
     ref = reference_logits(tiny_llm, full, full_mask)
-    ours = decoder_logits(tiny_llm, full, full_mask, prompt=width)
+    ours = decoder_logits(tiny_llm, full, full_mask, prompt=width, fused=fused)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_decode_steps_match_transformers_bf16(tiny_llm):
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_steps_match_transformers_bf16(tiny_llm, fused):
     llm = copy.deepcopy(tiny_llm).to(torch.bfloat16)
     ids, mask = left_padded(llm, [12])
     full = torch.cat([ids, ids[:, :5]], dim=1)
     full_mask = torch.ones_like(full)
     ref = reference_logits(llm, full, full_mask)
-    ours = decoder_logits(llm, full, full_mask, prompt=12)
+    ours = decoder_logits(llm, full, full_mask, prompt=12, fused=fused)
     # Ours keeps the residual stream in fp32 where transformers rounds it to bf16 each layer.
     assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
     assert ours.argmax(-1).tolist() == ref.argmax(-1).tolist()

@@ -1,19 +1,22 @@
 """vistune's hand-written Llama forward/backward equals transformers' (loss and every gradient).
 
-The reference is transformers' LlamaModel (eager attention) + lm_head + summed cross entropy
-on the same right-padded batch, i.e. what TrainStep computes without the CPU kernels.
+The reference is transformers' LlamaModel (eager attention) + lm_head + the summed token loss
+(vistune.model.loss) on the same right-padded batch, i.e. what TrainStep computes without
+the CPU kernels.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vistune.model import llama
+from vistune.model.loss import supervised, token_loss
+from vistune.model.splice import splice
 from vistune.train import llama_cpu, llama_glue
-from vistune.train.step import TrainStep, batch_inputs
+from vistune.train.step import TrainStep
 
 LENGTHS = [11, 7, 9]
 
@@ -60,10 +63,8 @@ def _reference(llm, inputs, mask, positions, targets):
     hidden = llm.model(
         inputs_embeds=inputs, attention_mask=mask, position_ids=positions
     ).last_hidden_state
-    shifted = targets[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    logits = llm.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), shifted[keep], reduction="sum")
+    keep, picked = supervised(targets)
+    return token_loss(llm.lm_head(hidden[keep]), picked)
 
 
 def _grads(llm, inputs, loss_fn):
@@ -100,7 +101,7 @@ def test_scaled_rotary_embeddings_equal_transformers(rope):
     # dynamic NTK scaling changes the frequencies once a batch is longer than the positions
     longest = 8 if rope == "dynamic" else 64
     llm = _llm(rope_scaling=SCALED_ROPE[rope], max_position_embeddings=longest)
-    assert llama_cpu.usable(llm, torch.device("cpu"))
+    assert llama.trains(llm, torch.device("cpu"))
     _assert_equal_to_transformers(llm, tied=True)
 
 
@@ -246,32 +247,6 @@ def test_weight_copies_last_until_invalidated():
     assert torch.equal(cache.get(torch.bfloat16, w, v)[:8], torch.zeros(8, 4, dtype=torch.bfloat16))
 
 
-def test_usable_only_for_plain_llama_on_the_cpu(tiny_model):
-    from peft import LoraConfig, get_peft_model
-
-    llm = _llm()
-    assert llama_cpu.usable(llm, torch.device("cpu"))
-    assert not llama_cpu.usable(llm, torch.device("cuda"))
-    checkpointed = _llm()
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None)  # transformers 5.x
-    (enable or checkpointed.gradient_checkpointing_enable)()
-    assert not llama_cpu.usable(checkpointed, torch.device("cpu"))
-    lora = get_peft_model(_llm(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert not llama_cpu.usable(lora.base_model.model, torch.device("cpu"))
-    # what this path would silently leave out: attention dropout, a bias the config hides
-    assert not llama_cpu.usable(_llm(attention_dropout=0.1), torch.device("cpu"))
-    biased = _llm()
-    biased.lm_head = torch.nn.Linear(64, 300, bias=True)
-    assert not llama_cpu.usable(biased, torch.device("cpu"))
-    longrope = _llm(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                  "long_factor": [2.0] * 8})  # fmt: skip
-    assert not llama_cpu.usable(longrope, torch.device("cpu"))  # not tested here
-    # a depth cut in the config only: transformers runs layers[:num_hidden_layers]
-    cut = _llm()
-    cut.config.num_hidden_layers -= 1
-    assert not llama_cpu.usable(cut, torch.device("cpu"))
-
-
 IDS = [
     [5, 6, IMAGE_TOKEN_ID, 7, 8, 9],
     [10, 11, 12],
@@ -315,9 +290,8 @@ def test_length_padding_changes_nothing(tiny_model):
         embeds = tiny_model.project(feats)
         losses = []
         for multiple in (1, 16):
-            inputs, _, targets, positions = batch_inputs(
-                IDS, LABELS, embeds, embed, False, multiple
-            )
+            batch = splice(IDS, embeds, embed, LABELS, multiple=multiple)
+            inputs, positions, targets = batch.inputs_embeds, batch.position_ids, batch.labels
             assert inputs.shape[1] % multiple == 0
             losses.append(
                 llama_cpu.decoder_loss(tiny_model.llm, inputs, positions, targets, torch.float32)

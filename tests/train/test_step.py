@@ -1,11 +1,14 @@
-"""The training step's batched splice equals LlavaModel.splice; its loss equals the model's."""
+"""The training step splices like LlavaModel.splice and its loss equals the model's."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from vistune.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_ID
-from vistune.train.step import TrainStep, batch_inputs
+from vistune.model.splice import splice
+from vistune.train.step import TrainStep
 
 IDS = [
     [5, 6, IMAGE_TOKEN_ID, 7, 8, 9],
@@ -19,20 +22,29 @@ LABELS = [
 ]
 
 
-def test_batch_inputs_equals_model_splice(tiny_model):
+def test_training_splice_equals_model_splice(tiny_model):
+    """The step's options (a sparse embedding gradient, lengths rounded up) change no value:
+    the same inputs as LlavaModel.splice, then padding."""
     torch.manual_seed(0)
     feats = torch.randn(2, tiny_model.num_image_tokens, tiny_model.vision.hidden_size)
+    embed = tiny_model.llm.get_input_embeddings()
     with torch.no_grad():
         embeds = tiny_model.project(feats)
         ref = tiny_model.splice(IDS, embeds, LABELS, padding_side="right")
-        inputs, mask, labels, positions = batch_inputs(
-            IDS, LABELS, embeds, tiny_model.llm.get_input_embeddings()
-        )
-    assert inputs.shape == ref.inputs_embeds.shape == (3, 10, tiny_model.llm_hidden_size)
-    torch.testing.assert_close(inputs, ref.inputs_embeds, rtol=0, atol=0)
-    assert torch.equal(mask, ref.attention_mask)
-    assert torch.equal(labels, ref.labels)
-    assert torch.equal(positions, ref.position_ids)
+        exact = splice(IDS, embeds, embed, LABELS, sparse=True)
+        rounded = splice(IDS, embeds, embed, LABELS, multiple=16, sparse=True)
+    assert ref.inputs_embeds.shape == (3, 10, tiny_model.llm_hidden_size)
+    for got in (exact, rounded):
+        n = ref.inputs_embeds.shape[1]
+        torch.testing.assert_close(got.inputs_embeds[:, :n], ref.inputs_embeds, rtol=0, atol=0)
+        assert torch.equal(got.attention_mask[:, :n], ref.attention_mask)
+        assert torch.equal(got.labels[:, :n], ref.labels)
+        assert torch.equal(got.position_ids[:, :n], ref.position_ids)
+    assert rounded.inputs_embeds.shape[1] == 16
+    assert (
+        rounded.inputs_embeds[:, 10:].abs().sum() == 0 and rounded.attention_mask[:, 10:].sum() == 0
+    )
+    assert (rounded.labels[:, 10:] == IGNORE_INDEX).all()
 
 
 def test_step_loss_is_the_models_summed_token_loss(tiny_model):
@@ -43,3 +55,30 @@ def test_step_loss_is_the_models_summed_token_loss(tiny_model):
         mean = tiny_model(IDS, image_features=feats, labels=LABELS).loss
     count = sum(sum(lab != IGNORE_INDEX for lab in labs[1:]) for labs in LABELS)
     torch.testing.assert_close(total / count, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_supervised_logits_only_match_the_full_path(tiny_model):
+    """Without the CPU kernels the step runs the LM head only at the positions that predict
+    a supervised token, with the full path's (LlavaModel.forward's) loss and gradients."""
+    img, ign = IMAGE_TOKEN_ID, IGNORE_INDEX
+    ids = [[5, img, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]
+    labels = [[ign, ign, 6, 7], [ign, ign, ign, ign, 12, 13, 14, 15]]
+    features = torch.randn(1, tiny_model.num_image_tokens, 32)
+    model = copy.deepcopy(tiny_model).train()
+    full = model(ids, image_features=features, labels=labels)
+    full.loss.backward()
+    full_grads = [p.grad.clone() for p in model.projector.parameters()]
+    model.zero_grad()
+    head_rows = []
+    hook = model.llm.lm_head.register_forward_hook(lambda _m, _i, out: head_rows.append(out))
+    try:
+        total = TrainStep(model, fast=False)(ids, labels, features)
+    finally:
+        hook.remove()
+    fast = total / 6
+    fast.backward()
+    # 6 supervised tokens -> 6 rows of logits, and the same loss and gradients.
+    assert [tuple(rows.shape) for rows in head_rows] == [(6, 600)]
+    torch.testing.assert_close(fast, full.loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip([p.grad for p in model.projector.parameters()], full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

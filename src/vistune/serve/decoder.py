@@ -4,15 +4,17 @@ Why: on the CPU a decode step is a chain of matrix-*vector* products, bound by m
 bandwidth and kernel choice. Measured here (docs/PERFORMANCE.md) PyTorch's `mm` for one
 row in bf16 is slower than fp32, while `torch.mv` in bf16 is ~2x faster than fp32's `mm`;
 and transformers' `DynamicCache` re-concatenates the whole KV cache every step (12% of a
-fp32 step). So generation runs here: the same maths as transformers' Llama, read from the
-LLM's own modules (weights shared; q/k/v and gate/up fused once), a KV cache allocated once
-for prompt + new tokens, `torch.mv` for a single row, and the model's own rotary module.
-The prompt goes through in one pass (prefill) with a causal + left-padding mask; decode
-steps keep the residual stream in fp32.
+fp32 step). So generation runs here: the same maths as transformers' Llama
+(vistune.model.llama, shared with training), read from the LLM's own modules, a KV cache
+allocated once for prompt + new tokens, `torch.mv` for a single row, and the model's own
+rotary module. On the CPU q/k/v and gate/up are multiplied as one matrix each, fused once
+(a copy of those weights); elsewhere the LLM's weights are used as they are
+(vistune.model.llama.fuses). The prompt goes through in one pass (prefill) with a causal +
+left-padding mask; decode steps keep the residual stream in fp32.
 
-The LLM's classes are neither subclassed nor patched; `supports(llm)` says which models
-this reproduces (tests compare its logits with transformers' forward, fp32 and bf16);
-other LLMs generate through transformers' forward (vistune.serve.generate).
+The LLM's classes are neither subclassed nor patched; `vistune.model.llama.supports(llm)`
+says which models this reproduces (tests compare its logits with transformers' forward,
+fp32 and bf16); other LLMs generate through transformers' forward (vistune.serve.generate).
 """
 
 from __future__ import annotations
@@ -22,53 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_TYPES = ("llama",)
-"""Tested against transformers' forward; other architectures use the generic path."""
-
-
-def supports(llm: torch.nn.Module) -> bool:
-    """Whether `LlamaDecoder` reproduces this LLM's forward (plain Llama-style blocks)."""
-    cfg = getattr(llm, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
-        return False
-    plain = (
-        getattr(cfg, "hidden_act", "silu") == "silu"
-        and not getattr(cfg, "attention_bias", False)
-        and not getattr(cfg, "mlp_bias", False)
-        and getattr(cfg, "sliding_window", None) is None
-        and getattr(cfg, "pretraining_tp", 1) == 1
-    )
-    if not (plain and hasattr(llm, "model") and hasattr(llm, "lm_head")):
-        return False
-    if not getattr(llm.model, "layers", None):  # e.g. a peft wrapper around the LLM
-        return False
-    # Plain nn.Linear without a bias only: a LoRA-wrapped projection's .weight lacks its
-    # adapter's delta, and a bias the config does not announce would be left out.
-    linears = [llm.lm_head]
-    for block in getattr(llm.model, "layers", []):
-        att, mlp = block.self_attn, block.mlp
-        linears += [att.q_proj, att.k_proj, att.v_proj, att.o_proj]
-        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    return all(type(m) is torch.nn.Linear and m.bias is None for m in linears)
-
-
-def _rms(x: torch.Tensor, weights: dict[torch.dtype, torch.Tensor], eps: float) -> torch.Tensor:
-    """RMSNorm (LlamaRMSNorm's maths) with the weight copy in x's dtype. # (..., D)
-
-    fp32 (decode steps): F.rms_norm. bf16 (prefill): one fp32-accumulated vector_norm and a
-    scale in bf16, 3-4x faster here than F.rms_norm on (T, D) and within two bf16
-    roundings of transformers' result."""
-    weight = weights[x.dtype]
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
-    scale = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps)).to(x.dtype)
-    return x * scale * weight
+from vistune.model import llama
 
 
 def _norm_weights(weight: torch.Tensor) -> dict[torch.dtype, torch.Tensor]:
     """The norm weight in fp32 (decode steps) and in the model's dtype (prefill)."""
     return {torch.float32: weight.float(), weight.dtype: weight}
+
+
+def _rms(x: torch.Tensor, weights: dict[torch.dtype, torch.Tensor], eps: float) -> torch.Tensor:
+    """RMSNorm with the weight copy in x's dtype. # (..., D)"""
+    return llama.rms_norm(x, weights[x.dtype], eps)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -79,19 +45,18 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(xw, w).to(x.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, transformers' apply_rotary_pos_emb with rotate_half's minus sign
-    moved into `signed_sin` (cat(-sin1, sin2)). x (B, H, T, hd)."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos).addcmul_(swapped, signed_sin)
+def _project(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x times fused weights (one) or the LLM's own (several), outputs side by side."""
+    if len(ws) == 1:
+        return _mm(x, ws[0])
+    return torch.cat([_mm(x, w) for w in ws], dim=-1)
 
 
 @dataclass
 class _Layer:
-    qkv: torch.Tensor  # (H*hd + 2*Hkv*hd, D)
+    qkv: tuple[torch.Tensor, ...]  # fused (H*hd + 2*Hkv*hd, D), or q, k, v
     o: torch.Tensor  # (D, H*hd)
-    gate_up: torch.Tensor  # (2*I, D)
+    gate_up: tuple[torch.Tensor, ...]  # fused (2*I, D), or gate, up
     down: torch.Tensor  # (D, I)
     norm_in: dict[torch.dtype, torch.Tensor]  # (D,) per dtype
     norm_post: dict[torch.dtype, torch.Tensor]  # (D,) per dtype
@@ -109,34 +74,41 @@ class DecodeState:
 
 
 class LlamaDecoder:
-    """Decode steps over a Llama-family HF causal LM (see module docstring)."""
+    """Decode steps over a Llama-family HF causal LM (see module docstring).
 
-    def __init__(self, llm: torch.nn.Module) -> None:
-        if not supports(llm):
-            raise ValueError(f"LlamaDecoder supports plain {', '.join(SUPPORTED_TYPES)} models")
+    `fused`: q/k/v and gate/up as one matrix each, a copy of those weights (None: where
+    vistune.model.llama.fuses says, i.e. on the CPU)."""
+
+    def __init__(self, llm: torch.nn.Module, fused: bool | None = None) -> None:
+        if not llama.supports(llm):
+            raise ValueError(
+                f"LlamaDecoder supports plain {', '.join(llama.SUPPORTED_TYPES)} models"
+            )
         cfg, model = llm.config, llm.model
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        dims = llama.dims(cfg)
+        self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.rotary = model.rotary_emb
         self.embed = llm.get_input_embeddings()
         self.lm_head = llm.lm_head.weight  # (V, D)
         self.dtype = self.lm_head.dtype
+        self.fused = llama.fuses(self.lm_head.device) if fused is None else fused
         with torch.no_grad():
             self.layers = [self._layer(block) for block in model.layers]
             self.norm = _norm_weights(model.norm.weight)
         self.norm_eps = model.norm.variance_epsilon
 
-    @staticmethod
-    def _layer(block: torch.nn.Module) -> _Layer:
-        att, mlp = block.self_attn, block.mlp
+    def _layer(self, block: torch.nn.Module) -> _Layer:
+        w = llama.block_weights(block)
+        qkv, gate_up = (w.q, w.k, w.v), (w.gate, w.up)
+        if self.fused:
+            qkv, gate_up = (llama.fuse(qkv),), (llama.fuse(gate_up),)
         return _Layer(
-            qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
-            o=att.o_proj.weight,
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            down=mlp.down_proj.weight,
-            norm_in=_norm_weights(block.input_layernorm.weight),
-            norm_post=_norm_weights(block.post_attention_layernorm.weight),
+            qkv=qkv,
+            o=w.o,
+            gate_up=gate_up,
+            down=w.down,
+            norm_in=_norm_weights(w.norm_in),
+            norm_post=_norm_weights(w.norm_post),
             eps=block.input_layernorm.variance_epsilon,
         )
 
@@ -203,16 +175,14 @@ class LlamaDecoder:
         # works in the weights' dtype, as transformers does: casting (T, D) activations
         # around every matrix product costs more than the bf16 products save.
         h = embeds.to(torch.float32 if steps == 1 else self.dtype, copy=True)  # (B, T, D)
-        cos, sin = self.rotary(h, positions)  # (B, T, hd)
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = llama.rope_tables(self.rotary, h, positions)  # (B, T, hd)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
         hd, nq, nkv = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms(h, layer.norm_in, layer.eps)
-            qkv = _mm(x, layer.qkv)  # (B, T, (H + 2 Hkv) hd)
+            qkv = _project(x, layer.qkv)  # (B, T, (H + 2 Hkv) hd)
             qk = qkv[..., : nq + nkv].view(batch, steps, -1, hd).transpose(1, 2)
-            qk = rope(qk, cos, sin)  # (B, H + Hkv, T, hd)
+            qk = llama.rope(qk, cos, sin)  # (B, H + Hkv, T, hd)
             keys, values = state.keys[i], state.values[i]
             keys[:, :, t0:t1] = qk[:, self.heads :]
             values[:, :, t0:t1] = qkv[..., nq + nkv :].view(batch, steps, -1, hd).transpose(1, 2)
@@ -226,7 +196,7 @@ class LlamaDecoder:
             )  # (B, H, T, hd)
             h += _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)
             x = _rms(h, layer.norm_post, layer.eps)
-            gate, up = _mm(x, layer.gate_up).chunk(2, dim=-1)  # (B, T, I) each
+            gate, up = _project(x, layer.gate_up).chunk(2, dim=-1)  # (B, T, I) each
             h += _mm(F.silu(gate).mul_(up), layer.down)
         state.length = t1
         return _mm(_rms(h[:, -1], self.norm, self.norm_eps), self.lm_head).float()  # (B, V)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vistune.config import GenerationConfig
+from vistune.model import llama
 from vistune.serve import decoder
 
 FINISH_REASONS = ("stop", "eos", "length")
@@ -169,7 +170,7 @@ class Generator:
         self.llm = llm
         self.tokenizer = tokenizer
         self.autocast = autocast
-        self.fast = fast and autocast is None and decoder.supports(llm)
+        self.fast = fast and autocast is None and llama.supports(llm)
         self._decoder: decoder.LlamaDecoder | None = None
         self._decoder_key: tuple = ()
         self.eos = eos_ids(llm, tokenizer)
@@ -183,11 +184,12 @@ class Generator:
         self._cache_kw = "cache" if "cache" in named else "past_key_values"
 
     def _fast_decoder(self) -> decoder.LlamaDecoder | None:
-        """The fused Llama forward, rebuilt whenever the LLM's weights changed (training);
-        None when the LLM is not (or no longer, e.g. LoRA-wrapped) a plain Llama."""
+        """vistune's Llama forward (vistune.serve.decoder), rebuilt whenever the LLM's weights
+        changed (training: its fused copies are stale); None when the LLM is not (or no
+        longer, e.g. LoRA-wrapped) a plain Llama (vistune.model.llama.supports)."""
         key = tuple((p.data_ptr(), p._version) for p in self.llm.parameters())
         if key != self._decoder_key:
-            ok = decoder.supports(self.llm)
+            ok = llama.supports(self.llm)
             self._decoder = decoder.LlamaDecoder(self.llm) if ok else None
             self._decoder_key = key
         return self._decoder

@@ -11,23 +11,24 @@ SmolLM2-135M stage-2 step through transformers' modules under bf16 autocast:
 - oneDNN JIT-compiling a kernel (~10 ms) for every new matrix shape, and every batch
   length is new.
 
-So for plain Llama-family LLMs (`vistune.serve.decoder.supports`) a training micro-batch
-runs here: one autograd Function per decoder layer with q/k/v and gate/up fused, grouped
-query attention through PyTorch's CPU flash kernel forward and our backward (contiguous
-batched matmuls, the query heads sharing a key/value head stacked so each product is G
-times taller), weight gradients as products without a transposed operand (see _Layer),
-the element-wise work between the matmuls compiled (vistune.train.llama_glue), and the
-final norm, LM head and cross entropy in one Function over row chunks (bf16 logits, fp32
+So for plain Llama-family LLMs (`vistune.model.llama.trains`) a training micro-batch runs
+here: one autograd Function per decoder layer with q/k/v and gate/up fused, grouped query
+attention through PyTorch's CPU flash kernel forward and our backward (contiguous batched
+matmuls, the query heads sharing a key/value head stacked so each product is G times
+taller), weight gradients as products without a transposed operand (see _Layer), the
+element-wise work between the matmuls compiled (vistune.train.llama_glue), and the final
+norm, LM head and cross entropy in one Function over row chunks (bf16 logits, fp32
 log-sum-exp, the softmax gradient written straight into the logits' buffer). Lengths are
-padded to a multiple of 16 so shapes repeat. The maths is transformers' Llama forward (tests compare losses and
-every gradient with it, fp32 and bf16).
+padded to a multiple of 16 so shapes repeat. The maths is transformers' Llama forward
+(RMSNorm, rotary embeddings and the fused weight layout from vistune.model.llama, shared
+with generation; tests compare losses and every gradient with transformers, fp32 and bf16).
 
 Precision: the parameters stay as they are (fp32 master weights when training in bf16);
 with `dtype=torch.bfloat16` every matmul runs in bf16 on weights cast once per step,
 the residual stream and the norms stay fp32, the softmaxes accumulate in fp32 and weight
 gradients are returned in the parameters' dtype: the same roundings as bf16 autocast.
 
-Batches are right-padded (vistune.train.step.batch_inputs), so the causal mask alone keeps
+Batches are right-padded (vistune.model.splice), so the causal mask alone keeps
 real tokens from seeing padding; padding positions compute something and get no gradient.
 """
 
@@ -41,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from vistune.serve.decoder import supports
-from vistune.train.llama_glue import Glue, glue, rms_backward
+from vistune.model import llama
+from vistune.model.llama import rms_backward
+from vistune.model.loss import supervised
+from vistune.train.llama_glue import Glue, glue
 
 LENGTH_MULTIPLE = 16
 """Batches padded to a multiple of this length. oneDNN builds (JIT-compiles) a kernel for
@@ -52,39 +55,7 @@ ROW_MULTIPLE = 128
 """The LM head's rows (supervised tokens) are padded to a multiple of this, for the same
 reason."""
 
-ROPE_TYPES = ("default", None, "linear", "llama3", "yarn", "dynamic")
-"""Rotary embeddings tested equal to transformers' through this path."""
-
 _CAUSAL: dict[tuple, torch.Tensor] = {}
-
-
-def usable(llm: nn.Module, device: torch.device) -> bool:
-    """Whether a micro-batch of `llm` can train through this module.
-
-    Plain Llama blocks with plain nn.Linear projections (not LoRA-wrapped), on the CPU, with
-    transformers' gradient checkpointing off (this path keeps its own activations).
-    """
-    if device.type != "cpu" or not supports(llm):
-        return False
-    checkpointing = (
-        llm.is_activation_checkpointing  # transformers >= 5.x
-        if hasattr(type(llm), "is_activation_checkpointing")
-        else getattr(llm, "is_gradient_checkpointing", False)
-    )
-    if checkpointing:
-        return False
-    cfg = llm.config
-    if getattr(cfg, "attention_dropout", 0.0):  # this path has no dropout
-        return False
-    # transformers runs layers[:num_hidden_layers]; this path runs every layer module
-    if len(llm.get_decoder().layers) != getattr(cfg, "num_hidden_layers", None):
-        return False
-    # transformers 5 keeps `rope_scaling` only as a deprecated alias of `rope_parameters`
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if any(isinstance(v, dict) for v in rope.values()):  # per layer type: not a Llama's
-        return False
-    # cos and sin come from the model's own rotary embedding, which does the scaling
-    return rope.get("rope_type", rope.get("type", "default")) in ROPE_TYPES
 
 
 def _causal(groups: int, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -103,8 +74,8 @@ def _causal(groups: int, length: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class WeightCache:
-    """The weights cast (and q/k/v, gate/up concatenated) for the matmuls, shared by the
-    micro-batches of one optimizer step.
+    """The weights cast (and q/k/v, gate/up fused: vistune.model.llama.fuse) for the matmuls,
+    shared by the micro-batches of one optimizer step.
 
     Call `invalidate()` whenever the weights change (after each optimizer step): fused
     optimizers update parameters in place without bumping their version counters, so the
@@ -126,12 +97,10 @@ class WeightCache:
         found = self._copies.get(params[0])
         if found is not None and found[0] == stamp and found[1].dtype == dtype:
             return found[1]
-        with torch.no_grad():
-            if found is not None and found[1].dtype == dtype:
-                out = found[1]
-                torch.cat(params, out=out) if len(params) > 1 else out.copy_(params[0])
-            else:
-                out = torch.cat(params).to(dtype)
+        if found is not None and found[1].dtype == dtype:
+            out = llama.fuse(params, out=found[1])
+        else:
+            out = llama.fuse(params, dtype)
         self._copies[params[0]] = (stamp, out)
         return out
 
@@ -346,7 +315,7 @@ def _head_grad(xct: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> 
 class _HeadLoss(torch.autograd.Function):
     """Final RMSNorm + LM head + summed token cross entropy of rows h (N, D), in row chunks:
     bf16 logits (kept for the backward, which overwrites them with their gradient) and an
-    fp32 log-sum-exp per row, as `cross_entropy(logits.float(), targets, reduction="sum")`."""
+    fp32 log-sum-exp per row: vistune.model.loss.token_loss of those logits, fused."""
 
     @staticmethod
     def forward(ctx, h, targets, norm, head, k_: Glue, cache: WeightCache, chunk: int):
@@ -405,45 +374,20 @@ def decoder_loss(
     (IGNORE_INDEX where unsupervised), through `llm`'s decoder, final norm and LM head,
     with every matmul in `dtype`. `cache` keeps the weights' copies across the micro-batches
     of a step (invalidate it after every optimizer step); None casts them on every call."""
-    from vistune.data.conversation import IGNORE_INDEX
-
     cfg, model = llm.config, llm.model
     b, length, _ = inputs.shape
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    shapes = Shapes(b, length, heads, kv, hd)
-    k_ = glue(heads, kv, hd, model.norm.variance_epsilon, dtype)
+    d = llama.dims(cfg)
+    shapes = Shapes(b, length, d.heads, d.kv_heads, d.head_dim)
+    k_ = glue(d.heads, d.kv_heads, d.head_dim, model.norm.variance_epsilon, dtype)
     cache = cache or WeightCache()
-    with torch.no_grad():
-        cos, sin = model.rotary_emb(inputs, positions)  # (B, L, hd)
-        half = hd // 2
-        ssin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
-        cos = cos.to(dtype)
+    cos, ssin = llama.rope_tables(model.rotary_emb, inputs, positions, dtype)  # (B, L, hd)
     h = inputs.float().reshape(b * length, -1)
     with torch.autocast("cpu", enabled=False):
         for block in model.layers:
-            att, mlp = block.self_attn, block.mlp
-            h = _Layer.apply(
-                h,
-                cos,
-                ssin,
-                shapes,
-                k_,
-                cache,
-                att.scaling,
-                block.input_layernorm.weight,
-                att.q_proj.weight,
-                att.k_proj.weight,
-                att.v_proj.weight,
-                att.o_proj.weight,
-                block.post_attention_layernorm.weight,
-                mlp.gate_proj.weight,
-                mlp.up_proj.weight,
-                mlp.down_proj.weight,
-            )
-        shifted = targets[:, 1:]
-        keep = (shifted != IGNORE_INDEX).reshape(-1)
-        rows = h.view(b, length, -1)[:, :-1].reshape(-1, h.shape[-1])[keep]
+            weights = llama.block_weights(block)
+            h = _Layer.apply(h, cos, ssin, shapes, k_, cache, block.self_attn.scaling, *weights)
+        keep, picked = supervised(targets)  # (B, L), (N,)
+        rows = h.view(b, length, -1)[keep]  # (N, D)
         return _HeadLoss.apply(
-            rows, shifted.reshape(-1)[keep], model.norm.weight, llm.lm_head.weight, k_, cache, chunk
+            rows, picked, model.norm.weight, llm.lm_head.weight, k_, cache, chunk
         )

@@ -1,10 +1,11 @@
 """The element-wise work between the matmuls of vistune.train.llama_cpu, compiled.
 
-RMSNorm, rotary embedding, SwiGLU, the head/token regrouping for attention and their
-gradients, as one `Glue` per model size and dtype. torch.compile turns each function into
-one pass over its tensors (eager PyTorch makes one pass per op: 2-4x the time here). If
-compiling fails (no C++ compiler, dynamo's limits), a function runs eagerly from then on,
-with one warning; `set_compile(False)` runs them all eagerly.
+RMSNorm, rotary embedding (their maths from vistune.model.llama, shared with generation),
+SwiGLU, the head/token regrouping for attention and their gradients, as one `Glue` per
+model size and dtype. torch.compile turns each function into one pass over its tensors
+(eager PyTorch makes one pass per op: 2-4x the time here). If compiling fails (no C++
+compiler, dynamo's limits), a function runs eagerly from then on, with one warning;
+`set_compile(False)` runs them all eagerly.
 """
 
 from __future__ import annotations
@@ -15,37 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from vistune.serve.decoder import rope as _rope  # shared with generation
-
-
-def _rms(h: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LlamaRMSNorm in fp32: (h * r) * w and r = 1/sqrt(mean(h^2) + eps). # (N, D), (N, 1)"""
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return _normed(h, r, w), r
-
-
-def _normed(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(h * r) * w; called with h.T, r.T, w[:, None] it gives the transpose of the same
-    values, bit for bit."""
-    return (h * r) * w
-
-
-def rms_backward(
-    dy: torch.Tensor, h: torch.Tensor, r: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of _rms for h (fp32) and, summed over rows, w. dy any float dtype."""
-    xhat = h * r  # (N, D) fp32
-    dxhat = dy.float() * w
-    c = (dxhat * xhat).mean(-1, keepdim=True)
-    return (dxhat - xhat * c) * r, (dy.float() * xhat).sum(0)
-
-
-def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
-    """Transpose of _rope (ssin = cat(-sin1, sin2)): dx = dy * cos + swap(dy * ssin), the
-    half swap being its own inverse."""
-    half = dy.shape[-1] // 2
-    t = dy * ssin
-    return dy * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1)
+from vistune.model.llama import rms, rms_apply, rms_backward, rope, rope_backward
 
 
 class Glue:
@@ -61,7 +32,7 @@ class Glue:
 
     def norm_in(self, h, w):
         """-> x (N, D) in dtype, r (N, 1)."""
-        x, r = _rms(h, w, self.eps)
+        x, r = rms(h, w, self.eps)
         return x.to(self.dtype), r
 
     def norm_in_t(self, h, w):
@@ -74,7 +45,7 @@ class Glue:
         gradient that multiplies it runs ~1.9x slower (6.3 against 3.3 ms for 3584 rows).
         So for the other transposing variants."""
         x, r = Glue.norm_in(self, h, w)
-        return x, _normed(h.t(), r.t(), w[:, None]).to(self.dtype).contiguous(), r
+        return x, rms_apply(h.t(), r.t(), w[:, None]).to(self.dtype).contiguous(), r
 
     def split_heads(self, q, kv, cos, ssin, scale: torch.Tensor):
         """q rows (N, H hd), k/v rows (N, 2 Hkv hd) -> rotated q (B*Hkv, G*L, hd) times the
@@ -85,8 +56,8 @@ class Glue:
         q = q.view(b, length, nk, g, hd).permute(0, 2, 3, 1, 4)
         k = kv[:, : nk * hd].view(b, length, nk, hd).transpose(1, 2)
         v = kv[:, nk * hd :].view(b, length, nk, hd).transpose(1, 2)
-        q = _rope(q, cos[:, None, None], ssin[:, None, None]) * scale
-        k = _rope(k, cos[:, None], ssin[:, None])
+        q = rope(q, cos[:, None, None], ssin[:, None, None]) * scale
+        k = rope(k, cos[:, None], ssin[:, None])
         return (
             q.contiguous().view(b * nk, g * length, hd),
             k.contiguous().view(b * nk, length, hd),
@@ -115,13 +86,13 @@ class Glue:
     def residual_norm(self, h, ao, w):
         """h2 = h + ao; -> h2 (fp32), x2 (dtype), r2."""
         h2 = h + ao
-        x, r = _rms(h2, w, self.eps)
+        x, r = rms(h2, w, self.eps)
         return h2, x.to(self.dtype), r
 
     def residual_norm_t(self, h, ao, w):
         """residual_norm, with x2's transpose (D, N) as well."""
         h2, x, r = Glue.residual_norm(self, h, ao, w)
-        return h2, x, _normed(h.t() + ao.t(), r.t(), w[:, None]).to(self.dtype).contiguous(), r
+        return h2, x, rms_apply(h.t() + ao.t(), r.t(), w[:, None]).to(self.dtype).contiguous(), r
 
     def swiglu(self, gu):
         """silu(gate) * up of fused (N, 2I) rows. # (N, I)"""
@@ -193,8 +164,8 @@ class Glue:
         b, length = cos.shape[0], cos.shape[1]
         nk, g, hd = self.nk, self.g, self.hd
         dq = dq.view(b, nk, g, length, hd) * scale
-        dq = _rope_backward(dq, cos[:, None, None], ssin[:, None, None])
-        dk = _rope_backward(dk.view(b, nk, length, hd), cos[:, None], ssin[:, None])
+        dq = rope_backward(dq, cos[:, None, None], ssin[:, None, None])
+        dk = rope_backward(dk.view(b, nk, length, hd), cos[:, None], ssin[:, None])
         dv = dv.view(b, nk, length, hd)
         rows = [
             dq.permute(0, 3, 1, 2, 4).reshape(b, length, nk * g * hd),
