@@ -154,7 +154,12 @@ def train(
     try:
         lock = _lock_out(Path(cfg.out), info)
         run = _setup(cfg, info, say, on_features)
-        return _loop(run, say, on_step)
+        result = _loop(run, say, on_step)
+        # every rank leaves its last collective before any tears the group down: a rank
+        # that destroyed gloo's threads while a peer still talked aborted once in CI
+        # ("terminate called without an active exception", FSDP + LoRA, after the last step)
+        barrier(info)
+        return result
     finally:
         if lock is not None:
             os.close(lock)
