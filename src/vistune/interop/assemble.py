@@ -1,8 +1,9 @@
 """Foreign weights -> a vistune model directory: the part both importers share.
 
-An importer reads a checkpoint's settings and tensors and names them by part (vision
-tower, projector, LLM base, LLM head); this module checks every name and shape against
-the modules they fill, builds a `LlavaModel` from them and writes it with
+An importer loads the checkpoint's parts through transformers (which also reads older
+tensor names) or its raw tensors (the projector); this module checks the projector's
+names and shapes against the tower and LLM it joins, puts the LLM's base model and head
+back into the LLM's own causal-LM class, builds a `LlavaModel` and writes it with
 `vistune.model.checkpoint.save_model` (atomic: nothing is left at `out` on an error). The
 result is an ordinary model directory: chat, serve, eval and `train --init` load it.
 
@@ -31,11 +32,12 @@ from vistune.model.checkpoint import (
 )
 from vistune.model.llava import LlavaModel
 from vistune.model.projector import build_projector
-from vistune.model.vision import VISION_MODELS, VisionTower
+from vistune.model.vision import VisionTower
 
 
-def read_tensors(folder: Path, what: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's model.safetensors (or its index and shards)."""
+def read_tensors(folder: Path, what: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors named `prefix`* of a folder's model.safetensors (or its index and
+    shards), the prefix cut off; only those are read."""
     check_hf_dir(folder, what)
     tensors: dict[str, torch.Tensor] = {}
     for name in hf_weight_files(folder):
@@ -44,58 +46,38 @@ def read_tensors(folder: Path, what: str) -> dict[str, torch.Tensor]:
         path = folder / name
         try:
             with safe_open(str(path), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+                tensors.update(
+                    {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                )
         except (OSError, SafetensorError) as exc:
             raise ModelDirError(f"{path}: not a readable safetensors file: {exc}") from exc
     return tensors
 
 
-def _fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, where: Path,
-          tied: set[str] = frozenset()) -> None:  # fmt: skip
-    """Load `tensors` into `module` (built on the meta device), every name and shape checked."""
+def fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, where: Path) -> None:
+    """Load `tensors` into `module`, every name and shape checked (one message naming them)."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors) - tied)
+    missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ModelDirError(
-            f"{where}: the {what} tensors do not match its config: missing "
+            f"{where}: the {what} tensors do not match: missing "
             f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(extra[:4]) or 'none'}"
         )
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
             raise ModelDirError(
-                f"{where}: {what} tensor {key!r} has shape {tuple(value.shape)}, its config "
-                f"needs {tuple(expected[key].shape)}"
+                f"{where}: {what} tensor {key!r} has shape {tuple(value.shape)}, but "
+                f"{tuple(expected[key].shape)} is needed"
             )
-    module.load_state_dict(tensors, strict=False, assign=True)
+    module.load_state_dict(tensors)
 
 
-def build_vision(
-    config: PretrainedConfig, tensors: dict[str, torch.Tensor], where: Path
+def causal_lm(
+    config: PretrainedConfig, base: torch.nn.Module, head: torch.nn.Module, where: Path
 ) -> PreTrainedModel:
-    """The tower of `config` (a VISION_MODELS type) holding `tensors`."""
-    model_type = config.model_type
-    if model_type not in VISION_MODELS:
-        raise ModelDirError(
-            f"{where}: vision tower {model_type!r} is not supported; supported: "
-            f"{', '.join(VISION_MODELS)}"
-        )
-    model_class = VISION_MODELS[model_type][1]
-    with torch.device("meta"):
-        model = model_class(config)
-    _fill(model, tensors, "vision tower", where)
-    _real_buffers(model, model_class, config)
-    return model.eval()
-
-
-def build_llm(
-    config: PretrainedConfig,
-    base: dict[str, torch.Tensor],
-    head: dict[str, torch.Tensor],
-    where: Path,
-) -> PreTrainedModel:
-    """The causal LM of `config` holding `base` (its base model's tensors, e.g. Llama's
-    `model.*` without the prefix) and `head` (the output head's, e.g. {"weight": ...})."""
+    """The causal LM of `config` made of a loaded base model and output head (modules,
+    not copies): its own class, as vistune's llm/ holds it."""
     try:
         with quiet_transformers(), torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(config)
@@ -103,35 +85,15 @@ def build_llm(
         raise ModelDirError(
             f"{where}: no causal LM for text config {config.model_type!r}: {exc}"
         ) from exc
-    head_name = next(n for n, m in llm.named_modules() if m is llm.get_output_embeddings())
-    tensors = {f"{llm.base_model_prefix}.{k}": v for k, v in base.items()}
-    tensors.update({f"{head_name}.{k}": v for k, v in head.items()})
-    tied = {head_name + ".weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    _fill(llm, tensors, "LLM", where, tied)
-    if tied:
-        llm.tie_weights()
-    _real_buffers(llm, type(llm), config)
+    setattr(llm, llm.base_model_prefix, base)
+    llm.set_output_embeddings(head)
+    left = [n for n, t in (*llm.named_parameters(), *llm.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelDirError(
+            f"{where}: the {type(llm).__name__} holds more than a base model and a head "
+            f"({', '.join(left[:3])})"
+        )
     return llm.eval()
-
-
-def _real_buffers(model: torch.nn.Module, model_class, config: PretrainedConfig) -> None:
-    """Compute the buffers no checkpoint holds (position ids, RoPE's inv_freq) on the CPU:
-    a small twin built there from the config, its buffers taken."""
-    meta = [n for n, b in model.named_buffers() if b.is_meta]
-    if not meta:
-        return
-    small = config.__class__.from_dict(config.to_dict())
-    for field in ("num_hidden_layers", "n_layer"):
-        if hasattr(small, field):
-            setattr(small, field, 0)
-    with quiet_transformers():
-        twin = model_class._from_config(small) if hasattr(model_class, "_from_config") else model_class(small)
-    buffers = dict(twin.named_buffers())
-    for name in meta:
-        if name not in buffers:
-            raise ModelDirError(f"cannot compute the buffer {name} of {model_class.__name__}")
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = buffers[name]
 
 
 def write_model_dir(
@@ -163,7 +125,7 @@ def write_model_dir(
     tokens = tower.num_tokens(config.image_size)
     module = build_projector(config.projector, tower.hidden_size, llm_hidden, tokens)
     try:
-        _fill(module, projector, "projector", where)
+        fill(module, projector, "projector", where)
     except ModelDirError as exc:
         raise ModelDirError(
             f"{exc} (a {config.projector} projector from the vision tower's hidden "

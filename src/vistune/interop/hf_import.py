@@ -1,9 +1,10 @@
 """Import a Hugging Face Llava folder (`vistune import --from hf SRC --out DIR`).
 
-Reads what `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor` read:
-config.json (`model_type` "llava"), the safetensors weights (today's names or llava-hf's
-pre-4.52 ones, vistune.interop.hf_layout), the tokenizer, and the image processor settings
-(processor_config.json, else preprocessor_config.json). Each setting maps to vistune's or
+Loads the folder as transformers does (`LlavaForConditionalGeneration.from_pretrained`,
+safetensors only, no custom code, every tensor required: today's names or llava-hf's
+pre-4.52 ones), and reads the tokenizer and the image processor settings
+(processor_config.json, else preprocessor_config.json). The LLM's base model and head go
+back into its own causal-LM class, the tower and the projector into vistune's. Each setting maps to vistune's or
 is refused (vistune.interop.hf_layout.UnmappableError):
 
     vision_feature_layer (one int)             -> vision_layer
@@ -21,15 +22,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from vistune.config import ModelConfig
 from vistune.errors import ModelDirError
 from vistune.interop import hf_layout
-from vistune.interop.assemble import build_llm, build_vision, read_tensors, write_model_dir
+from vistune.interop.assemble import causal_lm, write_model_dir
 from vistune.interop.hf_export import EXPORT_FORMAT, SIDECAR
 from vistune.interop.hf_layout import UnmappableError
-from vistune.model.checkpoint import load_tokenizer, quiet_transformers, read_json
+from vistune.model.checkpoint import (
+    check_hf_dir,
+    load_hf_model,
+    load_tokenizer,
+    quiet_transformers,
+    read_json,
+)
 
 SUPPORTED = "llava (LlavaForConditionalGeneration)"
 
@@ -117,17 +124,20 @@ def import_hf(src: str | Path, out: str | Path, template: str | None = None) -> 
         raise ModelDirError(f"{src}: Llava folder not found")
     config = _config(src)
     settings = model_config(src, config, template)
-    parts = hf_layout.split_hf_tensors(read_tensors(src, "Llava"))
-    vision = build_vision(config.vision_config, parts["vision"], src)
-    llm = build_llm(config.text_config, parts["llm_base"], parts["head"], src)
-    projector = dict(parts["projector"])
-    if not config.multimodal_projector_bias:  # a bias-free Linear is one with zero bias
-        for layer in ("0", "2"):
-            weight = projector.get(f"{layer}.weight")
-            if weight is not None:
-                projector[f"{layer}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     pre = image_settings(src)
     mean, std = tuple(pre.get("image_mean", ())), tuple(pre.get("image_std", ()))
     if len(mean) != 3 or len(std) != 3:
         raise UnmappableError(f"{src}: image_mean / image_std must have 3 values each")
+    check_hf_dir(src, "Llava model", tokenizer=True)
+    hf = load_hf_model(LlavaForConditionalGeneration, src, "Llava model", dtype="auto")
+    llm = causal_lm(config.text_config, hf.model.language_model, hf.lm_head, src)
+    llm.generation_config = hf.generation_config
+    layers = hf.model.multi_modal_projector.state_dict()
+    projector = {ours: layers[theirs] for ours, theirs in hf_layout.PROJECTOR_NAMES.items()
+                 if theirs in layers}  # fmt: skip
+    if not config.multimodal_projector_bias:  # a bias-free Linear is one with zero bias
+        for layer in ("0", "2"):
+            weight = projector[f"{layer}.weight"]
+            projector[f"{layer}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    vision = hf.model.vision_tower
     return write_model_dir(out, vision, llm, src, projector, settings, mean, std, src)

@@ -10,9 +10,9 @@ transformers 5's `LlavaForConditionalGeneration` (models/llava/modeling_llava.py
 and picks image features as `hidden_states[vision_feature_layer]`, dropping the first token
 when `vision_feature_select_strategy` is "default" and keeping all of them when "full".
 llava-hf's llava-1.5 releases were written before 4.52 with the older names
-(`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`,
-`multi_modal_projector.*`); `LEGACY_RENAMES` reads them as transformers' own
-conversion_mapping.py does.
+(`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*`,
+`multi_modal_projector.*`); the importer reads through transformers' own loading, whose
+conversion_mapping.py renames them (one copy of that knowledge, theirs).
 
 Settings map one to one or are refused (`UnmappableError`), never approximated: a choice
 with no place in the layout would give another model under the same name.
@@ -21,8 +21,6 @@ with no place in the layout would give another model under the same name.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
 
 from vistune.errors import ModelDirError
 
@@ -38,14 +36,6 @@ PROJECTOR_NAMES: dict[str, str] = {
     "2.bias": "linear_2.bias",
 }
 """vistune's mlp2x_gelu (nn.Sequential: Linear, GELU, Linear) -> the HF projector's names."""
-
-LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
-    ("language_model.lm_head.", HEAD_PREFIX),
-    ("language_model.model.", LLM_PREFIX),
-    ("vision_tower.", VISION_PREFIX),
-    ("multi_modal_projector.", PROJECTOR_PREFIX),
-)
-"""Pre-4.52 llava-hf names -> today's (first match wins; transformers' conversion_mapping)."""
 
 SUPPORTED_TOWERS = ("clip", "siglip", "dinov2")
 """Tower families whose token layout HF Llava's feature selection reproduces."""
@@ -152,47 +142,3 @@ def aspect_and_size(settings: Mapping) -> tuple[str, int]:
             f"image processor settings vistune cannot reproduce: {'; '.join(problems)}"
         )
     return aspect, int(image_size)
-
-
-def rename_legacy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Today's names for a checkpoint written with pre-4.52 llava-hf names (others kept)."""
-    out = {}
-    for key, value in tensors.items():
-        for old, new in LEGACY_RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        out[key] = value
-    return out
-
-
-def split_hf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """HF Llava tensors -> {"vision", "projector" (vistune names), "llm_base", "head"} by
-    prefix; a name under none of them is an UnmappableError listing a few."""
-    parts: dict[str, dict[str, torch.Tensor]] = {
-        "vision": {}, "projector": {}, "llm_base": {}, "head": {}
-    }  # fmt: skip
-    back = {hf: ours for ours, hf in PROJECTOR_NAMES.items()}
-    unknown = []
-    for key, value in rename_legacy(tensors).items():
-        if key.startswith(VISION_PREFIX):
-            parts["vision"][key[len(VISION_PREFIX) :]] = value
-        elif key.startswith(PROJECTOR_PREFIX):
-            name = key[len(PROJECTOR_PREFIX) :]
-            if name not in back:
-                unknown.append(key)
-            else:
-                parts["projector"][back[name]] = value
-        elif key.startswith(LLM_PREFIX):
-            parts["llm_base"][key[len(LLM_PREFIX) :]] = value
-        elif key.startswith(HEAD_PREFIX):
-            parts["head"][key[len(HEAD_PREFIX) :]] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise UnmappableError(
-            f"tensors outside the HF Llava layout: {', '.join(sorted(unknown)[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''} (expected {VISION_PREFIX}*, "
-            f"{PROJECTOR_PREFIX}linear_1/linear_2, {LLM_PREFIX}*, {HEAD_PREFIX}weight)"
-        )
-    return parts

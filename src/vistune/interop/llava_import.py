@@ -29,18 +29,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from vistune.config import ModelConfig
 from vistune.data.image import ImageProcessor
 from vistune.errors import ModelDirError
-from vistune.interop.assemble import build_llm, build_vision, read_tensors, write_model_dir
+from vistune.interop.assemble import read_tensors, write_model_dir
 from vistune.interop.hf_layout import UnmappableError
-from vistune.model.checkpoint import read_json
-from vistune.model.vision import VISION_MODELS
+from vistune.model.checkpoint import check_hf_dir, load_hf_model, read_json
+from vistune.model.vision import VisionTower
 
-TEXT_MODELS = {"llava_llama": ("llama", LlamaConfig)}
-"""Official LLaVA model_type -> (the LLM's model_type, its config class)."""
+TEXT_MODELS = {"llava_llama": ("llama", LlamaConfig, LlamaForCausalLM)}
+"""Official LLaVA model_type -> (the LLM's model_type, config class, causal-LM class)."""
 PROJECTORS = {"linear": "linear", "mlp2x_gelu": "mlp2x_gelu"}
 """mm_projector_type -> vistune projector (the same modules, the same tensor names)."""
 ASPECTS = {"pad": "pad", "square": "crop", None: "crop"}
@@ -93,7 +93,7 @@ def _checked(src: Path, raw: dict) -> None:
 
 def _text_config(raw: dict):
     """The LLM's config: config.json without LLaVA's own keys, as the LLM's model_type."""
-    llm_type, config_class = TEXT_MODELS[raw["model_type"]]
+    llm_type, config_class, _ = TEXT_MODELS[raw["model_type"]]
     keep = {
         k: v for k, v in raw.items()
         if not k.startswith(("mm_", "tune_mm", "freeze_mm", "unfreeze_mm"))
@@ -122,52 +122,45 @@ def import_llava(
         )
     _checked(src, raw)
     tower_dir = _tower_dir(src, raw, vision_tower)
-    tower_raw = read_json(tower_dir / "config.json", "vision tower config")
-    if tower_raw.get("model_type") not in VISION_MODELS:
-        raise UnmappableError(
-            f"{tower_dir / 'config.json'}: vision tower {tower_raw.get('model_type')!r} is not "
-            f"supported; supported: {', '.join(VISION_MODELS)}"
-        )
-    config_class = VISION_MODELS[tower_raw["model_type"]][0]
-    tower_config = config_class.from_pretrained(tower_dir)
-    tower_tensors = _tower_tensors(read_tensors(tower_dir, "vision tower"), tower_config)
-
-    tensors = read_tensors(src, "LLaVA")
-    projector = {k[len(PROJECTOR_PREFIX) :]: v for k, v in tensors.items()
-                 if k.startswith(PROJECTOR_PREFIX)}  # fmt: skip
+    check_hf_dir(src, "LLaVA checkpoint", tokenizer=True)
+    select = raw.get("mm_vision_select_feature", "patch")
+    tower = VisionTower.from_pretrained(tower_dir, raw["mm_vision_select_layer"], select)
+    _take_tuned_tower(tower.model, read_tensors(src, "LLaVA", TOWER_PREFIX), src)
+    projector = read_tensors(src, "LLaVA", PROJECTOR_PREFIX)
     if not projector:
         raise ModelDirError(f"{src}: no {PROJECTOR_PREFIX}* tensors (the projector)")
-    tuned = {k[len(TOWER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(TOWER_PREFIX)}
-    if tuned:
-        tower_tensors.update(tuned)
-    base = {k[len("model.") :]: v for k, v in tensors.items()
-            if k.startswith("model.") and not k.startswith((PROJECTOR_PREFIX, "model.vision_tower."))}  # fmt: skip
-    head = {k[len("lm_head.") :]: v for k, v in tensors.items() if k.startswith("lm_head.")}
-    other = sorted(set(tensors) - {f"model.{k}" for k in base} - {f"lm_head.{k}" for k in head}
-                   - {PROJECTOR_PREFIX + k for k in projector}
-                   - {k for k in tensors if k.startswith("model.vision_tower.")})  # fmt: skip
-    if other:
-        raise UnmappableError(f"{src}: tensors outside the LLaVA layout: {', '.join(other[:5])}")
-
-    vision = build_vision(tower_config, tower_tensors, tower_dir)
-    llm = build_llm(_text_config(raw), base, head, src)
-    pre = ImageProcessor.from_vision_dir(tower_dir, size=tower_config.image_size)
+    text_config = _text_config(raw)
+    llm = load_hf_model(text_config_class(raw), src, "LLM", dtype="auto", config=text_config)
+    pre = ImageProcessor.from_vision_dir(tower_dir, size=tower.image_size)
     settings = ModelConfig(
         projector=PROJECTORS[raw.get("mm_projector_type", "linear")],
         vision_layer=raw["mm_vision_select_layer"],
-        vision_select=raw.get("mm_vision_select_feature", "patch"),
+        vision_select=select,
         image_aspect=ASPECTS[raw.get("image_aspect_ratio")],
-        image_size=tower_config.image_size,
+        image_size=tower.image_size,
         template=template or DEFAULT_TEMPLATE,
     )
-    return write_model_dir(out, vision, llm, src, projector, settings, pre.mean, pre.std, src)
+    return write_model_dir(out, tower.model, llm, src, projector, settings, pre.mean, pre.std, src)
 
 
-def _tower_tensors(tensors: dict, config) -> dict:
-    """A tower folder's tensors under the vision model's names: a full CLIP/SigLIP folder
-    (text and vision) gives its vision part."""
-    if config.model_type in ("clip_vision_model", "siglip_vision_model") and any(
-        k.startswith("text_model.") for k in tensors
-    ):
-        return {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
-    return tensors
+def text_config_class(raw: dict):
+    """The causal-LM class of an official checkpoint's LLM (LlamaForCausalLM, ...)."""
+    return TEXT_MODELS[raw["model_type"]][2]
+
+
+def _take_tuned_tower(model, tensors: dict, src: Path) -> None:
+    """Put a checkpoint's own tower tensors (a tuned tower) over the folder's: LLaVA's
+    names (`vision_model.*`, pre-5 CLIP) or the module's own."""
+    if not tensors:
+        return
+    own = model.state_dict()
+    renamed = {}
+    for key, value in tensors.items():
+        name = key if key in own else key.removeprefix("vision_model.")
+        if name not in own or own[name].shape != value.shape:
+            raise ModelDirError(
+                f"{src}: tower tensor {TOWER_PREFIX}{key} does not fit the vision tower "
+                f"{type(model).__name__}"
+            )
+        renamed[name] = value
+    model.load_state_dict(renamed, strict=False)
