@@ -129,7 +129,9 @@ def import_hf(src: str | Path, out: str | Path, template: str | None = None) -> 
     if len(mean) != 3 or len(std) != 3:
         raise UnmappableError(f"{src}: image_mean / image_std must have 3 values each")
     check_hf_dir(src, "Llava model", tokenizer=True)
-    hf = load_hf_model(LlavaForConditionalGeneration, src, "Llava model", dtype="auto")
+    # mismatched shapes come back as a list that load_hf_model names, not as a traceback
+    hf = load_hf_model(LlavaForConditionalGeneration, src, "Llava model", dtype="auto",
+                       ignore_mismatched_sizes=True)  # fmt: skip
     llm = causal_lm(config.text_config, hf.model.language_model, hf.lm_head, src)
     llm.generation_config = hf.generation_config
     layers = hf.model.multi_modal_projector.state_dict()
