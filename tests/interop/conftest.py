@@ -59,14 +59,19 @@ def hf_inputs(processor, image: Image.Image, question: str = QUESTION) -> dict:
     return processor(images=[image], text=prompt, return_tensors="pt")
 
 
-@torch.no_grad()
-def vistune_logits(model, image: Image.Image, question: str = QUESTION) -> torch.Tensor:
-    """vistune's logits (1, L, V) for the prompt `vistune chat` builds."""
+def vistune_ids(model, image: Image.Image, question: str = QUESTION) -> list[int]:
+    """The prompt ids `vistune chat` builds (IMAGE_TOKEN_ID where the image goes)."""
     from vistune.data.conversation import tokenize_prompt
     from vistune.serve.engine import with_image
 
     messages = with_image([{"role": "user", "content": question}], image)
-    ids = tokenize_prompt(messages, model.tokenizer, model.config.template)
+    return tokenize_prompt(messages, model.tokenizer, model.config.template)
+
+
+@torch.no_grad()
+def vistune_logits(model, image: Image.Image, question: str = QUESTION) -> torch.Tensor:
+    """vistune's logits (1, L, V) for the prompt `vistune chat` builds."""
+    ids = vistune_ids(model, image, question)
     return model(input_ids=[ids], pixel_values=model.image_processor([image])).logits
 
 
@@ -81,11 +86,12 @@ def load_hf(out: Path):
 @pytest.fixture(scope="session")
 def interop() -> SimpleNamespace:
     """The helpers above (pytest's importlib mode makes conftest unimportable):
-    `make_image`, `hf_messages`, `hf_inputs`, `vistune_logits`, `load_hf`, `QUESTION`."""
+    `make_image`, `hf_messages`, `hf_inputs`, `vistune_ids`, `vistune_logits`, `load_hf`, `QUESTION`."""
     return SimpleNamespace(
         make_image=make_image,
         hf_messages=hf_messages,
         hf_inputs=hf_inputs,
+        vistune_ids=vistune_ids,
         vistune_logits=vistune_logits,
         load_hf=load_hf,
         QUESTION=QUESTION,

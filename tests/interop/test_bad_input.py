@@ -34,7 +34,9 @@ def test_export_refuses_projectors_without_a_place(
     projector, reason, make_model_dir, tmp_path, capsys
 ):
     model = make_model_dir("clip", projector=projector)
-    err = refused(["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys
+    )
     assert reason in err and "supported: mlp2x_gelu" in err
 
 
@@ -52,13 +54,17 @@ def test_export_refuses_dinov2_registers(tiny_llm_dir, tmp_path, capsys):
     model = LlavaModel.from_parts(tower, tiny_llm_dir, ModelConfig(image_size=28)).save(
         tmp_path / "model"
     )
-    err = refused(["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys
+    )
     assert "dinov2_with_registers" in err and "supported: clip, siglip, dinov2" in err
 
 
 def test_export_refuses_clip_at_another_size(make_model_dir, tmp_path, capsys):
     model = make_model_dir("clip", image_size=56)
-    err = refused(["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["export", "--model", str(model), "--out", str(tmp_path / "o")], tmp_path / "o", capsys
+    )
     assert "image_size 56" in err and "own 28" in err
 
 
@@ -97,14 +103,22 @@ def _edit_config(path: Path, **changes) -> None:
 
 def test_import_hf_refuses_another_architecture(hf_copy, tmp_path, capsys):
     _edit_config(hf_copy, model_type="blip-2")
-    err = refused(["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "'blip-2' is not supported; supported: llava" in err
 
 
 def test_import_hf_refuses_missing_and_pickled_weights(hf_copy, tmp_path, capsys):
     weights = hf_copy / "model.safetensors"
     weights.rename(hf_copy / "pytorch_model.bin")
-    err = refused(["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "model.safetensors" in err and "pytorch_model.bin" in err and "never loaded" in err
 
 
@@ -112,13 +126,21 @@ def test_import_hf_refuses_a_projector_that_does_not_fit(hf_copy, tmp_path, caps
     tensors = load_file(str(hf_copy / "model.safetensors"))
     tensors["model.multi_modal_projector.linear_1.weight"] = torch.zeros(32, 16)
     save_file(tensors, str(hf_copy / "model.safetensors"), metadata={"format": "pt"})
-    err = refused(["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "mismatched: model.multi_modal_projector.linear_1.weight" in err
 
 
 def test_import_hf_refuses_concatenated_layers(hf_copy, tmp_path, capsys):
     _edit_config(hf_copy, vision_feature_layer=[-2, -1])
-    err = refused(["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "hf", str(hf_copy), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "several layers" in err
 
 
@@ -168,7 +190,11 @@ def test_import_llava_refuses_what_it_cannot_map(
     config, message, tiny_clip_dir, tiny_builders, tmp_path, capsys
 ):
     src = _official(tmp_path / "src", tiny_clip_dir, tiny_builders, **config)
-    err = refused(["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert message in err
 
 
@@ -179,12 +205,20 @@ def test_import_llava_refuses_a_projector_that_does_not_fit(
     tensors = load_file(str(src / "model.safetensors"))
     tensors["model.mm_projector.0.weight"] = torch.zeros(48, 16)  # mm_hidden 16, tower 32
     save_file(tensors, str(src / "model.safetensors"))
-    err = refused(["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "'0.weight' has shape (48, 16)" in err and "hidden 32" in err
 
 
 def test_import_llava_refuses_pickled_weights(tiny_clip_dir, tiny_builders, tmp_path, capsys):
     src = _official(tmp_path / "src", tiny_clip_dir, tiny_builders)
     (src / "model.safetensors").rename(src / "pytorch_model-00001-of-00002.bin")
-    err = refused(["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", capsys)
+    err = refused(
+        ["import", "--from", "llava", str(src), "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        capsys,
+    )
     assert "pickle" in err

@@ -56,9 +56,7 @@ def test_processor_pixels_equal_vistunes(aspect, make_model_dir, interop, tmp_pa
 
 
 @pytest.mark.parametrize("template", ["chat_template", "vicuna_v0", "plain"])
-def test_greedy_tokens_and_answers_match_vistune_chat(
-    template, make_model_dir, interop, tmp_path
-):
+def test_greedy_tokens_and_answers_match_vistune_chat(template, make_model_dir, interop, tmp_path):
     model_dir = make_model_dir("clip", template=template)
     export_hf(model_dir, tmp_path / "hf")
     hf, processor = interop.load_hf(tmp_path / "hf")

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.source == "hf":
         if args.vision_tower is not None:
-            raise VistuneError("--vision-tower is for --from llava (a Llava folder holds its tower)")
+            raise VistuneError(
+                "--vision-tower is for --from llava (a Llava folder holds its tower)"
+            )
         from vistune.interop.hf_import import import_hf
 
         out = import_hf(args.src, args.out, template=args.template)

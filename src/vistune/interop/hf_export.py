@@ -91,9 +91,7 @@ def _check_out(out: Path) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             ours = None
         if ours != EXPORT_FORMAT:
-            raise ModelDirError(
-                f"{out}: exists and is not a vistune HF export; not overwriting it"
-            )
+            raise ModelDirError(f"{out}: exists and is not a vistune HF export; not overwriting it")
 
 
 def _image_token(tokenizer) -> int:
@@ -105,7 +103,9 @@ def _image_token(tokenizer) -> int:
 
 def _weight_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     """The state-dict name of `module.weight` inside `model` (a tied head keeps its own)."""
-    return next(f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is module)
+    return next(
+        f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is module
+    )
 
 
 def llm_tensors(llm, vocab: int) -> dict[str, torch.Tensor]:

@@ -57,7 +57,9 @@ def _tower_dir(src: Path, raw: dict, given: str | Path | None) -> Path:
     else:
         named = raw.get("mm_vision_tower") or raw.get("vision_tower")
         if not isinstance(named, str):
-            raise ModelDirError(f"{src / 'config.json'}: no mm_vision_tower; give --vision-tower DIR")
+            raise ModelDirError(
+                f"{src / 'config.json'}: no mm_vision_tower; give --vision-tower DIR"
+            )
         path = Path(named).expanduser()
         if not path.is_absolute() and (src / path).is_dir():
             path = src / path
@@ -76,7 +78,9 @@ def _checked(src: Path, raw: dict) -> None:
     if raw.get("mm_use_im_patch_token"):
         problems.append("mm_use_im_patch_token (<im_patch> tokens)")
     if raw.get("image_aspect_ratio") not in ASPECTS:
-        problems.append(f"image_aspect_ratio {raw.get('image_aspect_ratio')!r} (supported: pad, square)")
+        problems.append(
+            f"image_aspect_ratio {raw.get('image_aspect_ratio')!r} (supported: pad, square)"
+        )
     projector = raw.get("mm_projector_type", "linear")
     if projector not in PROJECTORS:
         problems.append(f"mm_projector_type {projector!r} (supported: {', '.join(PROJECTORS)})")
