@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "features": "features",
     "chat": "chat",
+    "export": "export",
+    "import": "import_model",
 }
 
 

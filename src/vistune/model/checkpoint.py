@@ -314,7 +314,7 @@ def model_dir_config(model: LlavaModel) -> dict[str, Any]:
     }
 
 
-def _hf_weight_files(path: Path) -> list[str]:
+def hf_weight_files(path: Path) -> list[str]:
     """The safetensors files `from_pretrained` reads from a HF model dir (checked by
     `check_hf_dir`): model.safetensors, else the index and the shards it names."""
     if (path / "model.safetensors").is_file():
@@ -334,7 +334,7 @@ def weight_stamp(path: Path) -> list[tuple[str, int, int, int]]:
     """(name, size, mtime_ns, inode) of a HF model dir's safetensors files: what changes
     when they are rewritten or replaced (empty when they cannot be listed)."""
     try:
-        names = [n for n in _hf_weight_files(path) if n.endswith(".safetensors")]
+        names = [n for n in hf_weight_files(path) if n.endswith(".safetensors")]
         stats = [((path / n).resolve().stat(), n) for n in names]
     except (OSError, ModelDirError):
         return []
@@ -351,7 +351,7 @@ def link_hf_files(source: Path, out: Path) -> None:
     source and every model linked to it."""
     out.mkdir(parents=True, exist_ok=True)
     extra = [n for n in ("generation_config.json",) if (source / n).is_file()]
-    for name in ["config.json", *extra, *_hf_weight_files(source)]:
+    for name in ["config.json", *extra, *hf_weight_files(source)]:
         src = (source / name).resolve()  # a HF cache's symlink: the blob it points at
         if not src.is_file():
             raise ModelDirError(f"{source / name}: missing (LLM files to keep)")
