@@ -326,6 +326,16 @@ def test_questions_for_image_exact_answers():
         ("presence", "yes", "Yes, there is.", True),
         ("absence", "no", "No, there is a red square and a blue circle.", True),
         ("absence", "no", "Yes, a blue square.", False),
+        # the rules teacher's answers: what is seen first, then the yes or no
+        (
+            "presence",
+            "yes",
+            "The stars in the picture are red and green, so yes: a red star"
+            " is on the left side of the picture.",
+            True,
+        ),
+        ("absence", "no", "The star in the picture is blue, so no, there is no red star.", True),
+        ("absence", "no", "There is no star in the picture, so no, there is no red star.", True),
     ],
 )
 def test_matching(skill, expected, prediction, ok):

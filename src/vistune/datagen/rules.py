@@ -192,16 +192,20 @@ class SceneFacts:
         return [b for b in self.boxes if names[self.named(b)] == 1]
 
     def conversation(self, rng: random.Random) -> list[tuple[str, str]]:
-        """Up to eight questions with definite answers, in random order after the first."""
+        """Up to eight questions with definite answers in random order, the inventory last.
+
+        The inventory ("I can see a purple circle and an orange heart.") answers most other
+        questions in words; asked first, it let every later turn copy from the text
+        instead of reading the picture (docs/LEARNING.md, run 10)."""
         if not self.boxes:
             first = sentence(self.captions[0])
             return [("What does this picture show?", f"The picture shows this scene: {first}")]
-        first = ("What objects can you see in the picture?", f"I can see {self.inventory()}.")
+        last = ("What objects can you see in the picture?", f"I can see {self.inventory()}.")
         makers = (self._count_present, self._count_absent, self._colour, self._kind_of_colour,
                   self._where, self._present, self._absent, self._relative)  # fmt: skip
         pairs = [pair for make in makers if (pair := make(rng)) is not None]
         rng.shuffle(pairs)
-        return [first, *pairs][:8]
+        return [*pairs[:7], last]
 
     def _count(self, cat: str, rng: random.Random) -> tuple[str, str]:
         n = self.counts.get(cat, 0)
@@ -241,10 +245,28 @@ class SceneFacts:
         name = self.named(box)
         return rng.choice(_WHERE_ASKS).format(n=name), f"The {name} is {where(box)}."
 
+    def _evidence(self, category: str) -> str:
+        """What the picture shows of a kind, said before a yes or a no: "The star in the
+        picture is blue", "The stars in the picture are red and green", "There is no star
+        in the picture". The answer's first word then follows from a colour the model has
+        just read, not from a guess (docs/LEARNING.md, run 10)."""
+        same = [b for b in self.boxes if b.category == category]
+        if not same:
+            return f"There is no {category} in the picture"
+        colours = sorted({b.color or self.colours.get(category, "") for b in same} - {""})
+        if not colours:
+            n = len(same)
+            return f"There {'is' if n == 1 else 'are'} {number(n)} {plural(category, n)}"
+        if len(same) == 1:
+            return f"The {category} in the picture is {colours[0]}"
+        return f"The {plural(category)} in the picture are {join(colours)}"
+
     def _present(self, rng: random.Random) -> tuple[str, str]:
         box = rng.choice(self.boxes)
         name = self.named(box)
         question = rng.choice(_PRESENT_ASKS).format(n=a(name))
+        if box.color:
+            return question, f"{self._evidence(box.category)}, so yes: {a(name)} is {where(box)}."
         return question, f"Yes, there is {a(name)} {where(box)}."
 
     def _absent(self, rng: random.Random) -> tuple[str, str] | None:
@@ -263,12 +285,7 @@ class SceneFacts:
                 options = [(c, k) for c in _ASK_COLOURS for k in kinds if (c, k) not in here]
                 colour, cat = rng.choice(options)
             name = f"{colour} {cat}"
-            same = [b for b in self.boxes if b.category == cat]
-            answer = f"No, there is no {name}."
-            if len(same) == 1:
-                answer += f" The {cat} in the picture is {same[0].color}."
-            elif same:
-                answer += f" There are {plural(cat)}, but none of them is {colour}."
+            answer = f"{self._evidence(cat)}, so no, there is no {name}."
             return rng.choice(_PRESENT_ASKS).format(n=a(name)), answer
         absent = sorted(set(self.categories) - set(self.counts))
         if not absent:
