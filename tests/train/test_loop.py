@@ -212,7 +212,7 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(
         value = original(run, *args, **kwargs)
         calls.append(1)
         if poison == "loss" and len(calls) == 9:  # step 5, first micro-batch
-            return float("nan")
+            return torch.full_like(value, float("nan"))
         if poison == "gradient" and len(calls) == 10:  # step 5's last: the loss stays finite
             grads = [p.grad for p in run.wrapped.parameters() if p.grad is not None]
             grads[0].view(-1)[0] = float("inf")
@@ -353,3 +353,29 @@ def test_projector_lr_moves_the_projector_at_its_own_rate(tiny_data, tiny_model_
     assert moves["same"]["llm"] == pytest.approx(1e-4, rel=0.05)
     assert moves["fast"]["projector"] == pytest.approx(1e-2, rel=0.05)
     assert moves["fast"]["llm"] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_each_step_logs_the_loss_of_each_response_type(tiny_model_dir, tmp_path):
+    """Data mixing the paper's response types (ids "<image>_<type>", as datagen writes
+    them): each step logs each type's mean token CE, of which the step's loss is the
+    target-weighted mean; the chart draws a smoothed curve per type."""
+    from tests.train.conftest import write_dataset
+    from vistune.train.report import plot_loss
+
+    data = write_dataset(tmp_path / "data", n=16)
+    rows = json.loads(data.read_text())
+    for i, row in enumerate(rows):
+        row["id"] = f"{i}_{'conversation' if i % 2 else 'detail'}"
+    data.write_text(json.dumps(rows))
+    cfg = TrainConfig(**tiny_args(data, tmp_path / "out", tmp_path / "feats", tiny_model_dir,
+                                  stage="finetune", gain_samples=0))  # fmt: skip
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert all(set(r["loss_by_type"]) <= {"conversation", "detail"} for r in log)
+    assert {t for r in log for t in r["loss_by_type"]} == {"conversation", "detail"}
+    for r in log:  # a weighted mean lies between its parts
+        parts = r["loss_by_type"].values()
+        assert min(parts) - 1e-6 <= r["loss"] <= max(parts) + 1e-6
+    assert any(len(r["loss_by_type"]) == 2 for r in log)
+    labels = plot_loss(log * 3, tmp_path / "loss.png")
+    assert {"conversation (smoothed)", "detail (smoothed)"} <= set(labels)

@@ -82,3 +82,20 @@ def test_supervised_logits_only_match_the_full_path(tiny_model):
     torch.testing.assert_close(fast, full.loss, rtol=1e-5, atol=1e-6)
     for got, want in zip([p.grad for p in model.projector.parameters()], full_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_sample_losses_are_each_samples_own_loss_on_both_paths(tiny_model):
+    """`sample_ce` (what the loop splits by response type) is each sample's CE as if it ran
+    alone, and sums to the step's loss, through the CPU kernels and through transformers."""
+    torch.manual_seed(2)
+    feats = torch.randn(2, tiny_model.num_image_tokens, tiny_model.vision.hidden_size)
+    with_image = {0: feats[:1], 1: feats[:0], 2: feats[1:]}
+    for fast in (True, False):
+        step = TrainStep(tiny_model, fast=fast)
+        with torch.no_grad():
+            total = step(IDS, LABELS, feats)
+            per_sample = step.sample_ce.clone()
+            alone = [float(step([IDS[i]], [LABELS[i]], with_image[i])) for i in range(3)]
+        assert per_sample.shape == (3,)
+        torch.testing.assert_close(per_sample.sum(), total, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_sample, torch.tensor(alone), rtol=1e-4, atol=1e-4)

@@ -47,6 +47,17 @@ BOX_TOLERANCE_PX = 1.0
 # ---------------------------------------------------------------------------- LLaVA JSON
 
 
+RESPONSE_TYPES = ("conversation", "detail", "complex")
+"""The paper's three response types (§3), the suffix of a generated sample's id."""
+
+
+def response_type(sample_id: str) -> str | None:
+    """The response type an id names: `vistune datagen` writes "<image id>_<type>" (the
+    official llava_instruct_150k ids name none)."""
+    kind_ = str(sample_id).rpartition("_")[2]
+    return kind_ if kind_ in RESPONSE_TYPES else None
+
+
 def dumps_llava(
     samples: list[dict[str, Any]], indent: int | None = None, ensure_ascii: bool = False
 ) -> str:

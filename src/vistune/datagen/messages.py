@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 
 from vistune.data.annotations import ImageContext
-from vistune.datagen.parse import RESPONSE_TYPES
+from vistune.data.formats import RESPONSE_TYPES
 from vistune.datagen.teachers import Request
 
 

@@ -16,8 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from vistune.data.formats import read_llava_json
-from vistune.datagen.parse import RESPONSE_TYPES
+from vistune.data.formats import RESPONSE_TYPES, read_llava_json
 from vistune.errors import DataError
 
 DATAGEN_TYPES = ("brief", *RESPONSE_TYPES)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import re
 
 from vistune.data.conversation import IMAGE_PLACEHOLDER
-
-RESPONSE_TYPES = ("conversation", "detail", "complex")
+from vistune.data.formats import RESPONSE_TYPES
 
 REASONS = {
     "empty": "the output is empty",

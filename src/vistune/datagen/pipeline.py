@@ -25,10 +25,10 @@ from typing import Any
 
 from vistune.chat_client import EndpointDownError
 from vistune.data.annotations import ImageContext
-from vistune.data.formats import write_llava_json
+from vistune.data.formats import RESPONSE_TYPES, write_llava_json
 from vistune.datagen.context import screen_contexts
 from vistune.datagen.messages import build_requests
-from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
+from vistune.datagen.parse import RejectedOutput, parse_response
 from vistune.datagen.store import Key, Record, Store, prompt_hash
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError

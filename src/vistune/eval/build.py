@@ -29,11 +29,11 @@ from pathlib import Path
 
 from vistune.data.annotations import ImageContext
 from vistune.data.conversation import IMAGE_PLACEHOLDER
-from vistune.data.formats import load_coco
+from vistune.data.formats import RESPONSE_TYPES, load_coco
 from vistune.data.records import read_journal
 from vistune.datagen.context import screen_contexts
 from vistune.datagen.messages import build_messages, detail_question
-from vistune.datagen.parse import RESPONSE_TYPES, RejectedOutput, parse_response
+from vistune.datagen.parse import RejectedOutput, parse_response
 from vistune.datagen.teachers import Request, Teacher
 from vistune.errors import DataError, EndpointError
 from vistune.eval.ask import Try, Unusable, ask

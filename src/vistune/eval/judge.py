@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.data.annotations import Box
+from vistune.data.formats import RESPONSE_TYPES
 from vistune.data.records import read_journal, read_jsonl
 from vistune.errors import DataError
 from vistune.eval.ask import Try, Unusable, ask
@@ -38,7 +39,7 @@ from vistune.eval.journal import prompt_key
 from vistune.eval.report import check_same_ids, index_by, list_ids
 from vistune.local_chat import LocalChatModel
 
-CATEGORIES = ("conversation", "detail", "complex")
+CATEGORIES = RESPONSE_TYPES
 CATEGORY_ALIASES = {
     "conversation": "conversation",
     "conv": "conversation",

@@ -308,7 +308,7 @@ def build(
 ) -> str:
     """A LLaVA-Bench-style folder (vistune.eval.build) asked of `teacher`, whose journal
     name is `identity`; the line the command prints."""
-    from vistune.datagen.parse import RESPONSE_TYPES
+    from vistune.data.formats import RESPONSE_TYPES
     from vistune.eval.build import build_bench, kept_replies, request_keys
 
     out.mkdir(parents=True, exist_ok=True)

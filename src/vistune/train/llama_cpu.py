@@ -318,7 +318,7 @@ class _HeadLoss(torch.autograd.Function):
     fp32 log-sum-exp per row: vistune.model.loss.token_loss of those logits, fused."""
 
     @staticmethod
-    def forward(ctx, h, targets, norm, head, k_: Glue, cache: WeightCache, chunk: int):
+    def forward(ctx, h, targets, norm, head, k_: Glue, cache: WeightCache, chunk: int, sink):
         n = h.shape[0]
         rows = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
         hp = F.pad(h, (0, 0, 0, rows - n))  # zero rows: no loss, no gradient (below)
@@ -335,7 +335,10 @@ class _HeadLoss(torch.autograd.Function):
         picked = logits[:n].gather(1, targets[:, None]).squeeze(1).float()
         ctx.save_for_backward(hp, r, xct, targets, lse, norm)
         ctx.logits, ctx.w, ctx.glue, ctx.chunk = logits, w, k_, chunk
-        return (lse[:n] - picked).sum()
+        rows_ce = lse[:n] - picked
+        if sink is not None:
+            sink.append(rows_ce.detach())
+        return rows_ce.sum()
 
     @staticmethod
     def backward(ctx, dtotal):
@@ -358,7 +361,7 @@ class _HeadLoss(torch.autograd.Function):
         dh, dnorm = rms_backward(dx, hp, r, norm)
         pdt = norm.dtype
         dnorm = dnorm.to(pdt) if ctx.needs_input_grad[2] else None
-        return dh[:n], None, dnorm, dhead, None, None, None
+        return dh[:n], None, dnorm, dhead, None, None, None, None
 
 
 def decoder_loss(
@@ -369,11 +372,13 @@ def decoder_loss(
     dtype: torch.dtype,
     cache: WeightCache | None = None,
     chunk: int = 512,
+    sink: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed next-token CE of right-padded `inputs` (B, L, D) against `targets` (B, L)
     (IGNORE_INDEX where unsupervised), through `llm`'s decoder, final norm and LM head,
     with every matmul in `dtype`. `cache` keeps the weights' copies across the micro-batches
-    of a step (invalidate it after every optimizer step); None casts them on every call."""
+    of a step (invalidate it after every optimizer step); None casts them on every call.
+    `sink` receives the detached CE of each supervised token (N,), in `supervised`'s order."""
     cfg, model = llm.config, llm.model
     b, length, _ = inputs.shape
     d = llama.dims(cfg)
@@ -389,5 +394,5 @@ def decoder_loss(
         keep, picked = supervised(targets)  # (B, L), (N,)
         rows = h.view(b, length, -1)[keep]  # (N, D)
         return _HeadLoss.apply(
-            rows, picked, model.norm.weight, llm.lm_head.weight, k_, cache, chunk
+            rows, picked, model.norm.weight, llm.lm_head.weight, k_, cache, chunk, sink
         )

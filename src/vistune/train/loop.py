@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vistune.data.dataset import Sample, global_batches, micro_batches
+from vistune.data.formats import RESPONSE_TYPES, response_type
 from vistune.errors import DataError, VistuneError
 from vistune.train import checkpoint as ckpt
 from vistune.train.config import TrainConfig
@@ -105,6 +106,9 @@ class _Run:
     attention: str
     held: list[Sample] = field(default_factory=list)
     """Held out of training to measure the image gain (cfg.gain_samples)."""
+    types: tuple[str, ...] = ()
+    """The response types the data mixes (vistune.data.formats.response_type), when two
+    or more: each step logs its loss per type."""
 
 
 def keep_large_buffers() -> None:
@@ -298,7 +302,15 @@ def _setup(cfg: TrainConfig, info: DistInfo, say: Say, on_features) -> _Run:
         fingerprint,
         attention,
         held,
+        _types(samples),
     )
+
+
+def _types(samples: list[Sample]) -> tuple[str, ...]:
+    """The response types among `samples`, in RESPONSE_TYPES order, if two or more."""
+    found = {response_type(s.id) for s in samples}
+    types = tuple(t for t in RESPONSE_TYPES if t in found)
+    return types if len(types) > 1 else ()
 
 
 def _ground(cfg: TrainConfig, model: Any, samples: list[Sample], store: Any, say: Say) -> None:
@@ -347,8 +359,8 @@ def _load_resume(
     return state
 
 
-def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> float:
-    """Forward + backward of one micro-batch; returns its summed token CE."""
+def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns each sample's summed token CE (B,)."""
     device = run.info.device
     feats = run.store.get([s.image for s in items if s.image is not None]).to(device)
     autocast = torch.autocast(
@@ -358,7 +370,7 @@ def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> flo
         with autocast:
             ce = run.wrapped([s.input_ids for s in items], [s.labels for s in items], feats)
         (ce * scale).backward()
-    return float(ce.detach())
+    return run.step_module.sample_ce.cpu()
 
 
 def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
@@ -371,14 +383,21 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
     targets = sum(run.samples[i].targets for i in batch)
     micros = micro_batches(batch, cfg.per_device_batch, info.world, info.rank)
     ce = real = padded = 0.0
+    types = run.types
+    by_type = [0.0] * (2 * len(types))  # (CE, targets) per response type
     for a, micro in enumerate(micros):
         items = [run.samples[i] for i in micro]
-        ce += _micro_step(run, items, info.world / targets, a == len(micros) - 1)
+        per_sample = _micro_step(run, items, info.world / targets, a == len(micros) - 1)
+        ce += float(per_sample.sum())
+        for item, sample_ce in zip(items, per_sample.tolist(), strict=True):
+            if (kind := response_type(item.id)) in types:
+                by_type[2 * types.index(kind)] += sample_ce
+                by_type[2 * types.index(kind) + 1] += item.targets
         lengths = [s.length for s in items]
         real += sum(lengths)
         multiple = run.step_module.length_multiple  # the length the micro-batch runs at
         padded += -(-max(lengths) // multiple) * multiple * len(lengths)
-    ce, real, padded = all_sum([ce, real, padded], info)
+    ce, real, padded, *by_type = all_sum([ce, real, padded, *by_type], info)
     loss = ce / targets
     if not math.isfinite(loss):
         raise _stopped(f"loss is {loss}", step, cfg)
@@ -403,7 +422,15 @@ def _one_step(run: _Run, step: int, batch: list[int]) -> dict[str, Any]:
         "tokens": int(real),
         "padded_tokens": int(padded),
         "seconds": seconds,
-    }
+    } | _type_losses(types, by_type)
+
+
+def _type_losses(types: tuple[str, ...], by_type: list[float]) -> dict[str, Any]:
+    """{"loss_by_type": {type: mean token CE}} for the response types in this step's batch
+    (none when the data has fewer than two types)."""
+    losses = {t: by_type[2 * i] / by_type[2 * i + 1]
+              for i, t in enumerate(types) if by_type[2 * i + 1]}  # fmt: skip
+    return {"loss_by_type": losses} if losses else {}
 
 
 def _stopped(what: str, step: int, cfg: TrainConfig) -> VistuneError:

@@ -1,7 +1,8 @@
 """What a training run leaves beside its model: JSONL log, loss curve, config, summary.
 
 `log.jsonl` has one record per optimizer step (step, epoch, loss, lr, grad_norm,
-tokens/s, samples/s, padding share, ...); after a resume the records past the checkpoint
+tokens/s, samples/s, padding share, the loss of each response type in the batch when the
+data mixes them, ...); after a resume the records past the checkpoint
 are dropped so the log reads as one run. `train_config.json` is the resolved TrainConfig
 (loadable again with --config), `summary.json` the totals (skips by reason, padding).
 """
@@ -38,8 +39,19 @@ def save_run_files(out: Path, cfg: TrainConfig, run: Any, say: Any) -> None:
     )
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """Loss per step as a PNG (matplotlib, Agg backend)."""
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """An exponential moving average, as TensorBoard smooths."""
+    out, value = [], values[0] if values else 0.0
+    for v in values:
+        value = weight * value + (1 - weight) * v
+        out.append(value)
+    return out
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> list[str]:
+    """Loss per step as a PNG (matplotlib, Agg backend): raw and smoothed, the smoothed
+    loss of each response type where the data mixes them, and the held-out losses with own
+    and swapped images. Returns the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,21 +59,25 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     marker = "o" if len(records) < 2 else None  # a line of one point draws nothing
-    smoothed = len(records) >= 8
+    smooth = len(records) >= 8
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8,
-            alpha=0.35 if smoothed else 1.0, marker=marker, label="training loss")  # fmt: skip
-    if smoothed:  # an exponential moving average, as TensorBoard smooths
-        smooth, value = [], records[0]["loss"]
-        for r in records:
-            value = 0.9 * value + 0.1 * r["loss"]
-            smooth.append(value)
-        ax.plot([r["step"] for r in records], smooth, lw=1.4, label="smoothed")
+            alpha=0.35 if smooth else 1.0, marker=marker, label="training loss")  # fmt: skip
+    if smooth:
+        ax.plot([r["step"] for r in records], smoothed([r["loss"] for r in records]), lw=1.4,
+                label="smoothed")  # fmt: skip
+    types = sorted({t for r in records for t in r.get("loss_by_type", {})})
+    for kind in types:  # each type's loss on the steps whose batch held it
+        steps = [r for r in records if kind in r.get("loss_by_type", {})]
+        values = [r["loss_by_type"][kind] for r in steps]
+        ax.plot([r["step"] for r in steps], smoothed(values) if smooth else values, lw=1.0,
+                ls=":", label=f"{kind} (smoothed)" if smooth else kind)  # fmt: skip
     gains = [r for r in records if "image_gain" in r]
     if gains:
         ax.plot([r["step"] for r in gains], [r["held_loss"] for r in gains], "o-", ms=3,
                 label="held out, own images")  # fmt: skip
         ax.plot([r["step"] for r in gains], [r["held_loss_swapped"] for r in gains], "s--",
                 ms=3, label="held out, swapped images")  # fmt: skip
+    labels = [line.get_label() for line in ax.get_lines()]
     ax.set_xlabel("step")
     ax.set_ylabel("loss (token CE)")
     ax.legend(fontsize=7)
@@ -72,6 +88,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
+    return labels
 
 
 def finish(run: Any, model_dir: Path, last: dict[str, Any]) -> Any:

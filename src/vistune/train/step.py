@@ -22,7 +22,10 @@ from vistune.train import llama_cpu
 
 
 class TrainStep(nn.Module):
-    """Summed token cross entropy of one micro-batch (the caller divides by the count)."""
+    """Summed token cross entropy of one micro-batch (the caller divides by the count).
+
+    After each forward, `sample_ce` holds each sample's own summed CE (B,), detached: what
+    the loop splits by response type for the loss curves."""
 
     def __init__(self, model: Any, fast: bool | None = None) -> None:
         """`fast`: run the LLM through vistune.train.llama_cpu (None: wherever it can)."""
@@ -36,6 +39,7 @@ class TrainStep(nn.Module):
         head = model.llm.get_output_embeddings()
         self.sparse = fast and head is not None and head.weight is self.embed_weight
         self.weights = llama_cpu.WeightCache()
+        self.sample_ce = torch.zeros(0)
 
     @property
     def length_multiple(self) -> int:
@@ -76,9 +80,12 @@ class TrainStep(nn.Module):
                 if torch.is_autocast_enabled("cpu")
                 else torch.float32
             )
+            rows: list[torch.Tensor] = []
             ce = llama_cpu.decoder_loss(
-                llm, batch.inputs_embeds, batch.position_ids, batch.labels, dtype, self.weights
-            )
+                llm, batch.inputs_embeds, batch.position_ids, batch.labels, dtype, self.weights,
+                sink=rows,
+            )  # fmt: skip
+            self.sample_ce = _per_sample(batch.labels, rows[0])
             return ce if anchor is None else ce + anchor
         hidden = llm.get_decoder()(
             inputs_embeds=batch.inputs_embeds,
@@ -87,5 +94,17 @@ class TrainStep(nn.Module):
             use_cache=False,
         ).last_hidden_state  # (B, L, D)
         keep, targets = supervised(batch.labels)  # (B, L), (N,)
-        ce = token_loss(llm.get_output_embeddings()(hidden[keep]), targets)
+        logits = llm.get_output_embeddings()(hidden[keep])
+        ce = token_loss(logits, targets)
+        with torch.no_grad():
+            rows = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        self.sample_ce = _per_sample(batch.labels, rows)
         return ce if anchor is None else ce + anchor
+
+
+def _per_sample(labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-token CE (N,) in `supervised(labels)` order -> each sample's sum (B,)."""
+    keep, _ = supervised(labels)
+    owner = keep.nonzero()[:, 0]  # row-major: the order `x[keep]` takes rows
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=rows.device)
+    return out.index_add_(0, owner, rows.detach().float())
