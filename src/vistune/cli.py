@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "features": "features",
     "chat": "chat",
+    "serve": "serve",
 }
 
 

@@ -131,14 +131,16 @@ def test_cancelled_job_leaves_within_a_step(engine):
 
 
 def test_queue_is_bounded(tiny_model):
+    """One place in the batch and one in the line: a third request is refused."""
     eng = Engine(copy.deepcopy(tiny_model), dtype=torch.float32, max_batch=1, max_waiting=1)
     gate = [Collect() for _ in range(3)]
     with eng.scheduler._cond:  # the thread cannot take any while we hold its lock
         eng.submit(ask("one"), None, CFG, gate[0])
+        eng.submit(ask("two"), None, CFG, gate[1])
         with pytest.raises(QueueFull) as err:
-            eng.submit(ask("two"), None, CFG, gate[1])
+            eng.submit(ask("three"), None, CFG, gate[2])
         assert err.value.retry_after >= 1
-    assert gate[0].done.wait(30)
+    assert gate[0].done.wait(30) and gate[1].done.wait(30)
     eng.close()
 
 

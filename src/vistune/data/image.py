@@ -39,7 +39,7 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from vistune.config import IMAGE_ASPECTS
-from vistune.errors import ImageError, ModelDirError
+from vistune.errors import ImageError, ImageTooLargeError, ModelDirError
 
 MAX_PIXELS = 50_000_000
 """Largest image (width x height) load_image accepts by default: a 7000 x 7000 photo fits."""
@@ -139,7 +139,7 @@ def _open(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
                     raise ImageError(f"{name}: {image.format} (PostScript) images are not read")
                 width, height = image.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLargeError(
                         f"{name}: image is {width}x{height} = {width * height} pixels, "
                         f"over the limit of {max_pixels}"
                     )

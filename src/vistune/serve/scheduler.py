@@ -7,7 +7,8 @@ prefix, vistune.serve.prefix_cache), joins them to the running batch
 went away; then one step feeds every running row its last token. So a request joins and
 leaves the batch between steps, and a cancelled one frees its row within one step.
 
-The waiting line is bounded: `submit` raises QueueFull past `max_waiting`, and the HTTP
+The waiting line is bounded: `submit` raises QueueFull when `max_waiting` requests wait
+beyond the batch's free places, and the HTTP
 layer answers 429 with Retry-After. Each request gets its own sampling settings and random
 generator, so rows never share randomness.
 
@@ -123,7 +124,8 @@ class Scheduler:
         self.retry_after = retry_after
         self.cache = PrefixCache(cache_bytes)
         self.stats = collections.Counter()
-        """steps, rows_stepped, peak_batch, admitted, cached_tokens, prompt_tokens."""
+        """steps, rows_stepped, peak_batch, admitted, cancelled, failed, cached_tokens,
+        prompt_tokens."""
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._batch: DecodeState | None = None
@@ -137,7 +139,8 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise Cancelled("the server is stopping")
-            if len(self._waiting) >= self.max_waiting:
+            free = self.max_batch - len(self._active)  # places the next admission fills
+            if len(self._waiting) >= self.max_waiting + max(free, 0):
                 raise QueueFull(len(self._waiting), self.retry_after)
             self._waiting.append(job)
             if self._thread is None:
@@ -276,6 +279,7 @@ class Scheduler:
             return
         for job, kept in zip(self._active, keep, strict=True):
             if not kept and error is not None:
+                self.stats["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
                 job.emit(Failed(error))
         index = [i for i, kept in enumerate(keep) if kept]
         self._active = [self._active[i] for i in index]
