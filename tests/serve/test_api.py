@@ -18,11 +18,9 @@ import torch
 from PIL import Image
 
 from vistune.config import GenerationConfig
-from vistune.serve.app import create_app
+from vistune.serve.app import ThreadedServer, create_app
 from vistune.serve.engine import Engine
 from vistune.serve.settings import ServeConfig
-
-from .conftest import LiveServer
 
 openai = pytest.importorskip("openai", reason="the serve extra: pip install -e '.[serve]'")
 
@@ -69,7 +67,7 @@ def cold(tiny_model):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with LiveServer(create_app(engine, LIMITS, NAME, own_engine=False)) as live:
+    with ThreadedServer(create_app(engine, LIMITS, NAME, own_engine=False)) as live:
         yield live
 
 
@@ -267,7 +265,7 @@ def test_bad_input_is_an_error_object_and_the_server_keeps_serving(server, clien
 
 def test_api_key_is_required_when_set(engine):
     config = ServeConfig(api_key="s3cret")
-    with LiveServer(create_app(engine, config, NAME, own_engine=False)) as live:
+    with ThreadedServer(create_app(engine, config, NAME, own_engine=False)) as live:
         url = live.url + "/v1/chat/completions"
         body = {"model": NAME, "messages": [user("Hi")], "max_tokens": 3}
         assert httpx.post(url, json=body).status_code == 401
@@ -301,7 +299,7 @@ def test_remote_images_only_from_allowed_hosts(engine):
         threading.Thread(target=files.serve_forever, daemon=True).start()
         image_url = f"http://127.0.0.1:{files.server_address[1]}/cat.png"
         config = ServeConfig(allow_image_host=("127.0.0.1",))
-        with LiveServer(create_app(engine, config, NAME, own_engine=False)) as live:
+        with ThreadedServer(create_app(engine, config, NAME, own_engine=False)) as live:
             body = _image_body(image_url) | {"max_tokens": 3}
             assert httpx.post(live.url + "/v1/chat/completions", json=body).status_code == 200
             other = _image_body(image_url.replace("127.0.0.1", "localhost")) | {"max_tokens": 3}
@@ -359,7 +357,7 @@ def test_full_line_answers_429_with_retry_after(tiny_model, cold, monkeypatch):
     eng = Engine(copy.deepcopy(tiny_model), dtype=torch.float32, max_batch=1, max_waiting=0)
     slow_down(eng, monkeypatch)
     text = _long_prompt(cold)
-    with LiveServer(create_app(eng, LIMITS, NAME)) as live:
+    with ThreadedServer(create_app(eng, LIMITS, NAME)) as live:
         url = live.url + "/v1/chat/completions"
         long = {
             "model": NAME,

@@ -20,11 +20,9 @@ import pytest
 import torch
 
 from vistune.cli import main
-from vistune.serve.app import create_app
+from vistune.serve.app import ThreadedServer, create_app
 from vistune.serve.engine import Engine
 from vistune.serve.settings import ServeConfig
-
-from .conftest import LiveServer
 
 pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
 NAME = "tiny"
@@ -37,7 +35,7 @@ def server(tiny_model):
     # The random tiny model rarely ends an answer, and the repo's client refuses truncated
     # ones; common letters as extra stops make its answers end ("stop") after a few tokens.
     engine.stop = (*engine.stop, *"etaoinsr")
-    with LiveServer(create_app(engine, ServeConfig(), NAME)) as live:
+    with ThreadedServer(create_app(engine, ServeConfig(), NAME)) as live:
         yield live
 
 

@@ -14,11 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vistune.serve.app import create_app
+from vistune.serve.app import ThreadedServer, create_app
 from vistune.serve.engine import Engine
 from vistune.serve.settings import ServeConfig
-
-from .conftest import LiveServer
 
 ARTIFACTS = Path(
     os.environ.get("VISTUNE_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")
@@ -48,7 +46,7 @@ def page_url(tiny_model):
         return step(*args, **kwargs)
 
     decoder.step = slow
-    with LiveServer(create_app(engine, ServeConfig(), "tiny")) as live:
+    with ThreadedServer(create_app(engine, ServeConfig(), "tiny")) as live:
         yield live.url, engine
 
 
