@@ -391,3 +391,33 @@ def test_model_error_is_a_500_and_the_next_request_works(server, engine, client,
     r = httpx.post(server.url + "/v1/chat/completions", json=body)
     assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
     assert client.chat.completions.create(model=NAME, messages=[user("Hi")], max_tokens=3).choices
+
+
+@pytest.mark.slow
+def test_default_model_through_the_openai_client(default_weights):
+    """The packaged model (256 image tokens) answers a question with the astronaut photo, in
+    a stream and whole, and a follow-up turn reuses the image's cached positions."""
+    from skimage import data
+
+    from vistune.model import load_model
+
+    eng = Engine(load_model("default", dtype=torch.bfloat16), dtype=torch.bfloat16)
+    with ThreadedServer(create_app(eng, ServeConfig(), "vistune-default")) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        image = Image.fromarray(data.astronaut())
+        ask = [user("What is the capital of France? Answer with the city name.", image)]
+        out = client.chat.completions.create(
+            model="vistune-default", messages=ask, temperature=0, max_tokens=12
+        )
+        assert "Paris" in out.choices[0].message.content
+        assert out.usage.prompt_tokens > 256
+        follow = [*ask, {"role": "assistant", "content": out.choices[0].message.content},
+                  user("And of Italy?")]  # fmt: skip
+        stream = client.chat.completions.create(
+            model="vistune-default", messages=follow, temperature=0, max_tokens=12, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Rome" in text
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 256
