@@ -2,12 +2,20 @@
 
 messages + optional PIL image -> prompt ids under the model's conversation template
 (vistune.data.conversation.tokenize_prompt, "<image>" -> IMAGE_TOKEN_ID) -> frozen tower,
-projector and splice with left padding (LlavaModel, paper §4.1 eq. 1) -> our decode loop
-(vistune.serve.generate). Answers stop at the template's stop string (e.g. "###" for
-vicuna_v0, paper Table 2), any extra `config.stop`, or EOS.
+projector and splice (LlavaModel, paper §4.1 eq. 1) -> our decode loop. Answers stop at the
+template's stop string (e.g. "###" for vicuna_v0, paper Table 2), any extra `config.stop`,
+or EOS.
 
     engine = Engine(load_model("default"))
     engine.answer([{"role": "user", "content": "What is shown?"}], image, GenerationConfig())
+
+Two ways through it:
+
+- `submit` / `stream` / `answer` (the chat CLI, `vistune serve` and its web page): requests
+  join one continuous batch on the model's thread (vistune.serve.scheduler), reusing the
+  cached keys and values of their longest known prefix (vistune.serve.prefix_cache);
+- `complete` / `answer_batch` (batched evaluation): a static left-padded batch through
+  vistune.serve.generate, all requests known up front.
 
 The engine casts the model it is given to `dtype` once (bf16 by default: on CPUs with
 AVX-512 BF16/AMX the prefill runs about 3x faster than fp32; see docs/PERFORMANCE.md),
