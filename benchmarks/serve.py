@@ -93,15 +93,13 @@ class Client:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
+                first = first or time.perf_counter()  # the first chunk: the first token
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     used = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        text.append(choice["delta"]["content"])
+                for choice in chunk["choices"]:  # the last one (finish) comes with the last token
+                    last = time.perf_counter()
+                    text.append(choice["delta"].get("content") or "")
         total = time.perf_counter() - start
         decode = (used - 1) / (last - first) if last and first and last > first else float("nan")
         return (first or start) - start, decode, used, total, "".join(text)

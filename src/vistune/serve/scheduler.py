@@ -17,7 +17,8 @@ request at a time through transformers' forward (vistune.serve.generate.Generato
 no batching and no prefix reuse there.
 
 Results go back through each Job's `emit` callback (called on this thread): `Delta` text
-pieces, then one `Done` or `Failed`.
+pieces (the first one when the first token is sampled, even if it shows no text yet, so a
+client's first chunk marks the first token), then one `Done` or `Failed`.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class Scheduler:
         prompt_tokens."""
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
+        self._admitting = 0
         self._batch: DecodeState | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -161,8 +163,8 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        return len(self._active), len(self._waiting)
+        """(running, waiting) requests; those being admitted count as running."""
+        return len(self._active) + self._admitting, len(self._waiting)
 
     # ------------------------------------------------------------------ the model's thread
     def _run(self) -> None:
@@ -177,7 +179,9 @@ class Scheduler:
                     joining = [
                         self._waiting.popleft() for _ in range(min(room, len(self._waiting)))
                     ]
+                    self._admitting = len(joining)
                 self._admit(joining)
+                self._admitting = 0
                 if self._active:
                     self._step()
         with self._cond:
@@ -239,7 +243,7 @@ class Scheduler:
         token = int(token)
         job.sampled += 1
         delta, done = advance(job.text, token, self.generator.eos, job.stop_ids, job.limit)
-        if delta:
+        if delta or job.sampled == 1:  # the first token is news even before it shows
             job.emit(Delta(delta))
         if done is not None:
             job.emit(Done(done, job.length, job.sampled, job.cached))
@@ -274,19 +278,21 @@ class Scheduler:
         self._keep(running, None)
 
     def _keep(self, keep: list[bool], error: BaseException | None) -> None:
-        """Keep the rows marked True; the others leave the batch (told `error` if given)."""
+        """Keep the rows marked True; the others leave the batch, then are told `error`
+        (if given): their place is free by the time their client hears of it."""
         if all(keep):
             return
-        for job, kept in zip(self._active, keep, strict=True):
-            if not kept and error is not None:
-                self.stats["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
-                job.emit(Failed(error))
+        left = [job for job, kept in zip(self._active, keep, strict=True) if not kept]
         index = [i for i, kept in enumerate(keep) if kept]
         self._active = [self._active[i] for i in index]
         if not index:
             self._batch = None
         else:
             self._batch = LlamaDecoder.select(self._batch, torch.tensor(index))
+        if error is not None:
+            for job in left:
+                self.stats["cancelled" if isinstance(error, Cancelled) else "failed"] += 1
+                job.emit(Failed(error))
 
     def _run_alone(self, job: Job) -> None:
         """A whole answer through transformers' forward (LLMs the fast decoder does not take)."""
