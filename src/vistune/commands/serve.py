@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace", type=positive_int, default=30,
         help="seconds running requests get to finish after SIGTERM (default: 30)",
     )  # fmt: skip
-    add_dataclass_flags(parser, ServeConfig, only=_SCALAR_FIELDS, given_only=False)
+    add_dataclass_flags(parser, ServeConfig, only=_SCALAR_FIELDS, default_text={
+        "api_key": "none: open", "served_model_name": "the model folder's name, or vistune-default"
+    })  # fmt: skip
     parser.add_argument(
         "--allow-image-host", action="append", default=[], metavar="HOST",
         help="a host whose http(s) image URLs may be fetched (repeat it); default: none, "
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _SCALAR_FIELDS = (
     "host", "port", "api_key", "served_model_name", "max_body_bytes", "max_pixels",
-    "max_images", "max_tokens", "max_batch", "max_waiting", "cache_mb", "fetch_timeout",
+    "max_tokens", "max_batch", "max_waiting", "cache_mb", "fetch_timeout",
 )  # fmt: skip
 
 

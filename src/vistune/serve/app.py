@@ -44,7 +44,7 @@ from vistune.serve import protocol
 from vistune.serve.engine import Engine, Stripper
 from vistune.serve.protocol import ApiError
 from vistune.serve.scheduler import Cancelled, Delta, Done, Event, Failed, Job, QueueFull
-from vistune.serve.settings import ServeConfig
+from vistune.serve.settings import MAX_IMAGES, ServeConfig
 
 log = logging.getLogger("vistune.serve")
 DEFAULT_TEMPERATURE = 1.0
@@ -146,9 +146,9 @@ class _Api:
             )  # fmt: skip
         gen = self._generation_config(req)
         urls = protocol.image_urls(req)
-        if len(urls) > self.config.max_images:
+        if len(urls) > MAX_IMAGES:
             raise ApiError(
-                400, f"{len(urls)} images in the request; at most {self.config.max_images}",
+                400, f"{len(urls)} images in the request; at most {MAX_IMAGES}",
                 param="messages",
             )  # fmt: skip
         messages = protocol.to_messages(req)

@@ -1,12 +1,17 @@
 """What `vistune serve` listens on and what it accepts (issue 18 items 1, 3 and 6).
 
 Every field is a flag of `vistune serve` (vistune.commands.flags); the limits answer 413
-(body, pixels) or 400 (images, max_tokens) with an OpenAI-style error object.
+(body, pixels) or 400 (max_tokens) with an OpenAI-style error object. A request holds at
+most MAX_IMAGES images (400 past it): the models take one, in the first user turn, as the
+paper trains them (§3).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MAX_IMAGES = 1
+"""Images per request; the engine places one image per conversation."""
 
 
 @dataclass(frozen=True)
@@ -18,17 +23,15 @@ class ServeConfig:
     port: int = 8000
     """TCP port (0 picks a free one)."""
     api_key: str | None = None
-    """Bearer token every /v1 request must carry (also from $VISTUNE_API_KEY); none: open."""
+    """Bearer token every /v1 request must carry (also from $VISTUNE_API_KEY)."""
     served_model_name: str = ""
-    """Model id in /v1/models and the requests' `model` field (default: the model folder's name, or vistune-default)."""
+    """Model id in /v1/models and the requests' `model` field."""
     allow_image_host: tuple[str, ...] = ()
     """Hosts whose http(s) image URLs the server may fetch (repeat the flag); none: remote URLs are refused."""
     max_body_bytes: int = 20 << 20
     """Largest request body in bytes (413 past it)."""
     max_pixels: int = 25_000_000
     """Largest image in pixels (width x height, read from its header before decoding; 413 past it)."""
-    max_images: int = 1
-    """Images per request (400 past it); the models take one, in the first user turn (paper §3)."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for (400 past it), and the default when it asks none."""
     max_batch: int = 8
@@ -43,7 +46,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_body_bytes", "max_pixels", "max_images", "max_tokens", "max_batch"):
+        for name in ("max_body_bytes", "max_pixels", "max_tokens", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0 or self.cache_mb < 0:
