@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "chat": "chat",
     "export": "export",
     "import": "import_model",
+    "serve": "serve",
 }
 
 

@@ -12,6 +12,10 @@ class ImageError(VistuneError):
     """An image file is missing, unreadable, not an image or too large."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image's header says it has more pixels than the limit (it is never decoded)."""
+
+
 class ModelDirError(VistuneError):
     """A model directory is missing files or they do not match each other."""
 

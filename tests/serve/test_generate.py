@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vistune.config import GenerationConfig
-from vistune.serve.generate import Generator, _TextState, positions_from_mask
+from vistune.serve.generate import Generator, TextState, positions_from_mask
 
 PROMPTS = ["the cat sat on", "a red square and a blue", "Human: what is in the image?"]
 
@@ -116,7 +116,7 @@ class _CharTokenizer:
 
 
 def feed(text: str, stop: tuple[str, ...]) -> tuple[str, list[str], bool]:
-    state = _TextState(_CharTokenizer(), stop)
+    state = TextState(_CharTokenizer(), stop)
     pieces = []
     for b in text.encode("utf-8"):
         state.push(b)
@@ -205,7 +205,7 @@ def test_bf16_autocast_runs_and_mostly_agrees(tiny_llm, tiny_tokenizer):
 
 def test_special_token_stops_match_by_id(tiny_llm, tiny_builders):
     chatml = tiny_builders.build_tiny_tokenizer()
-    texts, ids = Generator(tiny_llm, chatml)._split_stops(["<|im_end|>", "###", ""])
+    texts, ids = Generator(tiny_llm, chatml).split_stops(["<|im_end|>", "###", ""])
     assert texts == ("###",)
     assert ids == {chatml.convert_tokens_to_ids("<|im_end|>")}
 

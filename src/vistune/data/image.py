@@ -1,7 +1,8 @@
 """Image loading and preprocessing for the vision tower (paper §4.1; LLaVA's image pipeline).
 
 `load_image` turns any file a user may point at into an RGB PIL image, or one clear
-ImageError naming the path:
+ImageError naming the path (`decode_image` does the same for bytes, e.g. an API request's
+base64 payload):
 
 - EXIF orientation is applied (as `ImageOps.exif_transpose` does, without its rewrite of
   the EXIF bytes, which raises on malformed tags), so phone photos stand upright.
@@ -25,6 +26,7 @@ tower's mean/std -> (N, 3, S, S) float32.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -37,7 +39,7 @@ import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from vistune.config import IMAGE_ASPECTS
-from vistune.errors import ImageError, ModelDirError
+from vistune.errors import ImageError, ImageTooLargeError, ModelDirError
 
 MAX_PIXELS = 50_000_000
 """Largest image (width x height) load_image accepts by default: a 7000 x 7000 photo fits."""
@@ -116,16 +118,29 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{path}: image file not found")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image file")
+    return _open(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes (e.g. an API request's base64 payload) as upright RGB, with the
+    same checks as `load_image` (the pixel count read from the header before decoding);
+    ImageError naming `name` if it cannot be."""
+    return _open(io.BytesIO(data), name, max_pixels)
+
+
+def _open(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """Open, check (format, header size), decode and convert one image; ImageError naming
+    `name` on any failure."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.format in _REFUSED_FORMATS:
-                    raise ImageError(f"{path}: {image.format} (PostScript) images are not read")
+                    raise ImageError(f"{name}: {image.format} (PostScript) images are not read")
                 width, height = image.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
-                    raise ImageError(
-                        f"{path}: image is {width}x{height} = {width * height} pixels, "
+                    raise ImageTooLargeError(
+                        f"{name}: image is {width}x{height} = {width * height} pixels, "
                         f"over the limit of {max_pixels}"
                     )
                 image.load()
@@ -133,17 +148,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 try:
                     return to_rgb(upright)
                 except ValueError:
-                    raise ImageError(f"{path}: unsupported colour mode {upright.mode}") from None
+                    raise ImageError(f"{name}: unsupported colour mode {upright.mode}") from None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: refused as a decompression bomb ({err})") from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({err})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or a format PIL cannot read)") from None
+        raise ImageError(f"{name}: not an image file (or a format PIL cannot read)") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError(f"{name}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{path}: corrupt or truncated image ({err})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({err})") from None
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

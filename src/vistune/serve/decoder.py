@@ -133,6 +133,52 @@ class LlamaDecoder:
             state.length,
         )
 
+    def prefilled(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> DecodeState:
+        """A one-row state holding a cached prefix: `keys`/`values` (layers, Hkv, P, hd) at
+        positions 0..P-1, room for `capacity` positions in all (vistune.serve.prefix_cache)."""
+        state = self.allocate(torch.ones(1, 0, dtype=torch.bool, device=keys.device), capacity)
+        filled = keys.shape[2]
+        for layer in range(len(self.layers)):
+            state.keys[layer][0, :, :filled] = keys[layer]
+            state.values[layer][0, :, :filled] = values[layer]
+        state.mask[0, :filled] = True
+        state.length = filled
+        return state
+
+    @staticmethod
+    def row_cache(state: DecodeState, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of one row's filled keys and values, its padding left out.
+        # (layers, Hkv, n, hd) x2"""
+        start = int(state.mask[row, : state.length].long().argmax())  # first filled column
+        keys = torch.stack([k[row, :, start : state.length] for k in state.keys])
+        values = torch.stack([v[row, :, start : state.length] for v in state.values])
+        return keys, values
+
+    @staticmethod
+    def join(states: list[DecodeState], extra: int) -> DecodeState:
+        """One batch of the rows of `states`, each row's filled columns right-aligned so that
+        all rows write their next token at the same column (positions are passed per row,
+        so the left padding this makes does not shift them); room for `extra` more.
+
+        Continuous batching (vistune.serve.scheduler): a request joins the running batch
+        between decode steps. Columns no row uses any more are dropped here."""
+        firsts = [int(s.mask[:, : s.length].any(0).long().argmax()) for s in states]
+        width = max(s.length - first for s, first in zip(states, firsts, strict=True))
+        ref = states[0].keys[0]
+        rows = sum(s.mask.shape[0] for s in states)
+        shape = (rows, ref.shape[1], width + extra, ref.shape[3])
+        buffers = torch.zeros((2, len(states[0].keys), *shape), dtype=ref.dtype, device=ref.device)
+        mask = torch.zeros(rows, width + extra, dtype=torch.bool, device=ref.device)
+        at = 0
+        for s, first in zip(states, firsts, strict=True):
+            n, used = s.mask.shape[0], s.length - first
+            for layer, (k, v) in enumerate(zip(s.keys, s.values, strict=True)):
+                buffers[0, layer, at : at + n, :, width - used : width] = k[:, :, first : s.length]
+                buffers[1, layer, at : at + n, :, width - used : width] = v[:, :, first : s.length]
+            mask[at : at + n, width - used : width] = s.mask[:, first : s.length]
+            at += n
+        return DecodeState(list(buffers[0]), list(buffers[1]), mask, width)
+
     def _attention_mask(self, state: DecodeState, new: torch.Tensor) -> torch.Tensor | None:
         """Additive float (B, 1, T, S) mask for T new positions over S = filled + T keys, or
         None: plain causal for a prompt without padding, nothing for one step without.

@@ -2,12 +2,20 @@
 
 messages + optional PIL image -> prompt ids under the model's conversation template
 (vistune.data.conversation.tokenize_prompt, "<image>" -> IMAGE_TOKEN_ID) -> frozen tower,
-projector and splice with left padding (LlavaModel, paper §4.1 eq. 1) -> our decode loop
-(vistune.serve.generate). Answers stop at the template's stop string (e.g. "###" for
-vicuna_v0, paper Table 2), any extra `config.stop`, or EOS.
+projector and splice (LlavaModel, paper §4.1 eq. 1) -> our decode loop. Answers stop at the
+template's stop string (e.g. "###" for vicuna_v0, paper Table 2), any extra `config.stop`,
+or EOS.
 
     engine = Engine(load_model("default"))
     engine.answer([{"role": "user", "content": "What is shown?"}], image, GenerationConfig())
+
+Two ways through it:
+
+- `submit` / `stream` / `answer` (the chat CLI, `vistune serve` and its web page): requests
+  join one continuous batch on the model's thread (vistune.serve.scheduler), reusing the
+  cached keys and values of their longest known prefix (vistune.serve.prefix_cache);
+- `complete` / `answer_batch` (batched evaluation): a static left-padded batch through
+  vistune.serve.generate, all requests known up front.
 
 The engine casts the model it is given to `dtype` once (bf16 by default: on CPUs with
 AVX-512 BF16/AMX the prefill runs about 3x faster than fp32; see docs/PERFORMANCE.md),
@@ -17,15 +25,24 @@ context no room for an answer is a VistuneError; an answer ends (`length`) where
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from vistune.config import GenerationConfig
-from vistune.data.conversation import IMAGE_PLACEHOLDER, stop_strings, tokenize_prompt
+from vistune.data.conversation import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
+    stop_strings,
+    tokenize_prompt,
+)
 from vistune.errors import VistuneError
 from vistune.serve.generate import Completion, Generator, context_length
+from vistune.serve.prefix_cache import image_digest, position_key
+from vistune.serve.scheduler import Delta, Done, Event, Failed, Job, Scheduler
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -76,24 +93,35 @@ def with_image(messages: list[dict], image: Image.Image | None) -> list[dict]:
     return out
 
 
-def strip_stream(pieces: Iterator[str]) -> Iterator[str]:
-    """Stream pieces whose concatenation is `"".join(pieces).strip()`.
+class Stripper:
+    """Turns stream pieces into pieces whose concatenation is the whole text `.strip()`ped:
+    leading whitespace is dropped; whitespace is held back until something follows it."""
 
-    Leading whitespace is dropped; whitespace is held back until something follows it.
-    """
-    started, pending = False, ""
-    for piece in pieces:
-        if not started:
+    def __init__(self) -> None:
+        self.started, self.pending = False, ""
+
+    def push(self, piece: str) -> str:
+        """What of `piece` (and what was held back) can be shown now; may be ""."""
+        if not self.started:
             piece = piece.lstrip()
             if not piece:
-                continue
-            started = True
+                return ""
+            self.started = True
         body = piece.rstrip()
         if body:
-            yield pending + body
-            pending = piece[len(body) :]
-        else:
-            pending += piece
+            out, self.pending = self.pending + body, piece[len(body) :]
+            return out
+        self.pending += piece
+        return ""
+
+
+def strip_stream(pieces: Iterator[str]) -> Iterator[str]:
+    """Stream pieces whose concatenation is `"".join(pieces).strip()` (see Stripper)."""
+    stripper = Stripper()
+    for piece in pieces:
+        out = stripper.push(piece)
+        if out:
+            yield out
 
 
 class Engine:
@@ -105,6 +133,9 @@ class Engine:
         dtype: torch.dtype = torch.bfloat16,
         template: str | None = None,
         batch_size: int = 8,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -116,6 +147,9 @@ class Engine:
         self.generator = Generator(model.llm, self.tokenizer)
         self.context = context_length(model.llm)
         self.batch_size = batch_size
+        self.scheduler = Scheduler(
+            self.generator, max_batch=max_batch, max_waiting=max_waiting, cache_bytes=cache_bytes
+        )
 
     @torch.inference_mode()
     def prepare(self, requests: Sequence[Request]) -> Spliced:
@@ -161,14 +195,52 @@ class Engine:
             results.extend(chunk)
         return results
 
-    def answer(
+    def submit(
         self,
         messages: list[dict],
-        image: Image.Image | None = None,
-        config: GenerationConfig = DEFAULT_CONFIG,
-    ) -> str:
-        """The assistant's next answer to `messages` (about `image`, if given)."""
-        return self.complete([(messages, image)], config)[0].text
+        image: Image.Image | None,
+        config: GenerationConfig,
+        emit: Callable[[Event], None],
+    ) -> Job:
+        """Queue one request on the continuous batch (vistune.serve.scheduler); its events
+        (text pieces, then Done or Failed) go to `emit` on the model's thread.
+
+        The prompt is checked here, so bad messages raise VistuneError before anything is
+        queued; QueueFull when too many requests wait already."""
+        ids = tokenize_prompt(with_image(messages, image), self.tokenizer, self.template)
+        if self.context is not None:
+            self._check_length(len(ids), image is not None)
+        digest = None if image is None else image_digest(image)
+        key = position_key(ids, digest, self.model.num_image_tokens)
+        limit = config.max_new_tokens
+        if self.context is not None:
+            limit = min(limit, self.context - len(key))
+        job = Job(
+            key=key,
+            embed=partial(self._embed_from, ids, image),
+            config=config,
+            limit=limit,
+            stops=(*self.stop, *config.stop),
+            tokenizer=self.tokenizer,
+            emit=emit,
+        )
+        return self.scheduler.submit(job)
+
+    @torch.inference_mode()
+    def _embed_from(self, ids: list[int], image: Image.Image | None, start: int) -> torch.Tensor:
+        """The LLM inputs of the prompt from position `start` on. # (1, L - start, D)
+
+        When the prefix cache covers the image, the tower is not run again."""
+        if image is not None:
+            at = ids.index(IMAGE_TOKEN_ID)
+            tokens = self.model.num_image_tokens
+            if start >= at + tokens:  # only text after the cached part
+                text = ids[start - tokens + 1 :]
+                return self.model.splice([text], None).inputs_embeds
+            pixels = self.model.image_processor([image])  # (1, 3, S, S)
+            embeds = self.model.project(self.model.image_features(pixels))  # (1, T, D)
+            return self.model.splice([ids], embeds).inputs_embeds[:, start:]
+        return self.model.splice([ids[start:]], None).inputs_embeds
 
     def stream(
         self,
@@ -178,16 +250,43 @@ class Engine:
     ) -> Iterator[str]:
         """The same answer as `answer`, as text pieces while they are generated.
 
-        The prompt is checked (and the image encoded) now, so bad messages raise here,
-        before the caller starts sending anything; generation runs as pieces are taken."""
-        inputs = self.prepare([(messages, image)])
-        pieces = self.generator.stream(
-            inputs.inputs_embeds, inputs.attention_mask, config, self.stop
-        )
-        return strip_stream(pieces)
+        The prompt is checked now, so bad messages raise here, before the caller starts
+        sending anything. Leaving the loop early (or closing it) cancels the request."""
+        events: queue.Queue[Event] = queue.Queue()
+        job = self.submit(messages, image, config, events.put)
+        return strip_stream(_pieces(job, events))
+
+    def answer(
+        self,
+        messages: list[dict],
+        image: Image.Image | None = None,
+        config: GenerationConfig = DEFAULT_CONFIG,
+    ) -> str:
+        """The assistant's next answer to `messages` (about `image`, if given)."""
+        return "".join(self.stream(messages, image, config))
+
+    def close(self) -> None:
+        """Stop the model's thread (what runs or waits is cancelled)."""
+        self.scheduler.stop()
 
     def answer_batch(
         self, requests: Sequence[Request], config: GenerationConfig = DEFAULT_CONFIG
     ) -> list[str]:
         """Answers for many (messages, image) requests, batched with left padding."""
         return [c.text for c in self.complete(requests, config)]
+
+
+def _pieces(job: Job, events: queue.Queue[Event]) -> Iterator[str]:
+    """A job's text pieces from its event queue; a failure is raised here; leaving early
+    cancels the job."""
+    try:
+        while True:
+            event = events.get()
+            if isinstance(event, Delta):
+                yield event.text
+            elif isinstance(event, Done):
+                return
+            elif isinstance(event, Failed):
+                raise event.error
+    finally:
+        job.cancel()

@@ -40,7 +40,7 @@ class Completion:
 
 
 @dataclass
-class _TextState:
+class TextState:
     """Incremental detokeniser + stop-string matcher for one row."""
 
     tokenizer: object
@@ -106,7 +106,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pick(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
+def pick(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
     """Next token per row from float logits (B, V): argmax, or temperature + top-p sampling."""
     if config.temperature == 0:
         return logits.argmax(-1)
@@ -123,7 +123,7 @@ def _pick(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) 
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
-def _seeded_rng(seed: int | None, device: torch.device) -> torch.Generator:
+def seeded_rng(seed: int | None, device: torch.device) -> torch.Generator:
     """The sampling RNG: seeded for reproducible samples, else from fresh entropy."""
     rng = torch.Generator(device=device)
     if seed is None:
@@ -150,6 +150,31 @@ def eos_ids(llm: torch.nn.Module, tokenizer: object) -> set[int]:
         elif value is not None:
             ids.update(int(v) for v in value)
     return ids
+
+
+def advance(
+    state: TextState, token: int, eos: set[int], stop_ids: set[int], limit: int
+) -> tuple[str, Completion | None]:
+    """Give one row its next token: (text now safe to show, its Completion if it ended).
+
+    It ends as `eos` (an EOS id), `stop` (a stop id or stop string) or `length` (`limit`
+    tokens). Shared by the static batch here and the continuous one (vistune.serve.scheduler).
+    """
+    reason = None
+    if token in eos:
+        reason = "eos"
+    elif token in stop_ids:
+        reason = "stop"
+    else:
+        state.push(token)
+        if state.stopped:
+            reason = "stop"
+        elif len(state.ids) >= limit:
+            reason = "length"
+    if reason is None:
+        return state.take(final=False), None
+    state.flush()
+    return state.take(final=True), Completion(state.text, list(state.ids), reason)
 
 
 class Generator:
@@ -183,7 +208,7 @@ class Generator:
         named = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in named else "past_key_values"
 
-    def _fast_decoder(self) -> decoder.LlamaDecoder | None:
+    def fast_decoder(self) -> decoder.LlamaDecoder | None:
         """vistune's Llama forward (vistune.serve.decoder), rebuilt whenever the LLM's weights
         changed (training: its fused copies are stale); None when the LLM is not (or no
         longer, e.g. LoRA-wrapped) a plain Llama (vistune.model.llama.supports)."""
@@ -194,7 +219,7 @@ class Generator:
             self._decoder_key = key
         return self._decoder
 
-    def _new_token_limit(self, attention_mask: torch.Tensor, config: GenerationConfig) -> int:
+    def new_token_limit(self, attention_mask: torch.Tensor, config: GenerationConfig) -> int:
         """max_new_tokens, capped so that no row's prompt + answer runs past the context."""
         if self.context is None or attention_mask.numel() == 0:
             return config.max_new_tokens
@@ -206,7 +231,7 @@ class Generator:
             )
         return min(config.max_new_tokens, self.context - longest)
 
-    def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
+    def split_stops(self, stops: Sequence[str]) -> tuple[tuple[str, ...], set[int]]:
         """Stops that are added/special tokens (e.g. "<|im_end|>") match by id, since
         special tokens are skipped when decoding; the rest match on the text."""
         added = getattr(self.tokenizer, "get_added_vocab", dict)()
@@ -264,17 +289,17 @@ class Generator:
                 f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}"
             )
         batch = inputs_embeds.shape[0]
-        limit = self._new_token_limit(attention_mask, config)
-        text_stops, stop_ids = self._split_stops((*stop, *config.stop))
-        states = [_TextState(self.tokenizer, text_stops) for _ in range(batch)]
-        rng = _seeded_rng(config.seed, inputs_embeds.device)
+        limit = self.new_token_limit(attention_mask, config)
+        text_stops, stop_ids = self.split_stops((*stop, *config.stop))
+        states = [TextState(self.tokenizer, text_stops) for _ in range(batch)]
+        rng = seeded_rng(config.seed, inputs_embeds.device)
         dtype = self.llm.get_input_embeddings().weight.dtype
         embeds = inputs_embeds.to(dtype)  # (B, L, D)
         mask = attention_mask.long()  # (B, L)
         positions = positions_from_mask(mask)  # (B, L)
         active = list(range(batch))  # rows still decoding, in batch order
         cache, kv = None, None
-        fast = self._fast_decoder() if use_cache and self.fast else None
+        fast = self.fast_decoder() if use_cache and self.fast else None
         if fast is not None:  # Llama family: vistune.serve.decoder end to end
             kv = fast.allocate(mask, limit)
             logits = fast.forward(kv, embeds, positions, mask)  # (A, V)
@@ -282,7 +307,7 @@ class Generator:
             cache = DynamicCache(config=self.llm.config) if use_cache else None
             logits = self._forward(embeds, mask, positions, cache)  # (A, V)
         while True:
-            tokens = _pick(logits, config, rng)  # (A,)
+            tokens = pick(logits, config, rng)  # (A,)
             deltas, done, keep = self._advance(states, active, tokens, stop_ids, limit)
             yield deltas, done
             if not keep:
@@ -310,7 +335,7 @@ class Generator:
 
     def _advance(
         self,
-        states: list[_TextState],
+        states: list[TextState],
         active: list[int],
         tokens: torch.Tensor,
         stop_ids: set[int],
@@ -322,25 +347,11 @@ class Generator:
         done: list[Completion | None] = [None] * len(states)
         keep: list[int] = []
         for slot, row in enumerate(active):
-            token, state = int(tokens[slot]), states[row]
-            reason = None
-            if token in self.eos:
-                reason = "eos"
-            elif token in stop_ids:
-                reason = "stop"
-            else:
-                state.push(token)
-                if state.stopped:
-                    reason = "stop"
-                elif len(state.ids) >= limit:
-                    reason = "length"
-            if reason is None:
-                deltas[row] = state.take(final=False)
+            deltas[row], done[row] = advance(
+                states[row], int(tokens[slot]), self.eos, stop_ids, limit
+            )
+            if done[row] is None:
                 keep.append(slot)
-            else:
-                state.flush()
-                deltas[row] = state.take(final=True)
-                done[row] = Completion(state.text, list(state.ids), reason)
         return deltas, done, keep
 
     def run(

@@ -1,0 +1,274 @@
+"""Serving speed through the HTTP API (issue 18 item 4), beside references from the same run.
+
+    .venv/bin/python benchmarks/serve.py --threads 2 [--write]
+
+A real `vistune serve` app (uvicorn in this process, on loopback) over the packaged default
+model (DINOv2 ViT-S/14 at 224 px -> 256 image tokens, SmolLM2-135M-Instruct, bf16), asked
+about skimage's astronaut photo by streaming HTTP clients. EOS and stop strings are off so
+every answer is exactly --tokens long. Figures and their goals:
+
+- batching: 8 concurrent clients' aggregate tokens/s over one client's (goal >= 3x);
+- prefix reuse: first-token time of a follow-up turn cold (prefix cache cleared) over the
+  same request warm (goal >= 3x);
+- one stream's decode tokens/s over llama.cpp's on the same LLM (llama-cpp-python on the
+  packaged GGUF file, --threads threads; goal >= 0.5x). Optional: without the `llamacpp`
+  extra (`pip install -e '.[llamacpp]'`, which builds llama.cpp: minutes) the row says so;
+- first token with an image, cold (goal <= 0.2 s).
+
+Each figure is the median of --repeats runs; the CPU (model name, cores, load) is printed
+with them. `--write` puts the table into docs/PERFORMANCE.md's "## Serving" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+GOALS = {"batch": 3.0, "reuse": 3.0, "llama_cpp": 0.5, "ttft": 0.2}
+QUESTIONS = [
+    "What is happening in this picture?",
+    "Describe the image in detail.",
+    "What is the person wearing?",
+    "What colours stand out?",
+    "Where might this photo have been taken?",
+    "What is in the background?",
+    "Is it day or night?",
+    "What could happen next?",
+]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def data_url() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Client:
+    """Streaming requests to the server: (first-token s, decode tok/s, tokens, total s)."""
+
+    def __init__(self, url: str, name: str, tokens: int) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=600)
+        self.name, self.tokens = name, tokens
+
+    def ask(self, messages: list[dict]) -> tuple[float, float, int, float, str]:
+        import json
+
+        body = {"model": self.name, "messages": messages, "max_tokens": self.tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        start = time.perf_counter()
+        first = last = None
+        text, used = [], 0
+        with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                first = first or time.perf_counter()  # the first chunk: the first token
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:  # the last one (finish) comes with the last token
+                    last = time.perf_counter()
+                    text.append(choice["delta"].get("content") or "")
+        total = time.perf_counter() - start
+        decode = (used - 1) / (last - first) if last and first and last > first else float("nan")
+        return (first or start) - start, decode, used, total, "".join(text)
+
+
+def user(text: str, image: str | None) -> dict:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                        {"type": "text", "text": text}]}  # fmt: skip
+
+
+def aggregate(url: str, name: str, tokens: int, clients: int, image: str) -> float:
+    """Tokens/s of `clients` concurrent clients, each asking two different questions."""
+
+    def one(i: int) -> int:
+        c = Client(url, name, tokens)
+        return sum(c.ask([user(QUESTIONS[(i + k) % len(QUESTIONS)] + f" ({i}.{k})", image)])[2]
+                   for k in range(2))  # fmt: skip
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(pool.map(one, range(clients)))
+    return done / (time.perf_counter() - start)
+
+
+def llama_cpp_decode(tokens: int, threads: int, repeats: int) -> float | str:
+    """llama.cpp's decode tokens/s on the packaged GGUF, or why it was not measured."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return ("not measured: llama-cpp-python is not installed "
+                "(pip install -e '.[llamacpp]'; it builds llama.cpp from source, minutes)")  # fmt: skip
+    from vistune.weights import GGUF_FILE, GGUF_PACKAGE, packaged_file
+
+    llm = Llama(str(packaged_file(GGUF_PACKAGE, GGUF_FILE)), n_threads=threads, n_ctx=2048,
+                verbose=False)  # fmt: skip
+    speeds = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        stamps = []
+        for _ in llm.create_completion("Describe a photo of an astronaut.", max_tokens=tokens,
+                                       temperature=0, stream=True):  # fmt: skip
+            stamps.append(time.perf_counter())
+        speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(speeds[1:])
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from vistune.model import load_model
+    from vistune.serve.app import ThreadedServer, create_app
+    from vistune.serve.engine import Engine
+    from vistune.serve.settings import ServeConfig
+
+    engine = Engine(load_model("default", dtype=torch.bfloat16), dtype=torch.bfloat16)
+    engine.generator.eos.clear()  # every answer exactly --tokens long
+    engine.stop = ()
+    image, name = data_url(), "vistune-default"
+    out: dict = {}
+    with ThreadedServer(create_app(engine, ServeConfig(max_tokens=args.tokens), name)) as live:
+        client = Client(live.url, name, args.tokens)
+        client.ask([user("Warm up.", image)])
+        cold_ttft, decode = [], []
+        for i in range(args.repeats):
+            engine.scheduler.cache.clear()
+            ttft, tps, *_ = client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])
+            cold_ttft.append(ttft)
+            decode.append(tps)
+        out["ttft_image_s"] = statistics.median(cold_ttft)
+        out["decode_tps"] = statistics.median(decode)
+        warm, cold = [], []
+        for i in range(args.repeats):
+            engine.scheduler.cache.clear()
+            first = [user(QUESTIONS[i % len(QUESTIONS)] + f" [{i}]", image)]
+            answer = client.ask(first)[4]
+            follow = [*first, {"role": "assistant", "content": answer}, user("Tell me more.", None)]
+            warm.append(client.ask(follow)[0])
+            engine.scheduler.cache.clear()
+            cold.append(client.ask(follow)[0])
+        out["follow_warm_s"], out["follow_cold_s"] = (
+            statistics.median(warm),
+            statistics.median(cold),
+        )
+        out["one_client_tps"] = aggregate(live.url, name, args.tokens, 1, image)
+        out["eight_clients_tps"] = aggregate(live.url, name, args.tokens, 8, image)
+        out["peak_batch"] = engine.scheduler.stats["peak_batch"]
+    out["llama_cpp_tps"] = llama_cpp_decode(args.tokens, args.threads or 2, args.repeats)
+    return out
+
+
+def table(r: dict) -> str:
+    batch = r["eight_clients_tps"] / r["one_client_tps"]
+    reuse = r["follow_cold_s"] / r["follow_warm_s"]
+    ok = lambda good: "met" if good else "not met"  # noqa: E731
+    lines = [
+        "| figure | value | reference (same run) | ratio | goal |",
+        "| --- | --- | --- | --- | --- |",
+        f"| 8 concurrent clients, aggregate | {r['eight_clients_tps']:.1f} tok/s | one client "
+        f"{r['one_client_tps']:.1f} tok/s | {batch:.2f}x | >= 3x: {ok(batch >= GOALS['batch'])} |",
+        f"| follow-up turn, first token (prefix cached) | {r['follow_warm_s']:.3f} s | cold "
+        f"{r['follow_cold_s']:.3f} s | {reuse:.2f}x sooner | >= 3x: {ok(reuse >= GOALS['reuse'])} |",
+    ]
+    if isinstance(r["llama_cpp_tps"], float):
+        ratio = r["decode_tps"] / r["llama_cpp_tps"]
+        lines.append(f"| one stream, decode | {r['decode_tps']:.1f} tok/s | llama.cpp "
+                     f"{r['llama_cpp_tps']:.1f} tok/s | {ratio:.2f}x | >= 0.5x: "
+                     f"{ok(ratio >= GOALS['llama_cpp'])} |")  # fmt: skip
+    else:
+        lines.append(f"| one stream, decode | {r['decode_tps']:.1f} tok/s | llama.cpp "
+                     f"{r['llama_cpp_tps']} | - | >= 0.5x: unknown |")  # fmt: skip
+    lines.append(f"| first token with an image (cold) | {r['ttft_image_s']:.3f} s | - | - | "
+                 f"<= 0.2 s: {ok(r['ttft_image_s'] <= GOALS['ttft'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def machine(args: argparse.Namespace) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu_name()}, {os.cpu_count()} cores (load average {load:.2f} at the start), "
+            f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+            f"{date.today().isoformat()}")  # fmt: skip
+
+
+def section(r: dict, args: argparse.Namespace, where: str) -> str:
+    command = " ".join(["python", "benchmarks/serve.py", *sys.argv[1:]])
+    return f"""## Serving
+
+What it measures: the HTTP API of `vistune serve` (continuous batching, prefix reuse) with
+the default model in bf16, streaming clients on loopback, {args.tokens} tokens per answer
+(EOS and stops off), median of {args.repeats} runs; peak batch seen {r["peak_batch"]}.
+
+```
+.venv/bin/{command}
+```
+
+Machine: {where}.
+
+{table(r)}
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per answer")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    parser.add_argument(
+        "--threads", type=int, help="torch and llama.cpp threads (default: torch's; llama.cpp 2)"
+    )
+    parser.add_argument("--write", action="store_true", help="update docs/PERFORMANCE.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = machine(args)
+    results = measure(args)
+    print(f"machine: {where}")
+    print(table(results))
+    if args.write:
+        from vistune.files import write_text
+
+        doc = DOC.read_text() if DOC.exists() else "# Performance\n"
+        start = doc.find("\n## Serving\n")
+        text = section(results, args, where)
+        if start < 0:
+            new = doc.rstrip("\n") + "\n\n" + text
+        else:
+            end = doc.find("\n## ", start + 1)
+            new = doc[: start + 1] + text + ("" if end < 0 else "\n" + doc[end + 1 :])
+        write_text(DOC, new.rstrip("\n") + "\n")
+        print(f"wrote {DOC}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`vistune serve`: an OpenAI-compatible API and a web chat for a model (paper §5.1).
+
+    vistune serve --model default                       # http://127.0.0.1:8000/
+    vistune serve --model runs/finetune --api-key KEY --port 8080
+
+Binds to 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops taking requests,
+lets the running ones finish (at most --grace seconds, then cancels them) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from vistune.commands.flag_types import positive_int
+from vistune.commands.flags import add_dataclass_flags
+from vistune.errors import VistuneError
+
+HELP = "Serve a model over an OpenAI-compatible HTTP API with a web chat."
+DTYPES = ("bf16", "fp32")
+API_KEY_ENV = "VISTUNE_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vistune.data.conversation import TEMPLATES
+    from vistune.serve.settings import ServeConfig
+
+    parser.add_argument(
+        "--model", default="default", help='model directory, or "default" (packaged base)'
+    )
+    parser.add_argument(
+        "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="bf16", help="bf16 (faster on CPU) or fp32"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    parser.add_argument(
+        "--grace", type=positive_int, default=30,
+        help="seconds running requests get to finish after SIGTERM (default: 30)",
+    )  # fmt: skip
+    add_dataclass_flags(parser, ServeConfig, only=_SCALAR_FIELDS, default_text={
+        "api_key": "none: open", "served_model_name": "the model folder's name, or vistune-default"
+    })  # fmt: skip
+    parser.add_argument(
+        "--allow-image-host", action="append", default=[], metavar="HOST",
+        help="a host whose http(s) image URLs may be fetched (repeat it); default: none, "
+        "remote image URLs are refused",
+    )  # fmt: skip
+
+
+_SCALAR_FIELDS = (
+    "host", "port", "api_key", "served_model_name", "max_body_bytes", "max_pixels",
+    "max_tokens", "max_batch", "max_waiting", "cache_mb", "fetch_timeout",
+)  # fmt: skip
+
+
+def _config(args: argparse.Namespace):
+    from vistune.serve.settings import ServeConfig
+
+    values = {name: getattr(args, name) for name in _SCALAR_FIELDS}
+    values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
+    values["allow_image_host"] = tuple(args.allow_image_host)
+    try:
+        return ServeConfig(**values)
+    except ValueError as err:
+        raise VistuneError(str(err).replace("_", "-")) from None
+
+
+def served_name(spec: str) -> str:
+    from vistune.model import DEFAULT_SPEC, model_dir_of
+
+    if spec == DEFAULT_SPEC:
+        return "vistune-default"
+    path = model_dir_of(spec).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from vistune.model import DEFAULT_SPEC, load_model, model_notes
+    from vistune.serve.app import create_app
+    from vistune.serve.engine import Engine
+
+    config = _config(args)
+    if args.threads < 0:
+        raise VistuneError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model != DEFAULT_SPEC and not Path(args.model).exists():
+        raise VistuneError(f"{args.model}: no such model directory")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.model == DEFAULT_SPEC:
+        from vistune.weights import ensure_default_weights
+
+        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
+    model = load_model(args.model, dtype=dtype)
+    for note in model_notes(model, args.model, args.template):
+        print(f"vistune: note: {note}", file=sys.stderr)
+    engine = Engine(
+        model, dtype=dtype, template=args.template, max_batch=config.max_batch,
+        max_waiting=config.max_waiting, cache_bytes=config.cache_mb << 20,
+    )  # fmt: skip
+    name = config.served_model_name or served_name(args.model)
+    app = create_app(engine, config, name)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.port, log_level="info",
+            timeout_graceful_shutdown=args.grace, lifespan="on",
+        )
+    )  # fmt: skip
+    key = " (API key required)" if config.api_key else ""
+    print(f"vistune: serving {name} on http://{config.host}:{config.port}/{key}", file=sys.stderr)
+    # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler that was
+    # there before it: a no-op here, so a clean shutdown exits 0 instead of dying by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    engine.close()
+    return 0
