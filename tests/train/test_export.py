@@ -134,12 +134,16 @@ def test_an_unmerged_lora_keeps_its_base_llm_as_stored(
     pre = train(TrainConfig.from_settings(stage1))
     lora = dict(stage="finetune", max_steps=2, lora_r=4, lora_dropout=0.0, lr=1e-2)
     outs = {}
+    stale = tmp_path / "lora_merge_False" / "adapter" / "adapter_config.old.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # an earlier run's file: the adapter folder is replaced whole
     for merge in (False, True):
         out = tmp_path / f"lora_merge_{merge}"
         args = tiny_args(tiny_data, out, feats, tmp_path / "pre", **lora, lora_merge=merge)
         outs[merge] = train(TrainConfig.from_settings(args)).model_dir
     _assert_kept(outs[False], pre.model_dir / "llm", torch.float16)
     assert (outs[False] / "adapter" / "adapter_model.safetensors").is_file()
+    assert (stale.parent / "adapter_model.safetensors").is_file() and not stale.exists()
     merged = LlavaModel.load(outs[True]).llm.state_dict()
     unmerged = LlavaModel.load(outs[False]).llm.state_dict()
     assert merged.keys() == unmerged.keys()
