@@ -95,9 +95,30 @@ def add_dataclass_flags(
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=value, help=text)  # fmt: skip
             continue
+        if typing.get_origin(kind) is tuple and f.name not in checks:
+            # a tuple of values: repeat the flag; None when left out (the field's default)
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=f.name, type=item, action="append", default=None,
+                                metavar=f.name.upper(), help=text)  # fmt: skip
+            continue
         convert = checks.get(f.name, kind if kind in (int, float) else str)
         parser.add_argument(flag, dest=f.name, type=convert, default=value,
                             metavar=f.name.upper(), help=text)  # fmt: skip
+
+
+def flag_values(args: argparse.Namespace, cls: type, only: Collection[str] | None = None) -> dict:
+    """The values of `cls`'s flags in `args` (those `add_dataclass_flags` made), ready for
+    `cls(**values)`: a repeated flag's list as a tuple, one left out omitted (the field's
+    default then holds)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if (only is None or f.name in only) and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if isinstance(value, list):
+                value = tuple(value)
+            if value is not None or f.default is None:
+                values[f.name] = value
+    return values
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
