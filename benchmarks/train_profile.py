@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vistune.config import ModelConfig
 from vistune.data.dataset import global_batches
 from vistune.train import loop
 from vistune.train.config import TrainConfig
@@ -53,8 +54,7 @@ def main() -> None:
             image_folder=str(args.data_dir),
             out=str(Path(tmp) / "out"),
             init="default",
-            image_size=112,
-            template="vicuna_v0",
+            model=ModelConfig(image_size=112, template="vicuna_v0"),
             batch_size=16,
             per_device_batch=args.micro,
             max_steps=1000,

@@ -46,8 +46,8 @@ class ModelConfig:
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
         check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {self.image_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

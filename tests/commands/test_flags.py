@@ -7,7 +7,13 @@ import dataclasses
 
 import pytest
 
-from vistune.commands.flags import add_client_flags, add_dataclass_flags, client_config, field_help
+from vistune.commands.flags import (
+    add_client_flags,
+    add_dataclass_flags,
+    client_config,
+    field_help,
+    flag_values,
+)
 from vistune.config import ClientConfig
 
 
@@ -48,3 +54,23 @@ def test_client_flags_make_a_client_config():
     args = parser.parse_args(["--http-retries", "0", "--max-tokens", "9"])
     config = client_config(args, "http://127.0.0.1:9/v1", "m")
     assert config == ClientConfig("http://127.0.0.1:9/v1", "m", max_tokens=9, http_retries=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    hosts: tuple[str, ...] = ()
+    """Hosts to allow (repeat the flag)."""
+    kinds: tuple[str, ...] = ("a", "b")
+    limit: int | None = None
+
+
+def test_a_tuple_field_is_a_repeated_flag_and_flag_values_build_the_config():
+    """serve's --allow-image-host and datagen's --types came from hand-written flags."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Listed, checks={"kinds": lambda text: tuple(text.split(","))})
+    args = parser.parse_args(["--hosts", "a.org", "--hosts", "b.org", "--kinds", "x,y"])
+    assert Listed(**flag_values(args, Listed)) == Listed(("a.org", "b.org"), ("x", "y"))
+    assert Listed(**flag_values(parser.parse_args([]), Listed)) == Listed()
+    assert "Hosts to allow (repeat the flag). (default: ())" in " ".join(
+        parser.format_help().split()
+    )

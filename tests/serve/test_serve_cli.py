@@ -90,6 +90,19 @@ def test_bad_serve_flags_are_one_line(capsys):
     assert "max-batch must be at least 1" in capsys.readouterr().err
 
 
+def test_serve_flags_come_from_serve_config(monkeypatch):
+    """--allow-image-host, a tuple of ServeConfig, was the one flag written by hand."""
+    from vistune.commands import serve
+
+    monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--allow-image-host", "A.org", "--allow-image-host", "b.org",
+                              "--port", "0"])  # fmt: skip
+    assert serve._config(args) == ServeConfig(port=0, allow_image_host=("a.org", "b.org"))
+    assert serve._config(parser.parse_args([])) == ServeConfig()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

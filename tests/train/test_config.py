@@ -11,8 +11,9 @@ import pytest
 
 from vistune.cli import main
 from vistune.commands.flags import field_help
+from vistune.config import ModelConfig
 from vistune.errors import DataError
-from vistune.train.config import TrainConfig, load_config
+from vistune.train.config import SETTINGS, TrainConfig, load_config
 from vistune.train.optim import lr_at
 from vistune.train.stages import STAGES
 
@@ -21,8 +22,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def test_stage_defaults_follow_the_paper():
     pre, fine = TrainConfig(stage="pretrain"), TrainConfig(stage="finetune")
-    assert (pre.lr, pre.batch_size, pre.epochs, pre.template) == (2e-3, 128, 1, "plain")
-    assert (fine.lr, fine.batch_size, fine.epochs, fine.template) == (2e-5, 32, 3, "vicuna_v0")
+    assert (pre.lr, pre.batch_size, pre.epochs) == (2e-3, 128, 1)
+    assert (fine.lr, fine.batch_size, fine.epochs) == (2e-5, 32, 3)
+    assert (pre.model.template, fine.model.template) == ("plain", "vicuna_v0")
     assert pre.plan == {"vision": "frozen", "projector": "train", "llm": "frozen"}
     assert fine.plan["llm"] == "train"
     assert TrainConfig(stage="finetune", lora_r=8).plan == STAGES["finetune_lora"]
@@ -37,7 +39,7 @@ def test_validation_names_the_problem():
         TrainConfig(stage="pretrain", lora_r=4)
     # checked here, not once the model has loaded
     with pytest.raises(ValueError, match="unknown template 'vicuna'; valid: vicuna_v0,"):
-        TrainConfig(template="vicuna")
+        TrainConfig.from_settings({"template": "vicuna"})
     with pytest.raises(ValueError, match="unknown scienceqa_answer_format 'answer_first'"):
         TrainConfig(scienceqa_answer_format="answer_first")
 
@@ -85,11 +87,13 @@ def test_a_refused_setting_names_where_it_came_from(tmp_path):
 def test_every_field_is_a_documented_flag(tmp_path, capsys):
     docs = field_help(TrainConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(field_help(ModelConfig)) == {f.name for f in dataclasses.fields(ModelConfig)}
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in text, f.name
+    for name in SETTINGS:  # the ModelConfig's fields flat: --projector, not --model.projector
+        assert "--" + name.replace("_", "-") in text, name
+    assert "--model " not in text and "model settings:" in text
     assert "--no-group-by-length" in text and "(default: stage default)" in text
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: config file not found" in capsys.readouterr().err
@@ -139,7 +143,7 @@ def test_bad_numbers_are_refused_naming_the_field(field, value, message):
     lora_dropout, a NaN weight_decay), NaN weights (a NaN max_grad_norm) or an update by
     an infinite lr before the NaN stop."""
     with pytest.raises(ValueError, match=message):
-        TrainConfig(stage="finetune", **{field: value})
+        TrainConfig.from_settings({"stage": "finetune", field: value})
 
 
 def test_a_large_seed_shuffles():
@@ -196,11 +200,11 @@ def test_fresh_model_settings_with_a_model_directory_must_match_it(tiny_model_di
                        r"'mlp2x_gelu'\), vision_layer -1 \(the model's: -2\)"):  # fmt: skip
         load_config(path, {})
     same = {"init": init, "image_size": size, "projector": "mlp2x_gelu"}
-    assert load_config(None, same).image_size == size
+    assert load_config(None, same).model.image_size == size
     # not given: the model's own value, not the dataclass default (see the round trip test)
-    assert load_config(None, {"init": init}).image_size == size
+    assert load_config(None, {"init": init}).model.image_size == size
     # an unreadable directory is left for building the model to report
-    assert load_config(None, {"init": str(tmp_path), "image_size": 64}).image_size == 64
+    assert load_config(None, {"init": str(tmp_path), "image_size": 64}).model.image_size == 64
 
 
 def test_a_stage_2_config_saved_beside_its_output_loads_again(tiny_model_dir, tmp_path):
@@ -209,7 +213,7 @@ def test_a_stage_2_config_saved_beside_its_output_loads_again(tiny_model_dir, tm
     trained, and `--config train_config.json` was refused for differing from the model."""
     init = str(tiny_model_dir)
     cfg = load_config(None, {"init": init, "stage": "finetune", "projector": "mlp2x_gelu"})
-    assert (cfg.image_size, cfg.projector, cfg.vision_layer) == (28, "mlp2x_gelu", -2)
+    assert cfg.model == ModelConfig(image_size=28, projector="mlp2x_gelu", vision_layer=-2)
     saved = tmp_path / "train_config.json"
     saved.write_text(json.dumps(cfg.to_dict()))  # as train/report.py writes it
     assert load_config(saved, {}) == cfg
@@ -228,3 +232,31 @@ def test_a_refused_model_setting_names_the_flag_that_gave_it(tiny_model_dir, tmp
         r"--image-size 64 \(the model's: 28\)",
     ):
         load_config(path, {"image_size": 64, "lr": None})
+
+
+def test_the_model_settings_are_one_model_config(tmp_path):
+    """TrainConfig holds a ModelConfig (it repeated six of its fields, copied across by
+    hand); the settings stay flat keys, so YAML files, flags and train_config.json keep
+    their names, and a file written before the change loads to the same run."""
+    cfg = TrainConfig.from_settings(
+        {"stage": "finetune", "projector": "linear", "image_size": 112, "vision_layer": -1}
+    )
+    assert cfg.model == ModelConfig(projector="linear", image_size=112, vision_layer=-1,
+                                    template="vicuna_v0")  # fmt: skip
+    assert TrainConfig.from_settings({"image_size": 56}).model.template == "plain"
+    assert TrainConfig.from_settings({"template": None}).model == TrainConfig().model
+    flat = cfg.to_dict()
+    assert "model" not in flat and flat["projector"] == "linear" and flat["template"] == "vicuna_v0"
+    assert list(flat) == list(SETTINGS)
+    assert TrainConfig.from_settings(flat) == cfg
+    # an older run's train_config.json: every TrainConfig field flat, as dataclasses.asdict wrote it
+    old = tmp_path / "train_config.json"
+    old.write_text(json.dumps({**flat, "template": "vicuna_v0", "image_size": 112}))
+    assert load_config(old, {}) == cfg
+    assert load_config(old, {"image_size": 224}).model.image_size == 224
+    with pytest.raises(ValueError, match="unknown settings: model"):
+        TrainConfig.from_settings({"model": {"projector": "linear"}})
+    path = tmp_path / "c.yaml"
+    path.write_text("projector: mlp3x\n")
+    with pytest.raises(DataError, match=r"c.yaml: unknown projector 'mlp3x'; valid: linear,"):
+        load_config(path, {})

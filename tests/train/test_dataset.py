@@ -14,6 +14,7 @@ from vistune.data.dataset import (
     padding_share,
     truncate,
 )
+from vistune.data.formats import validate_llava_sample
 from vistune.errors import DataError
 
 BAD_ROWS = [
@@ -89,6 +90,31 @@ def test_rows_no_tokenizer_takes_are_skipped_not_a_crash(tiny_model, tmp_path):
     assert [s.id for s in samples] == ["fine"] and dict(skipped) == {"malformed": 3}
     with pytest.raises(DataError, match="#0: text that is not valid Unicode"):
         build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
+
+
+def test_training_skips_exactly_the_rows_the_llava_rule_refuses(tiny_model, tmp_path):
+    """One rule (vistune.data.formats.check_llava_sample): training skipped rows without an
+    id, an empty turn or an empty image name differently from the validator, which refused
+    them; now each is refused by both, with the validator's words in the strict error."""
+    write_dataset(tmp_path, n=1)
+    rows = [
+        {"image": "img000.png", "conversations": _turns("<image>\nHi", "ok")},
+        {"id": "blank", "conversations": _turns("Hi", "ok") + _turns(" ", "more")},
+        {"id": "unnamed", "image": "", "conversations": _turns("Hi", "ok")},
+        {"id": "null", "image": None, "conversations": _turns("Hi", "ok")},  # text-only
+    ]
+    samples, skipped = build_samples(rows, tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128)
+    assert [s.id for s in samples] == ["null"]
+    assert dict(skipped) == {"malformed": 2, "empty_conversation": 1}
+    assert [validate_llava_sample(r) for r in rows] == [
+        "missing id", "turn 2: empty value", "image must be a non-empty string", None
+    ]  # fmt: skip
+    for row in rows[:3]:
+        with pytest.raises(DataError) as err:
+            build_samples([row], tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
+        assert validate_llava_sample(row) in str(err.value)
+    with pytest.raises(DataError, match=r"^#0: missing id \(reason malformed"):
+        build_samples(rows[:1], tiny_model.tokenizer, "vicuna_v0", tmp_path, 4, 128, strict=True)
 
 
 def test_an_image_path_that_cannot_be_checked_is_skipped_not_a_crash(tiny_model, tmp_path):

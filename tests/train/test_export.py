@@ -85,7 +85,7 @@ def test_stage1_keeps_the_llm_as_its_source_stores_it(
     args = _stage1(
         tiny_data, tmp_path / "pre", feats, tiny_clip_dir, source, max_steps=2, precision=precision
     )
-    result = train(TrainConfig(**args))
+    result = train(TrainConfig.from_settings(args))
     _assert_kept(result.model_dir, source, dtype)
     _assert_projector(tmp_path / "pre")
 
@@ -98,7 +98,7 @@ def test_stage1_keeps_the_llm_as_its_source_stores_it(
     fine = tiny_args(
         tiny_data, tmp_path / "fine", feats, tmp_path / "pre", stage="finetune", max_steps=1
     )
-    tuned = train(TrainConfig(**fine, lr=1e-3))
+    tuned = train(TrainConfig.from_settings({**fine, "lr": 1e-3}))
     # stage 2 trains the LLM's fp32 master weights and writes them as they are
     after = load_file(str(tuned.model_dir / "llm" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in after.values())
@@ -130,16 +130,20 @@ def test_an_unmerged_lora_keeps_its_base_llm_as_stored(
     base's own files beside the adapter (a 13B fp16 base: 26 GB linked, not 52 GB written),
     and loads to the same tuned weights as the merged export."""
     source, feats = stored_llms[torch.float16], tmp_path / "feats"
-    pre = train(TrainConfig(**_stage1(tiny_data, tmp_path / "pre", feats, tiny_clip_dir, source,
-                                      max_steps=1)))  # fmt: skip
+    stage1 = _stage1(tiny_data, tmp_path / "pre", feats, tiny_clip_dir, source, max_steps=1)
+    pre = train(TrainConfig.from_settings(stage1))
     lora = dict(stage="finetune", max_steps=2, lora_r=4, lora_dropout=0.0, lr=1e-2)
     outs = {}
+    stale = tmp_path / "lora_merge_False" / "adapter" / "adapter_config.old.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # an earlier run's file: the adapter folder is replaced whole
     for merge in (False, True):
         out = tmp_path / f"lora_merge_{merge}"
         args = tiny_args(tiny_data, out, feats, tmp_path / "pre", **lora, lora_merge=merge)
-        outs[merge] = train(TrainConfig(**args)).model_dir
+        outs[merge] = train(TrainConfig.from_settings(args)).model_dir
     _assert_kept(outs[False], pre.model_dir / "llm", torch.float16)
     assert (outs[False] / "adapter" / "adapter_model.safetensors").is_file()
+    assert (stale.parent / "adapter_model.safetensors").is_file() and not stale.exists()
     merged = LlavaModel.load(outs[True]).llm.state_dict()
     unmerged = LlavaModel.load(outs[False]).llm.state_dict()
     assert merged.keys() == unmerged.keys()

@@ -54,7 +54,7 @@ def test_training_makes_the_loss_depend_on_the_image(tiny_model_dir, tmp_path):
     before = LlavaModel.load(tiny_model_dir)
     held = held_out(tmp_path / "held", before)
     untrained = gain_of(before, held)
-    train(TrainConfig(**args))
+    train(TrainConfig.from_settings(args))
     after = gain_of(LlavaModel.load(tmp_path / "out" / "model"), held)
     assert abs(untrained["gain"]) < 0.1
     assert after["own"] < untrained["own"]

@@ -179,7 +179,7 @@ def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
         template="vicuna_v0",
     )
     said: list[str] = []
-    result = train(TrainConfig(**args), say=said.append)
+    result = train(TrainConfig.from_settings(args), say=said.append)
     assert result.samples == 8
     # which image and why, not only a count
     assert any(line.startswith(f"unreadable image, skipped: {corrupt}: ") for line in said), said
@@ -194,7 +194,7 @@ def test_bad_rows_skipped_and_reported_strict_fails(tiny_model_dir, tmp_path):
         "bad_image": 1,
     }
     with pytest.raises(DataError, match="sample no-file"):
-        train(TrainConfig(**{**args, "out": str(tmp_path / "strict"), "strict": True}))
+        train(TrainConfig.from_settings({**args, "out": str(tmp_path / "strict"), "strict": True}))
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])

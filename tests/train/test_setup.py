@@ -115,6 +115,6 @@ def test_an_llm_with_learned_positions_trains_on_samples_cut_to_its_table(tiny_c
     said: list[str] = []
     args = tiny_args(data, tmp_path / "out", tmp_path / "f", "default", vision=str(tiny_clip_dir),
                      llm=str(gpt2), image_size=28, max_steps=2)  # fmt: skip
-    result = train(TrainConfig(**args), say=said.append)
+    result = train(TrainConfig.from_settings(args), say=said.append)
     assert result.steps == 2
     assert any("1 cut to 48 tokens" in line for line in said), said

@@ -21,14 +21,21 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vistune.commands.flag_types import positive_int
-from vistune.commands.flags import add_client_flags, client_config
+from vistune.commands.flag_types import names, positive_int
+from vistune.commands.flags import (
+    add_client_flags,
+    add_dataclass_flags,
+    client_config,
+    flag_values,
+)
 from vistune.errors import EndpointError, VistuneError
 
 HELP = "generate instruction data (brief, conversation, detail, complex) with a teacher"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vistune.datagen.pipeline import ALL_TYPES, DatagenConfig
+
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco", type=Path, help="folder laid out as COCO's release")
     source.add_argument(
@@ -39,11 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-root",
         type=Path,
         help="where image paths are found (default: --coco DIR or the pairs file's folder)",
-    )
-    parser.add_argument(
-        "--types",
-        default="brief,conversation,detail,complex",
-        help="comma-separated: brief, conversation, detail, complex",
     )
     parser.add_argument(
         "--teacher",
@@ -61,19 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="local: Hugging Face causal LM folder (default: packaged SmolLM2)",
     )
-    parser.add_argument(
-        "--workers", type=positive_int, default=4, help="teacher requests in flight (default: 4)"
-    )
     parser.add_argument("--out", type=Path, required=True, help="output LLaVA JSON file")
     parser.add_argument(
         "--db", type=Path, help="SQLite store of requests and answers (default: OUT.sqlite)"
     )
-    parser.add_argument("--limit", type=positive_int, help="use only the first N usable images")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="picks the brief/detail questions (default: 0)"
-    )
     add_client_flags(parser)  # openai: --temperature, --max-tokens, --timeout, ...
-    parser.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=True, help="skip images missing on disk (default: on)")  # fmt: skip
+    # --types, --workers, --seed, --limit, --check-images
+    add_dataclass_flags(parser, DatagenConfig, default_text={"types": ",".join(ALL_TYPES), "limit": "all"},
+                        checks={"types": names, "workers": positive_int, "limit": positive_int})  # fmt: skip
 
 
 def _teacher(args: argparse.Namespace, types: tuple[str, ...]):
@@ -113,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from vistune.datagen.pipeline import ALL_TYPES, DatagenConfig, run_datagen
     from vistune.datagen.store import Store
 
-    types = tuple(dict.fromkeys(t.strip() for t in args.types.split(",") if t.strip()))
+    types = args.types
     unknown = [t for t in types if t not in ALL_TYPES]
     if unknown or not types:
         raise VistuneError(f"unknown --types {','.join(unknown)}; valid: {', '.join(ALL_TYPES)}")
@@ -128,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         contexts, skipped = load_pairs(args.pairs)
         root = args.image_root or args.pairs.parent
-    config = DatagenConfig(types=types, workers=args.workers, seed=args.seed, limit=args.limit,
-                           check_images=args.check_images)  # fmt: skip
+    config = DatagenConfig(**flag_values(args, DatagenConfig))
     db = args.db or Path(str(args.out) + ".sqlite")
     bar = tqdm(desc="datagen", unit="req", file=sys.stderr, dynamic_ncols=True)
 

@@ -52,3 +52,8 @@ def url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")
     return text
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list (`brief,detail`), blanks and repeats dropped, order kept."""
+    return tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))

@@ -68,16 +68,24 @@ def add_dataclass_flags(
 ) -> None:
     """A flag per field of the dataclass `cls` (or per field in `only`).
 
-    `checks` replaces a field's plain type with a checking one. With `given_only` every flag
+    A field that is itself a dataclass (TrainConfig's `model`) gives a flag per field of
+    its own, named flat (`--projector`, one name per setting), in a group of the `--help`
+    described by that field's docstring. `checks` replaces a field's plain type with a checking one. With `given_only` every flag
     defaults to None, so a caller can tell the flags given from those left out (the field's
     own default is shown in the help; `default_text` overrides that text per field)."""
     hints = typing.get_type_hints(cls)
     docs = field_help(cls)
     checks = checks or {}
     for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
         kind = _scalar(hints[f.name])
+        if only is not None and f.name not in only and not dataclasses.is_dataclass(kind):
+            continue
+        if dataclasses.is_dataclass(kind):
+            group = parser
+            if isinstance(parser, argparse.ArgumentParser):
+                group = parser.add_argument_group(f"{f.name} settings", docs.get(f.name))
+            add_dataclass_flags(group, kind, only, checks, given_only, default_text)
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = (default_text or {}).get(f.name, default)
         text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
@@ -87,9 +95,30 @@ def add_dataclass_flags(
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=value, help=text)  # fmt: skip
             continue
+        if typing.get_origin(kind) is tuple and f.name not in checks:
+            # a tuple of values: repeat the flag; None when left out (the field's default)
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=f.name, type=item, action="append", default=None,
+                                metavar=f.name.upper(), help=text)  # fmt: skip
+            continue
         convert = checks.get(f.name, kind if kind in (int, float) else str)
         parser.add_argument(flag, dest=f.name, type=convert, default=value,
                             metavar=f.name.upper(), help=text)  # fmt: skip
+
+
+def flag_values(args: argparse.Namespace, cls: type, only: Collection[str] | None = None) -> dict:
+    """The values of `cls`'s flags in `args` (those `add_dataclass_flags` made), ready for
+    `cls(**values)`: a repeated flag's list as a tuple, one left out omitted (the field's
+    default then holds)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if (only is None or f.name in only) and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if isinstance(value, list):
+                value = tuple(value)
+            if value is not None or f.default is None:
+                values[f.name] = value
+    return values
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:

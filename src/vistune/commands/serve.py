@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from vistune.commands.flag_types import positive_int
-from vistune.commands.flags import add_dataclass_flags
+from vistune.commands.flags import add_dataclass_flags, flag_values
 from vistune.errors import VistuneError
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API with a web chat."
@@ -44,28 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grace", type=positive_int, default=30,
         help="seconds running requests get to finish after SIGTERM (default: 30)",
     )  # fmt: skip
-    add_dataclass_flags(parser, ServeConfig, only=_SCALAR_FIELDS, default_text={
-        "api_key": "none: open", "served_model_name": "the model folder's name, or vistune-default"
+    add_dataclass_flags(parser, ServeConfig, default_text={
+        "api_key": "none: open", "served_model_name": "the model folder's name, or vistune-default",
+        "allow_image_host": "none, remote image URLs are refused",
     })  # fmt: skip
-    parser.add_argument(
-        "--allow-image-host", action="append", default=[], metavar="HOST",
-        help="a host whose http(s) image URLs may be fetched (repeat it); default: none, "
-        "remote image URLs are refused",
-    )  # fmt: skip
-
-
-_SCALAR_FIELDS = (
-    "host", "port", "api_key", "served_model_name", "max_body_bytes", "max_pixels",
-    "max_tokens", "max_batch", "max_waiting", "cache_mb", "fetch_timeout",
-)  # fmt: skip
 
 
 def _config(args: argparse.Namespace):
     from vistune.serve.settings import ServeConfig
 
-    values = {name: getattr(args, name) for name in _SCALAR_FIELDS}
+    values = flag_values(args, ServeConfig)
     values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
-    values["allow_image_host"] = tuple(args.allow_image_host)
     try:
         return ServeConfig(**values)
     except ValueError as err:

@@ -4,7 +4,7 @@
     vistune train --config configs/scenes/finetune.yaml --max-steps 50 --out runs/ft
     torchrun --nproc_per_node 8 -m vistune.cli train --config configs/paper/finetune.yaml
 
-Every TrainConfig field is a flag (`--lr`, `--per-device-batch`, `--no-group-by-length`,
+Every TrainConfig setting (its ModelConfig's fields included, named flat) is a flag (`--lr`, `--per-device-batch`, `--no-group-by-length`,
 ...); flags override the file. Progress (with ETA) goes to stderr, the summary to stdout.
 """
 
@@ -16,7 +16,7 @@ import os
 import sys
 
 from vistune.commands.flags import add_dataclass_flags
-from vistune.train.config import TrainConfig, load_config
+from vistune.train.config import SETTINGS, TrainConfig, load_config
 
 HELP = "train a stage (pretrain: projector; finetune: projector + LLM or LoRA)"
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: frozenset[str] | None =
     by_stage = {
         f.name: "stage default" for f in dataclasses.fields(TrainConfig) if f.default is None
     }
+    by_stage["template"] = "stage default"
     add_dataclass_flags(parser, TrainConfig, only=only, given_only=True, default_text=by_stage)
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vistune.train.loop import train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {name: getattr(args, name) for name in SETTINGS}
     cfg = load_config(args.config, overrides)
     main = int(os.environ.get("RANK", "0")) == 0
     bars: dict[str, tqdm] = {}

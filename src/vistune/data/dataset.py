@@ -31,17 +31,14 @@ import torch
 
 from vistune.data.conversation import (
     IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,
     tokenize_conversation,
 )
+from vistune.data.formats import SAMPLE_PROBLEMS, BadSample, check_llava_sample
 from vistune.errors import DataError, TemplateMismatchError
 
 SKIP_REASONS = (
-    "malformed",
-    "empty_conversation",
-    "image_without_placeholder",
-    "placeholder_without_image",
+    *SAMPLE_PROBLEMS,
     "missing_image",
     "bad_image",
     "template_mismatch",
@@ -75,35 +72,13 @@ class SkipError(DataError):
 
 
 def _check_row(row: Any, index: int) -> tuple[str, str | None, list[dict]]:
-    """(id, image or None, conversations) of a row, or SkipError."""
-    if not isinstance(row, dict):
-        raise SkipError("malformed", f"row {index}: not an object")
-    sample_id = str(row.get("id", f"#{index}"))
-    where = f"sample {sample_id}"
-    turns = row.get("conversations")
-    if not turns:
-        raise SkipError("empty_conversation", f"{where}: empty conversations")
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise SkipError("malformed", f"{where}: conversations must be a list of turns")
-    values = [t.get("value") for t in turns]
-    if not all(isinstance(v, str) for v in values):
-        raise SkipError("malformed", f"{where}: every turn needs a string 'value'")
-    if not any(v.strip() for v in values[1::2]):
-        raise SkipError("empty_conversation", f"{where}: no answer text to learn")
-    image = row.get("image")
-    count = sum(v.count(IMAGE_PLACEHOLDER) for v in values)
-    if image and count == 0:
-        raise SkipError("image_without_placeholder", f"{where}: image but no <image> in the text")
-    if not image and count:
-        raise SkipError("placeholder_without_image", f"{where}: <image> in the text but no image")
-    if image is not None and not isinstance(image, str):
-        raise SkipError("malformed", f"{where}: image must be a path string")
-    try:  # JSON allows lone surrogates ("\ud83d"), which no tokenizer or file name takes
-        for text in (sample_id, image or "", *values):
-            text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise SkipError("malformed", f"#{index}: text that is not valid Unicode ({err})") from None
-    return sample_id, image or None, turns
+    """(id, image or None, conversations) of a row, or SkipError: the rule is
+    `vistune.data.formats.check_llava_sample`'s, its reasons the skip reasons."""
+    try:
+        check_llava_sample(row, index)
+    except BadSample as err:
+        raise SkipError(err.reason, str(err)) from None
+    return str(row["id"]), row.get("image"), row["conversations"]
 
 
 def truncate(

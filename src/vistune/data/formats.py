@@ -27,7 +27,7 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,8 @@ def read_llava_rows(path: str | Path) -> list[Any]:
 def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
     """Read a LLaVA JSON file (a list of sample objects) unchanged; `.jsonl` is one a line.
 
-    Samples are not validated here: use `validate_llava_sample` (training checks each row
-    itself in vistune.data.dataset, skipping and counting the bad ones).
+    Samples are not validated here: `check_llava_sample` is the rule (training skips and
+    counts the rows it refuses, vistune.data.dataset).
     """
     data = read_llava_rows(path)
     for i, sample in enumerate(data):
@@ -108,53 +108,100 @@ def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
     return data
 
 
-def validate_llava_sample(sample: Any) -> str | None:
-    """Why a LLaVA JSON sample cannot be trained on, or None when it is fine.
+class BadSample(DataError):
+    """A LLaVA JSON sample that breaks a rule of `check_llava_sample`. `reason` is the kind
+    (one of SAMPLE_PROBLEMS, the names training counts its skips by), `problem` what is
+    wrong, and the message names the sample: by id, or by position (`#<index>`) where it
+    has no id or its text is not valid Unicode (such text cannot be printed)."""
 
-    Rules: an "id"; "conversations" a non-empty list of turns alternating human, gpt, ...
-    and ending with gpt; every value a non-empty string; with "image" (a non-empty string)
-    exactly one "<image>", in the first human turn; without "image" no "<image>" at all.
+    def __init__(self, reason: str, problem: str, where: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.reason, self.problem = reason, problem
+
+
+SAMPLE_PROBLEMS = (
+    "malformed",
+    "empty_conversation",
+    "image_without_placeholder",
+    "placeholder_without_image",
+)
+
+
+def check_llava_sample(sample: Any, index: int = 0) -> None:
+    """Raise BadSample when a LLaVA JSON sample (row `index` of its file) cannot be trained
+    on: the one rule for every reader of LLaVA JSON.
+
+    Rules: an object with an "id"; "conversations" a non-empty list of turns alternating
+    human, gpt, ... and ending with gpt; every value a non-empty string; with "image" (a
+    non-empty string; null is no image) exactly one "<image>", in the first human turn;
+    without an image no "<image>" at all; all text valid Unicode (JSON allows lone
+    surrogates such as "\\ud83d", which no tokenizer or file name takes).
     """
     if not isinstance(sample, dict):
-        return f"sample is {kind(sample)}, not an object"
+        raise BadSample("malformed", f"sample is {kind(sample)}, not an object", f"#{index}")
     if "id" not in sample:
-        return "missing id"
+        raise BadSample("malformed", "missing id", f"#{index}")
+    where = f"sample {sample['id']}"
+    if not _unicode(where):
+        where = f"#{index}"  # an id that cannot be printed
+
+    def bad(reason: str, problem: str) -> BadSample:
+        return BadSample(reason, problem, where)
+
     turns = sample.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return "missing conversations"
+        raise bad("malformed" if turns else "empty_conversation", "missing conversations")
     for i, turn in enumerate(turns):
-        reason = _check_turn(i, turn)
-        if reason:
-            return reason
+        _check_turn(i, turn, bad)
     if turns[-1]["from"] != "gpt":
-        return "last turn is not from gpt (unanswered question)"
+        raise bad("malformed", "last turn is not from gpt (unanswered question)")
+    image = sample.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise bad("malformed", "image must be a non-empty string")
     count = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
-    has_image = "image" in sample
-    if has_image and (not isinstance(sample["image"], str) or not sample["image"].strip()):
-        return "image must be a non-empty string"
-    if has_image and count == 0:
-        return "image given but no <image> placeholder"
-    if not has_image and count:
-        return "<image> placeholder but no image"
+    if image is not None and count == 0:
+        raise bad("image_without_placeholder", "image given but no <image> placeholder")
+    if image is None and count:
+        raise bad("placeholder_without_image", "<image> placeholder but no image")
     if count > 1:
-        return f"<image> appears {count} times, expected once"
+        raise bad("malformed", f"<image> appears {count} times, expected once")
     if count == 1 and IMAGE_PLACEHOLDER not in turns[0]["value"]:
-        return "<image> is not in the first human turn"
+        raise bad("malformed", "<image> is not in the first human turn")
+    for text in (str(sample["id"]), image or "", *(turn["value"] for turn in turns)):
+        if not _unicode(text):
+            raise BadSample("malformed", f"text that is not valid Unicode ({text!r})", f"#{index}")
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validate_llava_sample(sample: Any) -> str | None:
+    """What is wrong with a LLaVA JSON sample (`check_llava_sample`'s rule), or None."""
+    try:
+        check_llava_sample(sample)
+    except BadSample as err:
+        return err.problem
     return None
 
 
-def _check_turn(i: int, turn: Any) -> str | None:
+def _check_turn(i: int, turn: Any, bad: Callable[[str, str], BadSample]) -> None:
     if not isinstance(turn, dict):
-        return f"turn {i} is {kind(turn)}, not an object"
+        raise bad("malformed", f"turn {i} is {kind(turn)}, not an object")
     role = turn.get("from")
-    if role not in ROLES:
-        return f"turn {i}: bad role {role!r} (expected human or gpt)"
+    if not isinstance(role, str) or role not in ROLES:
+        raise bad("malformed", f"turn {i}: bad role {role!r} (expected human or gpt)")
     if role != ROLES[i % 2]:
-        return f"turn {i}: role {role!r} out of order (turns alternate human, gpt)"
+        raise bad("malformed", f"turn {i}: role {role!r} out of order (turns alternate human, gpt)")
     value = turn.get("value")
-    if not isinstance(value, str) or not value.strip():
-        return f"turn {i}: empty value"
-    return None
+    if not isinstance(value, str):
+        raise bad("malformed", f"turn {i}: value is {kind(value)}, not a string")
+    if not value.strip():
+        raise bad("empty_conversation", f"turn {i}: empty value")
 
 
 # ---------------------------------------------------------------------------- COCO

@@ -40,7 +40,7 @@ ALL_TYPES = ("brief", *RESPONSE_TYPES)
 @dataclass(frozen=True)
 class DatagenConfig:
     types: tuple[str, ...] = ALL_TYPES
-    """Which sample types to make; `brief` needs no teacher."""
+    """Which sample types to make, comma-separated: brief, conversation, detail, complex (`brief` needs no teacher)."""
     workers: int = 4
     """Teacher requests in flight at once (1 for an in-process model)."""
     seed: int = 0

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from vistune.files import staged_dir
 from vistune.train.distributed import barrier
 from vistune.train.setup import apply_stage, build_model
 from vistune.train.step import TrainStep
@@ -58,7 +59,8 @@ def finalize(
         if merge:
             model.llm = model.llm.merge_and_unload()
         else:
-            model.llm.save_pretrained(out / "adapter")
+            with staged_dir(out / "adapter") as folder:  # whole or not at all, as every folder
+                model.llm.save_pretrained(folder)
             model.llm = model.llm.unload()
             model.adapter = out / "adapter"
     model.projector_trained = True

@@ -110,17 +110,12 @@ def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape[::-1], dtype=dtype).copy_(t.t())
 
 
-@dataclass
-class Shapes:
+@dataclass(frozen=True)
+class Shapes(llama.Dims):
+    """The attention sizes (model/llama.py's Dims) of one batch of `length` tokens."""
+
     batch: int
     length: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @property
-    def groups(self) -> int:
-        return self.heads // self.kv_heads
 
 
 _FLASH = {"usable": True}
@@ -382,7 +377,7 @@ def decoder_loss(
     cfg, model = llm.config, llm.model
     b, length, _ = inputs.shape
     d = llama.dims(cfg)
-    shapes = Shapes(b, length, d.heads, d.kv_heads, d.head_dim)
+    shapes = Shapes(d.heads, d.kv_heads, d.head_dim, batch=b, length=length)
     k_ = glue(d.heads, d.kv_heads, d.head_dim, model.norm.variance_epsilon, dtype)
     cache = cache or WeightCache()
     cos, ssin = llama.rope_tables(model.rotary_emb, inputs, positions, dtype)  # (B, L, hd)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from vistune.config import ModelConfig
 from vistune.data.dataset import Sample, build_samples, drop_samples
 from vistune.data.formats import read_llava_rows
 from vistune.errors import DataError, VistuneError
@@ -28,17 +27,6 @@ from vistune.train.config import TrainConfig
 from vistune.train.stages import apply_plan
 
 Say = Callable[[str], None]
-
-
-def _fresh_config(cfg: TrainConfig) -> ModelConfig:
-    return ModelConfig(
-        projector=cfg.projector,
-        vision_layer=cfg.vision_layer,
-        vision_select=cfg.vision_select,
-        image_aspect=cfg.image_aspect,
-        image_size=cfg.image_size,
-        template=cfg.template,
-    )
 
 
 def _default_parts(cfg: TrainConfig, say: Say) -> tuple[Path, Path]:
@@ -69,7 +57,7 @@ def build_encoder(cfg: TrainConfig, say: Say) -> Encoder:
     from vistune.model.vision import VisionTower
 
     if cfg.init == "default":
-        vision_dir, config = _default_parts(cfg, say)[0], _fresh_config(cfg)
+        vision_dir, config = _default_parts(cfg, say)[0], cfg.model
     else:
         info = read_model_dir(model_dir_of(cfg.init))
         vision_dir, config = info.vision_dir, info.config
@@ -94,12 +82,10 @@ def build_model(cfg: TrainConfig, say: Say, meta_llm: bool = False) -> Any:
     if cfg.init == "default":
         vision, llm = _default_parts(cfg, say)
         with _settings_refused(f"a model from {vision} and {llm}"):
-            model = LlavaModel.from_parts(
-                vision, llm, _fresh_config(cfg), seed=cfg.seed, meta_llm=meta_llm
-            )
+            model = LlavaModel.from_parts(vision, llm, cfg.model, seed=cfg.seed, meta_llm=meta_llm)
     else:
         model = LlavaModel.load(model_dir_of(cfg.init), meta_llm=meta_llm)
-        model.config = dataclasses.replace(model.config, template=cfg.template)
+        model.config = dataclasses.replace(model.config, template=cfg.model.template)
     return model
 
 
@@ -320,7 +306,7 @@ def prepare_samples(
     samples, skipped = build_samples(
         rows,
         model.tokenizer,
-        cfg.template,
+        cfg.model.template,
         image_root(cfg),
         model.num_image_tokens,
         sample_limit(cfg, model),
