@@ -76,17 +76,11 @@ def test_scene_conversations_ask_about_absent_objects_and_traps_with_exact_answe
     assert stars and set(stars) == {"There are two stars."}
     # a colour and a kind that are both there, but not together (paper §5.1's failure)
     trap = [a for q, a in answers.items() if "green star" in q]
-    # what the picture shows of that kind comes first, then the yes or no that follows
-    assert set(trap) == {
-        "The stars in the picture are blue and red, so no, there is no green star."
-    }
+    assert set(trap) == {"No, there is no green star. There are stars, but none of them is green."}
     heart = [a for q, a in answers.items() if "red heart" in q]
-    assert set(heart) == {"The heart in the picture is green, so no, there is no red heart."}
+    assert set(heart) == {"No, there is no red heart. The heart in the picture is green."}
     yes = [a for q, a in answers.items() if "a blue star" in q and not q.startswith("What")]
-    assert set(yes) == {
-        "The stars in the picture are blue and red, so yes: a blue star is in the top left "
-        "part of the picture."
-    }
+    assert set(yes) == {"Yes, there is a blue star in the top left part of the picture."}
     kinds = [
         a
         for q, a in answers.items()
@@ -108,8 +102,8 @@ def test_yes_and_no_are_balanced_and_every_skill_is_asked():
                              rng.choice(list(COLORS))))  # fmt: skip
         ctx = ImageContext(str(i), f"{i}.png", ("shapes",), tuple(boxes), categories=tuple(KINDS))
         for question, answer in conversation(ctx):
-            yes += ", so yes" in answer
-            no += ", so no" in answer
+            yes += answer.startswith("Yes")
+            no += answer.startswith("No,")
             seen.add(question.split()[0])
     assert 0.7 < yes / no < 1.4
     assert {"How", "Where", "Locate", "Is", "Can", "Does"} & seen
@@ -160,3 +154,29 @@ def test_words_and_positions():
     assert where(Box("a", (0.0, 0.0, 0.2, 0.2))) == "in the top left part of the picture"
     assert where(Box("a", (0.4, 0.8, 0.6, 1.0))) == "near the bottom of the picture"
     assert where(Box("a", (0.8, 0.4, 1.0, 0.6))) == "on the right side of the picture"
+
+
+def test_a_conversation_asks_one_kind_of_question_so_no_answer_gives_away_another():
+    """Counts, colours, kinds, places or yes/no: one kind a conversation, the inventory
+    last; every kind comes up across conversations."""
+    families = {
+        "How": "count", "Count": "count", "What is the number": "count",
+        "Which colour": "colour", "What is the color": "colour", "Tell me": "colour",
+        "What colour": "colour", "Which object": "kind", "What is the": "kind",
+        "Name": "kind", "Which kind": "kind", "Where": "place", "In which": "place",
+        "Locate": "place", "Does": "yes/no", "Can": "yes/no", "Is": "yes/no",
+    }  # fmt: skip
+    seen = set()
+    for i in range(60):
+        pairs = conversation(SCENE, seed=str(i))
+        assert pairs[-1][0] == "What objects can you see in the picture?"
+        kinds = {
+            next(f for start, f in sorted(families.items(), key=lambda x: -len(x[0]))
+                 if q.startswith(start))
+            for q, _ in pairs[:-1]
+        }  # fmt: skip
+        assert len(kinds) == 1, pairs
+        seen |= kinds
+        questions = [q for q, _ in pairs]
+        assert len(set(questions)) == len(questions)
+    assert seen == {"count", "colour", "kind", "place", "yes/no"}
