@@ -326,7 +326,7 @@ def test_questions_for_image_exact_answers():
         ("presence", "yes", "Yes, there is.", True),
         ("absence", "no", "No, there is a red square and a blue circle.", True),
         ("absence", "no", "Yes, a blue square.", False),
-        # the rules teacher's answers: what is seen first, then the yes or no
+        # answers that say what is seen before the yes or no
         (
             "presence",
             "yes",
