@@ -192,77 +192,16 @@ class SceneFacts:
         return [b for b in self.boxes if names[self.named(b)] == 1]
 
     def conversation(self, rng: random.Random) -> list[tuple[str, str]]:
-        """Up to six questions of one kind with definite answers, then the inventory.
-
-        One kind of question a conversation (counts, colours, kinds, places, or yes/no),
-        because a later answer must not be readable from an earlier turn: "What colour is
-        the star?" tells a later "How many stars?" that there is one, and an inventory
-        asked first ("I can see a purple circle and an orange heart.") answered every later
-        question in words. Trained on such conversations, a model learns to copy from the
-        text instead of reading the picture (docs/LEARNING.md, runs 10-11). The inventory
-        comes last, where nothing can copy from it."""
+        """Up to eight questions with definite answers, in random order after the first."""
         if not self.boxes:
             first = sentence(self.captions[0])
             return [("What does this picture show?", f"The picture shows this scene: {first}")]
-        last = ("What objects can you see in the picture?", f"I can see {self.inventory()}.")
-        options = [pairs for family in (self._counts, self._colours, self._kinds,
-                                        self._places, self._yes_no) if (pairs := family(rng))]  # fmt: skip
-        return [*(rng.choice(options)[:6] if options else []), last]
-
-    def _counts(self, rng: random.Random) -> list[tuple[str, str]]:
-        """Counts of the kinds in view and, where the category list is known, as many absent
-        ones (answer "There are no ...")."""
-        present = sorted(self.counts)
-        absent = sorted(set(self.categories) - set(self.counts))
-        kinds = rng.sample(present, min(3, len(present)))
-        kinds += rng.sample(absent, min(max(2, len(kinds)), len(absent)))
-        rng.shuffle(kinds)
-        return [self._count(cat, rng) for cat in kinds]
-
-    def _colours(self, rng: random.Random) -> list[tuple[str, str]]:
-        cats = sorted(self.colours)
-        rng.shuffle(cats)
-        return [(rng.choice(_COLOUR_ASKS).format(c=cat), f"The {cat} is {self.colours[cat]}.")
-                for cat in cats]  # fmt: skip
-
-    def _kinds(self, rng: random.Random) -> list[tuple[str, str]]:
-        colours = Counter(b.color for b in self.boxes if b.color)
-        single = sorted(c for c, n in colours.items() if n == 1)
-        rng.shuffle(single)
-        out = []
-        for col in single:
-            box = next(b for b in self.boxes if b.color == col)
-            out.append((rng.choice(_KIND_ASKS).format(col=col),
-                        f"The {col} object is {a(box.category)}."))  # fmt: skip
-        return out
-
-    def _places(self, rng: random.Random) -> list[tuple[str, str]]:
-        """Where each object that its name picks out is, then one relative position."""
-        unique = self._unique()
-        rng.shuffle(unique)
-        out = []
-        for box in unique:
-            name = self.named(box)
-            out.append((rng.choice(_WHERE_ASKS).format(n=name), f"The {name} is {where(box)}."))
-        if (relative := self._relative(rng)) is not None:
-            out.append(relative)
-        return out
-
-    def _yes_no(self, rng: random.Random) -> list[tuple[str, str]]:
-        """As many "no" as "yes" questions (up to three each), none repeated; none at all
-        where nothing absent can be asked (no category list)."""
-        no: dict[str, tuple[str, str]] = {}
-        for _ in range(12):
-            if len(no) == 3 or (pair := self._absent(rng)) is None:
-                break
-            no.setdefault(pair[1], pair)
-        if not no:
-            return []
-        boxes = rng.sample(list(self.boxes), min(len(no), len(self.boxes)))
-        yes = [self._present_of(box, rng) for box in boxes]
-        pairs = [*yes, *list(no.values())[: len(yes)]]
+        first = ("What objects can you see in the picture?", f"I can see {self.inventory()}.")
+        makers = (self._count_present, self._count_absent, self._colour, self._kind_of_colour,
+                  self._where, self._present, self._absent, self._relative)  # fmt: skip
+        pairs = [pair for make in makers if (pair := make(rng)) is not None]
         rng.shuffle(pairs)
-        return pairs
+        return [first, *pairs][:8]
 
     def _count(self, cat: str, rng: random.Random) -> tuple[str, str]:
         n = self.counts.get(cat, 0)
@@ -271,7 +210,39 @@ class SceneFacts:
             return question, f"There are no {plural(cat)}."
         return question, f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)}."
 
-    def _present_of(self, box: Box, rng: random.Random) -> tuple[str, str]:
+    def _count_present(self, rng: random.Random) -> tuple[str, str]:
+        return self._count(rng.choice(sorted(self.counts)), rng)
+
+    def _count_absent(self, rng: random.Random) -> tuple[str, str] | None:
+        absent = sorted(set(self.categories) - set(self.counts))
+        return self._count(rng.choice(absent), rng) if absent else None
+
+    def _colour(self, rng: random.Random) -> tuple[str, str] | None:
+        known = sorted(self.colours)
+        if not known:
+            return None
+        cat = rng.choice(known)
+        return rng.choice(_COLOUR_ASKS).format(c=cat), f"The {cat} is {self.colours[cat]}."
+
+    def _kind_of_colour(self, rng: random.Random) -> tuple[str, str] | None:
+        colours = Counter(b.color for b in self.boxes if b.color)
+        single = sorted(c for c, n in colours.items() if n == 1)
+        if not single:
+            return None
+        col = rng.choice(single)
+        box = next(b for b in self.boxes if b.color == col)
+        return rng.choice(_KIND_ASKS).format(col=col), f"The {col} object is {a(box.category)}."
+
+    def _where(self, rng: random.Random) -> tuple[str, str] | None:
+        unique = self._unique()
+        if not unique:
+            return None
+        box = rng.choice(unique)
+        name = self.named(box)
+        return rng.choice(_WHERE_ASKS).format(n=name), f"The {name} is {where(box)}."
+
+    def _present(self, rng: random.Random) -> tuple[str, str]:
+        box = rng.choice(self.boxes)
         name = self.named(box)
         question = rng.choice(_PRESENT_ASKS).format(n=a(name))
         return question, f"Yes, there is {a(name)} {where(box)}."
