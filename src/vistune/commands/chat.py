@@ -63,30 +63,18 @@ def _generation_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vistune.data.image import load_image
-    from vistune.model import DEFAULT_SPEC, load_model, model_notes
-    from vistune.serve.engine import Engine
+    from vistune.serve.engine import open_engine
 
     config = _generation_config(args)
-    if args.threads < 0:
-        raise VistuneError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.prompt is not None and not args.prompt.strip():
         raise VistuneError("the prompt is empty")
     image = load_image(args.image) if args.image else None
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if args.model == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
-        from vistune.weights import ensure_default_weights
 
-        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
-    model = load_model(args.model, dtype=dtype)
-    for note in model_notes(model, args.model, args.template):
-        hint = "; --template vicuna_v0 asks in words" if "plain template" in note else ""
-        print(f"vistune: note: {note}{hint}", file=sys.stderr)
-    engine = Engine(model, dtype=dtype, template=args.template)
+    def hint(note: str) -> str:
+        return note + ("; --template vicuna_v0 asks in words" if "plain template" in note else "")
+
+    engine = open_engine(args.model, args.dtype, args.template, args.threads, hint)
     if args.prompt is not None:
         print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
         return 0

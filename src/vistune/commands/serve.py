@@ -13,7 +13,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
 from vistune.commands.flag_types import positive_int
 from vistune.commands.flags import add_dataclass_flags, flag_values
@@ -71,30 +70,14 @@ def served_name(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
-    from vistune.model import DEFAULT_SPEC, load_model, model_notes
     from vistune.serve.app import create_app
-    from vistune.serve.engine import Engine
+    from vistune.serve.engine import open_engine
 
     config = _config(args)
-    if args.threads < 0:
-        raise VistuneError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model != DEFAULT_SPEC and not Path(args.model).exists():
-        raise VistuneError(f"{args.model}: no such model directory")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if args.model == DEFAULT_SPEC:
-        from vistune.weights import ensure_default_weights
-
-        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
-    model = load_model(args.model, dtype=dtype)
-    for note in model_notes(model, args.model, args.template):
-        print(f"vistune: note: {note}", file=sys.stderr)
-    engine = Engine(
-        model, dtype=dtype, template=args.template, max_batch=config.max_batch,
+    engine = open_engine(
+        args.model, args.dtype, args.template, args.threads, max_batch=config.max_batch,
         max_waiting=config.max_waiting, cache_bytes=config.cache_mb << 20,
     )  # fmt: skip
     name = config.served_model_name or served_name(args.model)

@@ -276,6 +276,40 @@ class Engine:
         return [c.text for c in self.complete(requests, config)]
 
 
+def open_engine(
+    spec: str,
+    dtype: str = "bf16",
+    template: str | None = None,
+    threads: int = 0,
+    note: Callable[[str], str] = lambda text: text,
+    **engine_options,
+) -> Engine:
+    """The Engine of `vistune chat` and `vistune serve`: `spec` (a model folder or
+    "default", whose packaged weights are converted on first use, with progress on stderr)
+    loaded in `dtype` ("bf16" or "fp32") on `threads` CPU threads (0: torch's default);
+    each of vistune.model.model_notes is printed through `note`."""
+    import sys
+    from pathlib import Path
+
+    from vistune.model import DEFAULT_SPEC, load_model, model_notes
+
+    if threads < 0:
+        raise VistuneError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    if spec != DEFAULT_SPEC and not Path(spec).exists():
+        raise VistuneError(f"{spec}: no such model directory")
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    if spec == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
+        from vistune.weights import ensure_default_weights
+
+        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
+    model = load_model(spec, dtype=torch_dtype)
+    for text in model_notes(model, spec, template):
+        print(f"vistune: note: {note(text)}", file=sys.stderr)
+    return Engine(model, dtype=torch_dtype, template=template, **engine_options)
+
+
 def _pieces(job: Job, events: queue.Queue[Event]) -> Iterator[str]:
     """A job's text pieces from its event queue; a failure is raised here; leaving early
     cancels the job."""
