@@ -54,7 +54,7 @@ def huge_png(path: Path, side: int = 8_000) -> Path:
 
 
 def chat(*args: str) -> list[str]:
-    return ["chat", *args, "--dtype", "fp32", "--max-tokens", str(MAX_TOKENS)]
+    return ["chat", "--dtype", "fp32", "--max-new-tokens", str(MAX_TOKENS), *args]  # args win
 
 
 def type_lines(monkeypatch, script) -> None:
@@ -184,6 +184,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "bad flag": ([*m, *q, "--temperature", "-1"], "--temperature must"),
         "nan temperature": ([*m, *q, "--temperature", "nan"], "--temperature must"),
         "bad top-p": ([*m, *q, "--top-p", "0"], "--top-p must"),
+        "bad answer length": ([*m, *q, "--max-new-tokens", "0"], "--max-new-tokens must"),
         "bad threads": ([*m, *q, "--threads", "-2"], "--threads"),
     }
 
@@ -202,6 +203,7 @@ def bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], st
         "bad flag",
         "nan temperature",
         "bad top-p",
+        "bad answer length",
         "bad threads",
     ],
 )

@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="ask one question, print the answer and exit")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
+    parser.add_argument(
+        "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256,
+        help="longest answer in tokens (as in `vistune eval`; --max-tokens is the old name)",
+    )  # fmt: skip
     parser.add_argument(
         "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
     )
@@ -52,13 +55,13 @@ def _generation_config(args: argparse.Namespace):
 
     try:
         return GenerationConfig(
-            max_new_tokens=args.max_tokens,
+            max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
         )
     except ValueError as exc:  # a bad flag value is the user's to fix
-        message = str(exc).replace("max_new_tokens", "--max-tokens").replace("top_p", "--top-p")
+        message = str(exc).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
         raise VistuneError(message.replace("temperature", "--temperature", 1)) from exc
 
 

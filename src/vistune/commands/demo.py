@@ -233,7 +233,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
                 FIRST_VAL_IMAGE,
                 "--prompt",
                 "What objects can you see in the picture?",
-                "--max-tokens",
+                "--max-new-tokens",
                 "60",
             ],  # fmt: skip
             out / ".never",
