@@ -17,6 +17,7 @@ loss.png, train_config.json, summary.json and checkpoints/ (resumable, see check
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -159,9 +160,14 @@ def train(
         lock = _lock_out(Path(cfg.out), info)
         run = _setup(cfg, info, say, on_features)
         result = _loop(run, say, on_step)
-        # every rank leaves its last collective before any tears the group down: a rank
-        # that destroyed gloo's threads while a peer still talked aborted once in CI
-        # ("terminate called without an active exception", FSDP + LoRA, after the last step)
+        # A rank aborted after its last step, twice ("terminate called without an active
+        # exception": CI with FSDP + LoRA, a local suite run with DDP or FSDP). The known
+        # cause: DDP/FSDP objects, freed late (reference cycles) at interpreter shutdown,
+        # still hold gloo work whose teardown then aborts. So the wrapped model and its
+        # optimizer go now, while the group is alive, and every rank leaves its last
+        # collective before any tears the group down.
+        del run
+        gc.collect()
         barrier(info)
         return result
     finally:
