@@ -74,3 +74,21 @@ def test_a_tuple_field_is_a_repeated_flag_and_flag_values_build_the_config():
     assert "Hosts to allow (repeat the flag). (default: ())" in " ".join(
         parser.format_help().split()
     )
+
+
+def test_a_prefix_names_a_second_models_flags_and_aliases_keep_old_spellings():
+    """eval scienceqa's judge: `--judge-temperature` beside the answering model's
+    `--temperature`, with `--max-tokens` kept as the judge's old name."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Toy, only={"rate"})
+    add_client_flags(parser, prefix="judge-", aliases={"max_tokens": ("--max-tokens",)})
+    args = parser.parse_args(["--rate", "1", "--judge-temperature", "0.7", "--max-tokens", "9"])
+    assert (args.rate, args.judge_temperature, args.judge_max_tokens) == (1.0, 0.7, 9)
+    assert not hasattr(args, "temperature")
+    config = client_config(args, "http://127.0.0.1:9/v1", "j", prefix="judge-")
+    assert config == ClientConfig("http://127.0.0.1:9/v1", "j", temperature=0.7, max_tokens=9)
+    again = parser.parse_args(["--judge-max-tokens", "9"])
+    assert flag_values(again, ClientConfig, {"max_tokens"}, "judge-") == {"max_tokens": 9}
+    assert "--judge-max-tokens MAX_TOKENS, --max-tokens MAX_TOKENS" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--temperature", "0.7"])  # no such flag: the judge's is prefixed

@@ -9,6 +9,12 @@ tyro cannot tell a flag left out from one given its default, and our YAML-then-f
 
 The shared endpoint settings of a teacher or judge (`ClientConfig`) get the same flags in
 `vistune datagen` and `vistune eval`.
+
+Renamed flags follow one rule: a flag is its field's name, and where one command holds two
+models the second one's flags all carry its role as a prefix (`eval scienceqa`'s judge:
+`--judge-base-url`, `--judge-temperature`, ...; its answering model's are `--temperature`,
+`--max-new-tokens` as in `chat`). A name that users may have in scripts stays as an alias
+(`aliases`), shown beside the new one in `--help`.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ def add_dataclass_flags(
     checks: dict[str, Callable[[str], Any]] | None = None,
     given_only: bool = False,
     default_text: dict[str, str] | None = None,
+    prefix: str = "",
+    aliases: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """A flag per field of the dataclass `cls` (or per field in `only`).
 
@@ -72,7 +80,9 @@ def add_dataclass_flags(
     its own, named flat (`--projector`, one name per setting), in a group of the `--help`
     described by that field's docstring. `checks` replaces a field's plain type with a checking one. With `given_only` every flag
     defaults to None, so a caller can tell the flags given from those left out (the field's
-    own default is shown in the help; `default_text` overrides that text per field)."""
+    own default is shown in the help; `default_text` overrides that text per field).
+    `prefix` (`judge-`) goes before every flag and, as `judge_`, before its name in the
+    parsed arguments; `aliases` gives a field's old spellings (`--answer-temperature`)."""
     hints = typing.get_type_hints(cls)
     docs = field_help(cls)
     checks = checks or {}
@@ -84,36 +94,41 @@ def add_dataclass_flags(
             group = parser
             if isinstance(parser, argparse.ArgumentParser):
                 group = parser.add_argument_group(f"{f.name} settings", docs.get(f.name))
-            add_dataclass_flags(group, kind, only, checks, given_only, default_text)
+            add_dataclass_flags(group, kind, only, checks, given_only, default_text, prefix,
+                                aliases)  # fmt: skip
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = (default_text or {}).get(f.name, default)
         text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
         value = None if given_only else default
-        flag = "--" + f.name.replace("_", "-")
+        flags = ("--" + prefix + f.name.replace("_", "-"), *(aliases or {}).get(f.name, ()))
+        dest = prefix.replace("-", "_") + f.name
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=value, help=text)  # fmt: skip
             continue
         if typing.get_origin(kind) is tuple and f.name not in checks:
             # a tuple of values: repeat the flag; None when left out (the field's default)
             item = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=f.name, type=item, action="append", default=None,
+            parser.add_argument(*flags, dest=dest, type=item, action="append", default=None,
                                 metavar=f.name.upper(), help=text)  # fmt: skip
             continue
         convert = checks.get(f.name, kind if kind in (int, float) else str)
-        parser.add_argument(flag, dest=f.name, type=convert, default=value,
+        parser.add_argument(*flags, dest=dest, type=convert, default=value,
                             metavar=f.name.upper(), help=text)  # fmt: skip
 
 
-def flag_values(args: argparse.Namespace, cls: type, only: Collection[str] | None = None) -> dict:
-    """The values of `cls`'s flags in `args` (those `add_dataclass_flags` made), ready for
-    `cls(**values)`: a repeated flag's list as a tuple, one left out omitted (the field's
-    default then holds)."""
+def flag_values(
+    args: argparse.Namespace, cls: type, only: Collection[str] | None = None, prefix: str = ""
+) -> dict:
+    """The values of `cls`'s flags in `args` (those `add_dataclass_flags` made, with the same
+    `prefix`), ready for `cls(**values)`: a repeated flag's list as a tuple, one left out
+    omitted (the field's default then holds)."""
     values = {}
+    dest = prefix.replace("-", "_")
     for f in dataclasses.fields(cls):
-        if (only is None or f.name in only) and hasattr(args, f.name):
-            value = getattr(args, f.name)
+        if (only is None or f.name in only) and hasattr(args, dest + f.name):
+            value = getattr(args, dest + f.name)
             if isinstance(value, list):
                 value = tuple(value)
             if value is not None or f.default is None:
@@ -121,11 +136,20 @@ def flag_values(args: argparse.Namespace, cls: type, only: Collection[str] | Non
     return values
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    """The endpoint settings shared by every teacher and judge (see CLIENT_FLAGS)."""
-    add_dataclass_flags(parser, ClientConfig, only=CLIENT_FLAGS, checks=CLIENT_FLAGS)
+def add_client_flags(
+    parser: argparse.ArgumentParser,
+    prefix: str = "",
+    aliases: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """The endpoint settings shared by every teacher and judge (see CLIENT_FLAGS), their
+    flags named with `prefix` (`judge-` where the judge is a command's second model)."""
+    add_dataclass_flags(parser, ClientConfig, only=CLIENT_FLAGS, checks=CLIENT_FLAGS,
+                        prefix=prefix, aliases=aliases)  # fmt: skip
 
 
-def client_config(args: argparse.Namespace, base_url: str, model: str) -> ClientConfig:
-    """The ClientConfig of an endpoint at `base_url` serving `model`, with the shared flags."""
-    return ClientConfig(base_url, model, **{name: getattr(args, name) for name in CLIENT_FLAGS})
+def client_config(
+    args: argparse.Namespace, base_url: str, model: str, prefix: str = ""
+) -> ClientConfig:
+    """The ClientConfig of an endpoint at `base_url` serving `model`, with the shared flags
+    (those `add_client_flags` made with the same `prefix`)."""
+    return ClientConfig(base_url, model, **flag_values(args, ClientConfig, CLIENT_FLAGS, prefix))
