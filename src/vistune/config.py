@@ -66,6 +66,7 @@ class GenerationConfig:
     """Decoding settings for chat, the API and batched evaluation."""
 
     max_new_tokens: int = 256
+    """Longest answer in tokens."""
     temperature: float = 0.0
     """0 is greedy; above 0 samples from softmax(logits / temperature)."""
     top_p: float = 1.0
@@ -73,6 +74,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     """Extra stop strings; the template's own stop and the EOS token always stop."""
     seed: int | None = None
+    """Seed for sampling (temperature > 0)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

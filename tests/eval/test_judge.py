@@ -334,13 +334,18 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
 @pytest.mark.parametrize("command", ["judge", "build", "scienceqa"])
 def test_bad_endpoint_flags_are_one_line_not_a_traceback(command, flag, value, message, capsys):
     """Each subcommand with a judge or teacher: a bad value is named before any work (a
-    negative --retries used to ask nothing and fail every question)."""
-    if command == "scienceqa" and flag == "--base-url":
-        flag = "--judge-base-url"
+    negative --retries used to ask nothing and fail every question). scienceqa's judge flags
+    carry `judge-` (its --temperature is the answering model's); argparse names the new
+    flag and its old name."""
+    named = flag
+    if command == "scienceqa":
+        flag = "--judge-" + flag[2:]
+        old = named not in ("--base-url", "--temperature")
+        named = f"{flag}/{named}" if old else flag
     with pytest.raises(SystemExit) as exit_:
         cli.main(["eval", command, flag, value])
     assert exit_.value.code == 2
-    assert f"argument {flag}: {message}" in capsys.readouterr().err
+    assert f"argument {named}: {message}" in capsys.readouterr().err
 
 
 def test_local_judge_failure_is_reported(tiny_llm_dir):

@@ -378,8 +378,8 @@ def test_a_judge_ensemble_asks_again_when_the_requests_change(
     out = tmp_path / "out"
     first = scripted_judge(_judge_script(), default="unexpected request")
     assert _ensemble(sqa_files, tmp_path, write_jsonl, out, first.url) == 0
-    for extra in (["--judge-model", "j2"], ["--temperature", "0.7"], ["--max-tokens", "2048"],
-                  ["--no-resume"]):  # fmt: skip
+    for extra in (["--judge-model", "j2"], ["--judge-temperature", "0.7"], ["--max-tokens", "2048"],
+                  ["--judge-max-tokens", "4096"], ["--no-resume"]):  # fmt: skip
         server = scripted_judge(_judge_script(), default="unexpected request")
         assert _ensemble(sqa_files, tmp_path, write_jsonl, out, server.url, *extra) == 0
         assert len(server.requests) == 9, extra  # another judge (or a fresh start)

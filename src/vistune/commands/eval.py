@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from vistune.commands.eval_flags import add_arguments
-from vistune.commands.flags import client_config
+from vistune.commands.eval_flags import ANSWER_DEFAULTS, ANSWER_FLAGS, add_arguments
+from vistune.commands.flags import client_config, flag_values
+from vistune.config import GenerationConfig
 from vistune.errors import VistuneError
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -28,12 +29,24 @@ HELP = "evaluate: LLaVA-Bench judge and build, ScienceQA accuracy, scene questio
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    """Every flag, for the run's config.json."""
+    """Every flag, for the run's config.json (the answering model's as generated with)."""
+    values = vars(args) | _generation_settings(args)
     return {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in sorted(vars(args).items())
-        if k != "func"
+        k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(values.items()) if k != "func"
     }
+
+
+def _generation(args: argparse.Namespace) -> GenerationConfig:
+    """The answering model's settings: the flags given, eval's defaults for the others."""
+    given = flag_values(args, GenerationConfig, only=ANSWER_FLAGS)
+    return GenerationConfig(**(ANSWER_DEFAULTS | given), seed=getattr(args, "seed", 0))
+
+
+def _generation_settings(args: argparse.Namespace) -> dict:
+    if not hasattr(args, "max_new_tokens") or args.model is None:
+        return {}  # no answering model: its flags are recorded as given
+    generation = _generation(args)
+    return {name: getattr(generation, name) for name in ANSWER_FLAGS}
 
 
 def _bar(total: int, desc: str):
@@ -55,13 +68,9 @@ def _client(args: argparse.Namespace, base_url: str | None, model: str | None, f
 
 def _answerer(args: argparse.Namespace):
     """The model answering questions (--model and the generation flags)."""
-    from vistune.config import GenerationConfig
     from vistune.eval.runs import Answerer
 
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens,
-                                  temperature=args.answer_temperature,
-                                  seed=getattr(args, "seed", 0))  # fmt: skip
-    return Answerer(args.model, generation, args.batch_size, getattr(args, "template", None))
+    return Answerer(args.model, _generation(args), args.batch_size, getattr(args, "template", None))
 
 
 def run_judge(args: argparse.Namespace) -> int:
@@ -95,17 +104,29 @@ def run_answer(args: argparse.Namespace) -> int:
 def run_scienceqa(args: argparse.Namespace) -> int:
     from vistune.eval import runs
 
+    _check_nothing_to_generate(args)
     client = None
     if args.ensemble == "judge" and args.judge_base_url and args.judge_model:
-        client = client_config(args, args.judge_base_url, args.judge_model)
+        client = client_config(args, args.judge_base_url, args.judge_model, prefix="judge-")
     table = runs.scienceqa(
         args.problems, args.splits, args.split, args.predictions,
         _answerer(args) if args.model is not None else None, args.image_root, args.out,
-        ensemble=args.ensemble, other=args.other, client=client, retries=args.retries,
+        ensemble=args.ensemble, other=args.other, client=client, retries=args.judge_retries,
         resume=args.resume, settings=_settings(args), bars=_bar, say=_say,
     )  # fmt: skip
     print(table)
     return 0
+
+
+def _check_nothing_to_generate(args: argparse.Namespace) -> None:
+    """A generation flag with --predictions (no model answers) would do nothing; before the
+    judge's flags took `judge-`, `--temperature` here was the judge's, so say where it went."""
+    given = [name for name in ANSWER_FLAGS if getattr(args, name) is not None]
+    if args.model is None and given:
+        flag = "--" + given[0].replace("_", "-")
+        judge = "; the judge's is --judge-temperature" if given[0] == "temperature" else ""
+        raise VistuneError(f"{flag} sets the answering model's generation, and there is none "
+                           f"without --model{judge}")  # fmt: skip
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -1,17 +1,37 @@
-"""The flags of `vistune eval` and its subcommands (the runs are in commands/eval.py)."""
+"""The flags of `vistune eval` and its subcommands (the runs are in commands/eval.py).
+
+The answering model's settings are `GenerationConfig`'s fields and the judge's or teacher's
+`ClientConfig`'s, made by commands/flags.py. `eval scienceqa` holds both, so its judge's
+flags all carry `judge-` (`--judge-temperature` beside the answering `--temperature`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from vistune.commands.flag_types import count, positive_int, temperature, url
-from vistune.commands.flags import add_client_flags
+from vistune.commands.flag_types import count, positive_int, probability, temperature, url
+from vistune.commands.flags import CLIENT_FLAGS, add_client_flags, add_dataclass_flags
+from vistune.config import GenerationConfig
 from vistune.data.conversation import TEMPLATES
+
+ANSWER_FLAGS = {"max_new_tokens": positive_int, "temperature": temperature, "top_p": probability}
+"""The GenerationConfig fields the answering model (--model) takes as flags, with the check
+of each value. Its seed is the subcommand's --seed where it has one, else 0."""
+ANSWER_DEFAULTS = {"max_new_tokens": 512}
+"""Where eval's default differs from GenerationConfig's (an evaluation answer runs longer
+than a chat reply)."""
+OLD_NAMES = {"temperature": ("--answer-temperature",)}
+"""The answering model's flags' names before they came from GenerationConfig."""
+OLD_JUDGE_NAMES = {name: ("--" + name.replace("_", "-"),) for name in CLIENT_FLAGS
+                   if name != "temperature"}  # fmt: skip
+"""`eval scienceqa`'s judge flags before they carried `judge-`; `--temperature` is the
+answering model's now (given without --model it is refused, naming --judge-temperature)."""
 
 
 def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") -> None:
-    """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`)."""
+    """The endpoint flags of the `role` model (the judge, or the teacher of `eval build`),
+    every one named with `prefix`."""
     reply = "a judgement" if role == "judge" else "a teacher reply"
     p.add_argument(
         f"--{prefix}base-url",
@@ -20,9 +40,10 @@ def _client_flags(p: argparse.ArgumentParser, prefix: str, role: str = "judge") 
         "https://api.openai.com/v1 (key from $OPENAI_API_KEY)",
     )
     p.add_argument(f"--{prefix}model", help=f"{role} model name at that endpoint")
-    add_client_flags(p)
+    add_client_flags(p, prefix, OLD_JUDGE_NAMES if prefix else None)
     p.add_argument(
-        "--retries",
+        f"--{prefix}retries",
+        *(["--retries"] if prefix else []),
         type=count,
         default=2,
         help=f"new requests for {reply} that failed or could not be parsed",
@@ -40,10 +61,11 @@ def _resume_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _answer_flags(p: argparse.ArgumentParser) -> None:
-    """Generation settings for --model (seeded by --seed where the subcommand has one)."""
+    """Generation settings for --model (seeded by --seed where the subcommand has one).
+    Left out, a flag is None (its default applies; `eval scienceqa` tells them apart)."""
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call")
-    p.add_argument("--max-new-tokens", type=positive_int, default=512)
-    p.add_argument("--answer-temperature", type=temperature, default=0.0, help="0 = greedy")
+    add_dataclass_flags(p, GenerationConfig, only=ANSWER_FLAGS, checks=ANSWER_FLAGS,
+                        given_only=True, default_text=ANSWER_DEFAULTS, aliases=OLD_NAMES)  # fmt: skip
     p.add_argument("--template", choices=sorted(TEMPLATES), help="conversation template "
                    "instead of the model's (a stage-1 model's plain never shows the question)")  # fmt: skip
 

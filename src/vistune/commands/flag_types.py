@@ -48,6 +48,14 @@ def temperature(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A nucleus sampling mass, in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
 def url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"must start with http:// or https://, got {text!r}")

@@ -70,7 +70,7 @@ def add_dataclass_flags(
     only: Collection[str] | None = None,
     checks: dict[str, Callable[[str], Any]] | None = None,
     given_only: bool = False,
-    default_text: dict[str, str] | None = None,
+    default_text: dict[str, object] | None = None,
     prefix: str = "",
     aliases: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
