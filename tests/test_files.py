@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,63 @@ def test_every_writer_goes_through_vistune_files():
                 if name in watched or name.startswith("tempfile."):
                     found.append((path.relative_to(src).as_posix(), name))
     assert [f for f in found if f[0] != "files.py"] == [("features.py", "os.replace")]
+
+
+@pytest.fixture(scope="module")
+def broken_model(tiny_model, tmp_path_factory):
+    """A saved tiny model whose config.json (or vision/config.json) is cut short."""
+    base = tiny_model.save(tmp_path_factory.mktemp("json") / "model")
+
+    def make(name: str) -> Path:
+        copy = tmp_path_factory.mktemp("broken") / "model"
+        shutil.copytree(base, copy)
+        (copy / name).write_text('{"format": "vistune-llava", ', encoding="utf-8")
+        return copy
+
+    return make
+
+
+ENTRY_POINTS = {
+    "chat": lambda m, out: ["chat", "--model", str(m), "--prompt", "hi", "--dtype", "fp32"],
+    "serve": lambda m, out: ["serve", "--model", str(m), "--dtype", "fp32"],
+    "eval answer": lambda m, out: ["eval", "answer", "--model", str(m), "--questions",
+                                   str(out / "q.jsonl"), "--out", str(out / "a.jsonl")],
+    "export": lambda m, out: ["export", "--model", str(m), "--out", str(out / "hf")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("config.json", "vistune model config"), ("vision/config.json", "vision tower config")],
+)
+@pytest.mark.parametrize("command", sorted(ENTRY_POINTS))
+def test_a_corrupt_model_json_is_one_clear_error_through_each_entry_point(
+    broken_model, tmp_path, capsys, command, name, what
+):
+    """One reader (files.read_json) for a model directory's JSON: the same line, naming the
+    file and what it is, whichever command reads it (D4: two readers said it two ways)."""
+    from vistune import cli
+
+    model = broken_model(name)
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "hi"}\n')
+    assert cli.main(ENTRY_POINTS[command](model, tmp_path)) == 2
+    err = capsys.readouterr().err
+    expected = f"vistune: error: {model / name}: not valid JSON ({what}): "
+    assert err.startswith(expected) and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_the_image_processor_reads_a_vision_folder_s_json_the_same_way(broken_model):
+    from vistune.data.image import ImageProcessor
+    from vistune.errors import ModelDirError
+
+    vision = broken_model("vision/config.json") / "vision"
+    (vision / "preprocessor_config.json").unlink()  # else its mean/std answer first
+    with pytest.raises(ModelDirError, match=r"vision/config\.json: not valid JSON \(vision "):
+        ImageProcessor.from_vision_dir(vision, size=14)
+    with pytest.raises(ModelDirError, match=r"missing \(training config\)"):
+        files.read_json(vision / "train_config.json", "training config")
+    (vision / "list.json").write_text("[1]")
+    with pytest.raises(ModelDirError, match=r"list\.json: expected a JSON object \(x\)"):
+        files.read_json(vision / "list.json", "x")
+    assert files.read_json_if_present(vision / "absent.json", "x") is None

@@ -11,6 +11,10 @@ A folder (a checkpoint, a model directory) is filled under a temporary name, syn
 file, and renamed into place the same way (`staged_dir`); a folder already there is moved
 aside first and deleted only once the new one is in place, and put back if the rename fails.
 
+A model directory's JSON files (config.json, preprocessor_config.json, the weight index, an
+export's settings) are read by `read_json` alone: a missing, unreadable or malformed one is
+one `ModelDirError` naming the file and what it was read for.
+
 Temporaries are named `.tmp-<pid>-<host>-<token>-<name>`, so `remove_orphaned_temps(folder,
 ".tmp-*", 1, 2)` tells those of a writer that was killed from those of one still writing.
 """
@@ -27,6 +31,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from vistune.errors import ModelDirError
 
 
 def host_tag() -> str:
@@ -100,6 +106,26 @@ def write_json(
     value JSON cannot hold raises TypeError before anything is written."""
     text = json.dumps(data, indent=indent, ensure_ascii=False, sort_keys=sort_keys)
     write_text(path, text + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; missing, not JSON or not an object is a ModelDirError naming
+    the file and `what` it is (`"vision config"`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing ({what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{path}: not valid JSON ({what}): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object ({what})")
+    return data
+
+
+def read_json_if_present(path: str | Path, what: str) -> dict[str, Any] | None:
+    """`read_json` for an optional file: None when it is not there."""
+    return read_json(path, what) if Path(path).is_file() else None
 
 
 def write_jsonl(path: str | Path, records: Iterable[Any]) -> None:

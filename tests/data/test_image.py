@@ -228,7 +228,7 @@ def test_from_vision_dir_errors(tmp_path):
     with pytest.raises(ModelDirError, match="no config.json"):
         ImageProcessor.from_vision_dir(tmp_path, size=14)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelDirError, match=r"config\.json: unreadable JSON"):
+    with pytest.raises(ModelDirError, match=r"config\.json: not valid JSON \(vision config\)"):
         ImageProcessor.from_vision_dir(tmp_path, size=14)
 
 

@@ -27,7 +27,6 @@ tower's mean/std -> (N, 3, S, S) float32.
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from vistune.config import IMAGE_ASPECTS
 from vistune.errors import ImageError, ImageTooLargeError, ModelDirError
+from vistune.files import read_json_if_present
 
 MAX_PIXELS = 50_000_000
 """Largest image (width x height) load_image accepts by default: a 7000 x 7000 photo fits."""
@@ -253,7 +253,7 @@ class ImageProcessor:
         """Mean/std from the directory's preprocessor_config.json, else by its config.json
         model_type (clip -> OpenAI CLIP, siglip -> 0.5, anything else -> ImageNet)."""
         path = Path(path)
-        pre = _read_json(path / "preprocessor_config.json")
+        pre = read_json_if_present(path / "preprocessor_config.json", "vision preprocessor config")
         if pre is not None and "image_mean" in pre and "image_std" in pre:
             mean, std = pre["image_mean"], pre["image_std"]
             if not (isinstance(mean, list) and isinstance(std, list)):
@@ -261,21 +261,9 @@ class ImageProcessor:
                     f"{path / 'preprocessor_config.json'}: image_mean/image_std must be lists"
                 )
             return cls(size, tuple(mean), tuple(std), aspect)
-        config = _read_json(path / "config.json")
+        config = read_json_if_present(path / "config.json", "vision config")
         if config is None and pre is None:
             raise ModelDirError(f"{path}: no config.json or preprocessor_config.json")
         model_type = (config or {}).get("model_type", "")
         mean, std = NORMALISATION_BY_MODEL_TYPE.get(model_type, (IMAGENET_MEAN, IMAGENET_STD))
         return cls(size, mean, std, aspect)
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelDirError(f"{path}: unreadable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    return data

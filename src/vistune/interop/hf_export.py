@@ -40,7 +40,7 @@ from vistune.data.conversation import (
     tokenize_prompt,
 )
 from vistune.errors import ModelDirError
-from vistune.files import staged_dir
+from vistune.files import read_json, staged_dir
 from vistune.interop import hf_layout
 from vistune.interop.chat_template import processor_chat_template
 from vistune.interop.hf_layout import UnmappableError
@@ -49,7 +49,6 @@ from vistune.model import model_dir_of
 from vistune.model.checkpoint import (
     load_tokenizer,
     quiet_transformers,
-    read_json,
     read_model_dir,
 )
 from vistune.model.llava import LlavaModel

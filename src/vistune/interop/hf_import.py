@@ -26,6 +26,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from vistune.config import ModelConfig
 from vistune.errors import ModelDirError
+from vistune.files import read_json
 from vistune.interop import hf_layout
 from vistune.interop.assemble import causal_lm, write_model_dir
 from vistune.interop.hf_export import EXPORT_FORMAT, SIDECAR
@@ -35,7 +36,6 @@ from vistune.model.checkpoint import (
     load_hf_model,
     load_tokenizer,
     quiet_transformers,
-    read_json,
 )
 
 SUPPORTED = "llava (LlavaForConditionalGeneration)"

@@ -34,9 +34,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vistune.config import ModelConfig
 from vistune.data.image import ImageProcessor
 from vistune.errors import ModelDirError
+from vistune.files import read_json
 from vistune.interop.assemble import read_tensors, write_model_dir
 from vistune.interop.hf_layout import UnmappableError
-from vistune.model.checkpoint import check_hf_dir, load_hf_model, read_json
+from vistune.model.checkpoint import check_hf_dir, load_hf_model
 from vistune.model.vision import VisionTower
 
 TEXT_MODELS = {"llava_llama": ("llama", LlamaConfig, LlamaForCausalLM)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.errors import ModelDirError
+from vistune.files import read_json
 from vistune.model import model_dir_of
 
 PACKAGED = {
@@ -45,10 +46,7 @@ def training_stages(model_dir: Path) -> list[Stage]:
         if current.name != "model" or out in seen or not path.is_file():
             break
         seen.add(out)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelDirError(f"{path}: unreadable training config: {exc}") from exc
+        config = read_json(path, "training config")
         stages.append(Stage(out, config))
         init = config.get("init", "default")
         current = model_dir_of(init) if isinstance(init, str) and init != "default" else None

@@ -44,7 +44,7 @@ import vistune
 from vistune.config import ModelConfig
 from vistune.data.conversation import get_template
 from vistune.errors import ModelDirError
-from vistune.files import staged_dir
+from vistune.files import read_json, read_json_if_present, staged_dir
 
 if TYPE_CHECKING:
     from vistune.model.llava import LlavaModel
@@ -77,19 +77,6 @@ class ModelDirInfo:
     adapter_dir: Path | None = None
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object; a missing file or bad JSON is a ModelDirError naming the file."""
-    if not path.is_file():
-        raise ModelDirError(f"{path}: missing ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelDirError(f"{path}: not valid JSON ({what}): {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: expected a JSON object ({what})")
-    return data
-
-
 def check_hf_dir(path: Path, what: str, tokenizer: bool = False) -> dict[str, Any]:
     """Check a HF model dir (config, safetensors weights, no custom code); return config.json."""
     if not path.is_dir():
@@ -97,9 +84,7 @@ def check_hf_dir(path: Path, what: str, tokenizer: bool = False) -> dict[str, An
     config = read_json(path / "config.json", f"{what} config")
     for name in _CODE_DECLARING_FILES:
         file = path / name
-        data = (
-            config if name == "config.json" else (read_json(file, what) if file.is_file() else {})
-        )
+        data = config if name == "config.json" else (read_json_if_present(file, what) or {})
         if "auto_map" in data:
             raise ModelDirError(
                 f"{file}: declares custom code (auto_map); vistune never runs code from a model directory"

@@ -29,7 +29,8 @@ from transformers import (
 
 from vistune.config import FEATURE_SELECTS
 from vistune.errors import ModelDirError
-from vistune.model.checkpoint import check_hf_dir, load_hf_model, read_json
+from vistune.files import read_json_if_present
+from vistune.model.checkpoint import check_hf_dir, load_hf_model
 
 # model_type in config.json -> (config class, model class). The config classes of the
 # vision parts read `vision_config` out of a full CLIP/SigLIP config.json themselves.
@@ -126,7 +127,7 @@ class VisionTower(nn.Module):
             ) from exc
         model = load_hf_model(model_class, path, "vision tower", dtype=dtype, config=config)
         pre_path = path / "preprocessor_config.json"
-        pre = read_json(pre_path, "vision preprocessor config") if pre_path.is_file() else None
+        pre = read_json_if_present(pre_path, "vision preprocessor config")
         return cls(model, model_type, layer=layer, select=select, preprocessor_config=pre)
 
     def train(self, mode: bool = True) -> VisionTower:
