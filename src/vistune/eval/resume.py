@@ -35,8 +35,8 @@ def rekeyed_note(
         return None
     return (
         f"{n} replies kept in {path} are not reused: their key differs from "
-        "this run's (written by an older vistune, whose keys lack --max-tokens, or under "
-        f"another model, --temperature, --max-tokens or inputs); those {n} requests are "
+        "this run's (written by an older vistune, whose keys lack the reply token limit, or under "
+        f"another model, temperature, reply token limit or inputs); those {n} requests are "
         "asked again"
     )
 
