@@ -76,6 +76,9 @@ class Tokenized:
 
     input_ids: list[int]
     labels: list[int]
+    turns: list[int] | None = None
+    """With turns apart (`tokenize_turns_apart`): the turn each token belongs to, 0 for the
+    prefix every turn shares; None for one causal sequence."""
 
 
 SegmentFn = Callable[[list[dict[str, str]], Any, bool], list[Segment]]
@@ -408,6 +411,65 @@ def tokenize_conversation(
     except TemplateMismatchError as err:
         raise TemplateMismatchError(f"sample {sample_id}: {err}") from None
     return _encode_segments(segments, tokenizer, tpl, sample_id)
+
+
+def tokenize_turns_apart(
+    conversations: list[dict],
+    tokenizer: Any,
+    template: str,
+    sample_id: str = "?",
+    rng: random.Random | None = None,
+) -> Tokenized:
+    """A multi-turn sample with its turns trained apart: each question and answer is rendered
+    as its own one-turn conversation with the image first ("<image>\\n" + question, as
+    evaluation and LLaVA's model_vqa ask), and the renderings share their tokens up to and
+    including the image. That prefix is kept once, then each turn's own tokens follow;
+    `turns` marks them 1, 2, ... so attention (vistune.model.splice.turn_mask) lets each
+    turn see the prefix and itself only, its positions continuing from the prefix's end.
+    Training on it equals training on the one-turn samples one by one (a turn cannot read
+    an earlier turn's answer: "How many stars?" after "I can see two red stars" must be
+    answered from the picture), at the cost of one pass over the image and the prompt.
+
+    One-turn samples and samples without an image are tokenised as `tokenize_conversation`
+    does (with `rng`'s image placement)."""
+    messages = to_messages(conversations, sample_id)
+    if len(messages) <= 2 or IMAGE_PLACEHOLDER not in messages[0]["content"]:
+        return tokenize_conversation(conversations, tokenizer, template, sample_id, rng)
+    tpl = get_template(template)
+    prefix: list[int] | None = None
+    ids: list[int] = []
+    labels: list[int] = []
+    turns: list[int] = []
+    for k in range(0, len(messages), 2):
+        question = messages[k]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+        pair = [
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+            messages[k + 1],
+        ]
+        try:
+            segments = tpl.segments(pair, tokenizer, False)
+        except TemplateMismatchError as err:
+            raise TemplateMismatchError(f"sample {sample_id}: {err}") from None
+        one = _encode_segments(segments, tokenizer, tpl, sample_id)
+        cut = one.input_ids.index(IMAGE_TOKEN_ID) + 1
+        if prefix is None:
+            prefix = one.input_ids[:cut]
+            ids, labels, turns = list(prefix), one.labels[:cut], [0] * cut
+        elif one.input_ids[:cut] != prefix:
+            raise TemplateMismatchError(
+                f"sample {sample_id}: turn {k // 2 + 1} renders a different prefix before the "
+                f"image than turn 1 ({template} template); its turns cannot be trained apart"
+            )
+        own = one.input_ids[cut:]
+        if not own or one.labels[cut] != IGNORE_INDEX:
+            raise TemplateMismatchError(
+                f"sample {sample_id}: turn {k // 2 + 1} has no question between the image and "
+                "its answer; its turns cannot be trained apart"
+            )
+        ids += own
+        labels += one.labels[cut:]
+        turns += [k // 2 + 1] * len(own)
+    return Tokenized(input_ids=ids, labels=labels, turns=turns)
 
 
 def _prompt_segments(messages: list[dict], tokenizer: Any, template: str) -> list[Segment]:

@@ -33,6 +33,7 @@ from vistune.data.conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
     tokenize_conversation,
+    tokenize_turns_apart,
 )
 from vistune.data.formats import SAMPLE_PROBLEMS, BadSample, check_llava_sample
 from vistune.errors import DataError, TemplateMismatchError
@@ -61,6 +62,9 @@ class Sample:
     """Supervised next-token targets (labels[1:] that are not IGNORE_INDEX)."""
     truncated: bool = False
     """Text was cut from the end to fit model_max_length (kept, and counted in reports)."""
+    turns: list[int] | None = None
+    """Turns trained apart: each token's turn, 0 for the shared prefix
+    (vistune.data.conversation.tokenize_turns_apart); None for one causal sequence."""
 
 
 class SkipError(DataError):
@@ -110,8 +114,12 @@ def build_samples(
     max_length: int,
     seed: int = 0,
     strict: bool = False,
+    turns_apart: bool = False,
 ) -> tuple[list[Sample], Counter]:
     """Tokenise rows into Samples; returns (samples, Counter of skip reasons).
+
+    `turns_apart`: multi-turn samples with an image train each turn apart, seeing only the
+    image and its own question (vistune.data.conversation.tokenize_turns_apart).
 
     The first-turn image placement (paper eq. 2) is drawn from a generator seeded by
     (seed, sample id), so it is the same on every process and after a resume.
@@ -140,8 +148,9 @@ def build_samples(
                     f"caption; this one has {len(turns)} turns",
                 )
             rng = random.Random(f"{seed}:{sample_id}")
+            tokenize = tokenize_turns_apart if turns_apart else tokenize_conversation
             try:
-                tok = tokenize_conversation(turns, tokenizer, template, sample_id, rng)
+                tok = tokenize(turns, tokenizer, template, sample_id, rng)
             except TemplateMismatchError as err:
                 raise SkipError("template_mismatch", str(err)) from err
             except DataError as err:
@@ -152,7 +161,8 @@ def build_samples(
                 raise SkipError("too_long", f"{where}: nothing left to supervise")
             length = len(ids) + (image_tokens - 1 if path is not None else 0)
             cut = len(ids) < len(tok.input_ids)
-            samples.append(Sample(sample_id, path, ids, labels, length, targets, cut))
+            parts = None if tok.turns is None else tok.turns[: len(ids)]
+            samples.append(Sample(sample_id, path, ids, labels, length, targets, cut, parts))
         except SkipError as err:
             if strict:
                 raise DataError(f"{err} (reason {err.reason}; drop --strict to skip)") from err

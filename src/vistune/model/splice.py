@@ -33,6 +33,10 @@ class Spliced:
     attention_mask: torch.Tensor  # (B, L) 1 = real token, 0 = padding
     labels: torch.Tensor | None  # (B, L) IGNORE_INDEX on image tokens, padding, prompts
     position_ids: torch.Tensor  # (B, L) 0.. from each sample's first real token
+    turns: torch.Tensor | None = None
+    """(B, L) with turns apart: each position's turn (0: the shared prefix, the image's rows
+    included; -1: padding); positions then restart after the prefix in every turn. None:
+    each sample is one causal sequence."""
 
 
 def splice(
@@ -43,6 +47,7 @@ def splice(
     padding_side: str = "right",
     multiple: int = 1,
     sparse: bool = False,
+    turns: list[list[int] | None] | None = None,
 ) -> Spliced:
     """Token ids (IMAGE_TOKEN_ID where images go) + image rows (M, T, D) -> LLM inputs.
 
@@ -51,8 +56,14 @@ def splice(
     label IGNORE_INDEX) goes on `padding_side`, up to the longest sample rounded up to a
     multiple of `multiple`. `embed`: the LLM's input embedding; `sparse`: its gradient comes
     back as the looked-up rows only (a plain nn.Embedding's weight is used directly).
+    `turns`: per sample, each token's turn (vistune.data.conversation.tokenize_turns_apart;
+    None for a sample that is one sequence); attend with `turn_mask(spliced.turns)`.
     """
     _check(input_ids, labels, padding_side)
+    if turns is not None and all(t is None for t in turns):
+        turns = None
+    if turns is not None and (padding_side != "right" or len(turns) != len(input_ids)):
+        raise ValueError("turns apart need right padding and one turn list (or None) a sample")
     weight = embed.weight
     device = weight.device
     flat = [t for ids in input_ids for t in ids if t != IMAGE_TOKEN_ID]
@@ -70,13 +81,51 @@ def splice(
     tokens = image_embeds.shape[1] if images else 0
     index, target, mask = _layout(input_ids, labels, images, tokens, padding_side, multiple)
     mask_t = torch.from_numpy(mask).to(device)  # (B, L)
-    positions = (mask_t.cumsum(-1) - 1).clamp(min=0).masked_fill(mask_t == 0, 0)  # (B, L)
+    parts = None
+    if turns is None:
+        positions = (mask_t.cumsum(-1) - 1).clamp(min=0).masked_fill(mask_t == 0, 0)  # (B, L)
+    else:
+        part, where = _turn_layout(input_ids, turns, tokens, mask.shape[1])
+        positions, parts = torch.from_numpy(where).to(device), torch.from_numpy(part).to(device)
     return Spliced(
         inputs_embeds=table[torch.from_numpy(index).to(device)],  # (B, L, D)
         attention_mask=mask_t,
         labels=None if labels is None else torch.from_numpy(target).to(device),
         position_ids=positions,
+        turns=parts,
     )
+
+
+def turn_mask(turns: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) True where query i may attend to key j: j <= i, and j in the shared prefix
+    (turn 0) or in i's own turn. `turns`: Spliced.turns."""
+    length = turns.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=turns.device).tril_()
+    own = (turns[:, None, :] == 0) | (turns[:, None, :] == turns[:, :, None])
+    return own & causal
+
+
+def _turn_layout(
+    input_ids: list[list[int]], turns: list[list[int] | None], tokens: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each position's turn (-1: padding) and its position id: the prefix counts from 0,
+    every turn from the prefix's length, as if it were the only one. # (B, L) x2"""
+    part = np.full((len(input_ids), length), -1, dtype=np.int64)
+    where = np.zeros((len(input_ids), length), dtype=np.int64)
+    for b, ids in enumerate(input_ids):
+        own = np.zeros(len(ids), dtype=np.int64) if turns[b] is None else np.asarray(turns[b])
+        if own.shape != (len(ids),) or (own.size and (own[0] != 0 or (np.diff(own) < 0).any())):
+            raise ValueError(
+                f"sample {b}: turns must give each of its {len(ids)} tokens a turn, starting "
+                "with the shared prefix (0) and never going back"
+            )
+        width = np.where(np.asarray(ids, dtype=np.int64) == IMAGE_TOKEN_ID, tokens, 1)
+        row = np.repeat(own, width)  # (n,) each position's turn
+        at = np.arange(row.size)
+        first = np.searchsorted(row, row, side="left")  # where each position's turn starts
+        part[b, : row.size] = row
+        where[b, : row.size] = np.where(row == 0, at, (row == 0).sum() + at - first)
+    return part, where
 
 
 def _check(input_ids: list[list[int]], labels: list[list[int]] | None, side: str) -> None:

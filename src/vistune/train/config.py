@@ -122,6 +122,8 @@ class TrainConfig:
     """Seeds the data order, the first-turn image placement and torch."""
     strict: bool = False
     """Make bad rows (missing image, empty conversation, ...) errors instead of skips."""
+    turns_apart: bool = False
+    """Train each turn of a multi-turn conversation apart: it sees the image and its own question only, not the earlier answers (vistune.data.conversation.tokenize_turns_apart; one pass over the image serves every turn). Without it a later turn can copy its answer from an earlier one ("How many stars?" after "I can see two red stars") instead of reading the picture (docs/LEARNING.md)."""
     features: str = ""
     """Frozen feature store directory; empty: $VISTUNE_HOME/features (shared by stages)."""
     feature_batch: int = 16

@@ -30,11 +30,13 @@ def image_gain(
     features: torch.Tensor,
     batch: int = 8,
     autocast: torch.dtype | None = None,
+    turns: Sequence[list[int] | None] | None = None,
 ) -> dict[str, float]:
     """Mean CE per supervised token with own and with swapped images, and their gap.
 
     `step_module`: a vistune.train.step.TrainStep (summed CE of a micro-batch); one image
-    per sample, `features` (N, T, Dv) in sample order. Needs at least two samples."""
+    per sample, `features` (N, T, Dv) in sample order; `turns`: each sample's turns apart
+    (or None). Needs at least two samples."""
     n = len(input_ids)
     if n < 2 or features.shape[0] != n or len(labels) != n:
         raise ValueError(
@@ -59,8 +61,9 @@ def image_gain(
                 total = 0.0
                 for start in range(0, n, batch):
                     part = slice(start, start + batch)
+                    parts = None if turns is None else list(turns[part])
                     total += float(
-                        step_module(list(input_ids[part]), list(labels[part]), images[part])
+                        step_module(list(input_ids[part]), list(labels[part]), images[part], parts)
                     )
                 totals.append(total / count)
     finally:
@@ -87,8 +90,9 @@ def held_out_gain(
     it; no collective beyond what the module's own forward does)."""
     features = store.get([s.image for s in held]).to(step_module.model.device)
     autocast = torch.bfloat16 if precision == "bf16" else None
+    turns = [s.turns for s in held] if any(s.turns for s in held) else None
     gain = image_gain(step_module, [s.input_ids for s in held], [s.labels for s in held],
-                      features, autocast=autocast)  # fmt: skip
+                      features, autocast=autocast, turns=turns)  # fmt: skip
     step_module.weights_changed()  # the eval-mode forward may have cached weight casts
     return {"image_gain": gain["gain"], "held_loss": gain["own"],
             "held_loss_swapped": gain["swapped"]}  # fmt: skip

@@ -123,11 +123,29 @@ _FLASH = {"usable": True}
 its grouped-query support); set False for good after its first failure."""
 
 
+@dataclass(frozen=True)
+class TurnMasks:
+    """A batch's additive attention mask (0 or -inf) with turns apart, in the two layouts
+    the kernels take: `heads` (B, 1, L, L) for the flash forward, `rows` (B*Hkv, G*L, L) for
+    the backward's stacked query rows."""
+
+    heads: torch.Tensor
+    rows: torch.Tensor
+
+    @staticmethod
+    def of(allowed: torch.Tensor, s: Shapes, dtype: torch.dtype) -> TurnMasks:
+        """From vistune.model.splice.turn_mask's (B, L, L)."""
+        add = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        b, length = s.batch, s.length
+        rows = add[:, None, None].expand(b, s.kv_heads, s.groups, length, length)
+        return TurnMasks(add[:, None], rows.reshape(b * s.kv_heads, s.groups * length, length))
+
+
 def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes, masks: TurnMasks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal GQA of scaled queries. q (BK, G*L, hd), k/v (BK, L, hd) -> out (BK, G*L, hd),
-    log-sum-exp of each query's scores (BK, G*L) fp32.
+    """Causal GQA of scaled queries (with `masks`: turns apart). q (BK, G*L, hd), k/v (BK, L,
+    hd) -> out (BK, G*L, hd), log-sum-exp of each query's scores (BK, G*L) fp32.
 
     PyTorch's flash attention kernel for the CPU: it skips the masked blocks and never
     writes the scores, 2.5x faster here than bmm + mask + softmax + bmm (the fallback,
@@ -141,7 +159,8 @@ def _attention(
                 k.view(b, s.kv_heads, s.length, hd),
                 v.view(b, s.kv_heads, s.length, hd),
                 0.0,
-                True,
+                masks is None,
+                attn_mask=None if masks is None else masks.heads,
                 scale=1.0,
             )  # (B, H, L, hd): head kv * G + g, as q's rows are stacked
             return out.view(q.shape), lse.reshape(q.shape[:2])  # lse is stored (B, L, H)
@@ -156,7 +175,7 @@ def _attention(
                 stacklevel=2,
             )
     scores = torch.bmm(q, k.transpose(1, 2)).float()  # (BK, G*L, L)
-    scores += _causal(s.groups, s.length, torch.float32)
+    scores += _causal(s.groups, s.length, torch.float32) if masks is None else masks.rows
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).to(q.dtype)
     return torch.bmm(probs, v), lse
@@ -171,10 +190,11 @@ def _attention_backward(  # noqa: PLR0913
     lse: torch.Tensor,
     k_: Glue,
     s: Shapes,
+    masks: TurnMasks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of _attention for the scaled q (the caller applies the scale), k, v;
     `rows` = sum(dout * out) of each query row (Glue.split_grad)."""
-    mask = _causal(s.groups, s.length, q.dtype)
+    mask = _causal(s.groups, s.length, q.dtype) if masks is None else masks.rows
     scores = torch.bmm(q, k.transpose(1, 2))  # (BK, G*L, L)
     dprobs = torch.bmm(dout, v.transpose(1, 2))  # (BK, G*L, L)
     probs, dscores = k_.attention_grad(scores, dprobs, mask, lse, rows)
@@ -216,6 +236,7 @@ class _Layer(torch.autograd.Function):
         wg: torch.Tensor,
         wu: torch.Tensor,
         wd: torch.Tensor,
+        masks: TurnMasks | None = None,
     ) -> torch.Tensor:
         s = shapes
         dtype = k_.dtype
@@ -232,7 +253,7 @@ class _Layer(torch.autograd.Function):
         q, kv = x1 @ wqkv[:nq].t(), x1 @ wqkv[nq:].t()
         scale_t = torch.tensor(scale, dtype=dtype)
         q, k, v = k_.split_heads(q, kv, cos, ssin, scale_t)
-        o, lse = _attention(q, k, v, s)
+        o, lse = _attention(q, k, v, s, masks)
         if train:
             att, attt = k_.merge_heads_t(o, cos)  # (N, H*hd), (H*hd, N)
             h2, x2, x2t, r2 = k_.residual_norm_t(h, att @ wo_c.t(), n_post)
@@ -244,7 +265,7 @@ class _Layer(torch.autograd.Function):
         out = k_.add(h2, m @ wd_c.t())
         ctx.save_for_backward(h, r1, x1t, q, k, v, o, lse, attt, h2, r2, x2t, gu, m, cos, ssin)
         ctx.weights = (wqkv, wo_c, wgu, wd_c, n_in, n_post)
-        ctx.scale, ctx.glue, ctx.shapes = scale_t, k_, s
+        ctx.scale, ctx.glue, ctx.shapes, ctx.masks = scale_t, k_, s, masks
         ctx.splits = (wq.shape[0], wk.shape[0])
         return out
 
@@ -274,7 +295,7 @@ class _Layer(torch.autograd.Function):
             # it runs ~1.4x faster than attt @ dy (and needs no transposed copy)
             w["o"] = dy.t() @ attt.t()
         datt, rows = k_.split_grad(dy @ wo_c, cos, o)
-        dq, dk, dv = _attention_backward(datt, rows, q, k, v, lse, k_, ctx.shapes)
+        dq, dk, dv = _attention_backward(datt, rows, q, k, v, lse, k_, ctx.shapes, ctx.masks)
         dqkv = k_.merge_grads(dq, dk, dv, cos, ssin, scale)
         if need_w:
             w["qkv"] = x1t @ dqkv  # (D, (H + 2Hkv) hd)
@@ -293,7 +314,7 @@ class _Layer(torch.autograd.Function):
             out += [_transposed(w["g"], pdt), _transposed(w["u"], pdt), w["d"].to(pdt)]
         else:
             out += [None] * 3
-        return tuple(out)
+        return (*out, None)  # masks
 
 
 def _head_grad(xct: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -368,24 +389,30 @@ def decoder_loss(
     cache: WeightCache | None = None,
     chunk: int = 512,
     sink: list[torch.Tensor] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed next-token CE of right-padded `inputs` (B, L, D) against `targets` (B, L)
     (IGNORE_INDEX where unsupervised), through `llm`'s decoder, final norm and LM head,
     with every matmul in `dtype`. `cache` keeps the weights' copies across the micro-batches
     of a step (invalidate it after every optimizer step); None casts them on every call.
-    `sink` receives the detached CE of each supervised token (N,), in `supervised`'s order."""
+    `sink` receives the detached CE of each supervised token (N,), in `supervised`'s order.
+    `allowed` (B, L, L): who may attend to whom with turns apart
+    (vistune.model.splice.turn_mask); None: causal."""
     cfg, model = llm.config, llm.model
     b, length, _ = inputs.shape
     d = llama.dims(cfg)
     shapes = Shapes(d.heads, d.kv_heads, d.head_dim, batch=b, length=length)
     k_ = glue(d.heads, d.kv_heads, d.head_dim, model.norm.variance_epsilon, dtype)
     cache = cache or WeightCache()
+    masks = None if allowed is None else TurnMasks.of(allowed, shapes, dtype)
     cos, ssin = llama.rope_tables(model.rotary_emb, inputs, positions, dtype)  # (B, L, hd)
     h = inputs.float().reshape(b * length, -1)
     with torch.autocast("cpu", enabled=False):
         for block in model.layers:
             weights = llama.block_weights(block)
-            h = _Layer.apply(h, cos, ssin, shapes, k_, cache, block.self_attn.scaling, *weights)
+            h = _Layer.apply(
+                h, cos, ssin, shapes, k_, cache, block.self_attn.scaling, *weights, masks
+            )
         keep, picked = supervised(targets)  # (B, L), (N,)
         rows = h.view(b, length, -1)[keep]  # (N, D)
         return _HeadLoss.apply(

@@ -374,7 +374,8 @@ def _micro_step(run: _Run, items: list[Sample], scale: float, sync: bool) -> tor
     )
     with grad_sync(run.wrapped, sync):
         with autocast:
-            ce = run.wrapped([s.input_ids for s in items], [s.labels for s in items], feats)
+            turns = [s.turns for s in items] if any(s.turns for s in items) else None
+            ce = run.wrapped([s.input_ids for s in items], [s.labels for s in items], feats, turns)
         (ce * scale).backward()
     return run.step_module.sample_ce.cpu()
 

@@ -312,6 +312,7 @@ def prepare_samples(
         sample_limit(cfg, model),
         seed=cfg.seed,
         strict=cfg.strict,
+        turns_apart=cfg.turns_apart,
     )
     skipped.update(malformed)
     store = run_store(cfg, model)

@@ -17,7 +17,7 @@ from torch import nn
 
 from vistune.model import llama
 from vistune.model.loss import supervised, token_loss
-from vistune.model.splice import splice
+from vistune.model.splice import splice, turn_mask
 from vistune.train import llama_cpu
 
 
@@ -55,8 +55,13 @@ class TrainStep(nn.Module):
         return self.model.llm.get_input_embeddings().weight
 
     def forward(
-        self, input_ids: list[list[int]], labels: list[list[int]], features: torch.Tensor | None
+        self,
+        input_ids: list[list[int]],
+        labels: list[list[int]],
+        features: torch.Tensor | None,
+        turns: list[list[int] | None] | None = None,
     ) -> torch.Tensor:
+        """`turns`: each sample's turns apart (vistune.data.dataset.Sample.turns) or None."""
         model = self.model
         anchor = None
         if features is not None and features.shape[0]:
@@ -73,7 +78,9 @@ class TrainStep(nn.Module):
             labels,
             multiple=self.length_multiple,
             sparse=self.sparse,
+            turns=turns,
         )
+        allowed = None if batch.turns is None else turn_mask(batch.turns)  # (B, L, L)
         if self.fast:
             dtype = (
                 torch.get_autocast_dtype("cpu")
@@ -83,13 +90,18 @@ class TrainStep(nn.Module):
             rows: list[torch.Tensor] = []
             ce = llama_cpu.decoder_loss(
                 llm, batch.inputs_embeds, batch.position_ids, batch.labels, dtype, self.weights,
-                sink=rows,
+                sink=rows, allowed=allowed,
             )  # fmt: skip
             self.sample_ce = _per_sample(batch.labels, rows[0])
             return ce if anchor is None else ce + anchor
+        attention = batch.attention_mask
+        if allowed is not None:  # a 4D mask goes to the attention kernels as it is
+            low = torch.finfo(batch.inputs_embeds.dtype).min
+            attention = torch.zeros(allowed.shape, dtype=batch.inputs_embeds.dtype,
+                                    device=allowed.device).masked_fill_(~allowed, low)[:, None]  # fmt: skip
         hidden = llm.get_decoder()(
             inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
+            attention_mask=attention,
             position_ids=batch.position_ids,
             use_cache=False,
         ).last_hidden_state  # (B, L, D)
