@@ -163,7 +163,7 @@ def measure(args: argparse.Namespace) -> dict:
         client.ask([user("Warm up.", image)])
         cold_ttft, decode = [], []
         for i in range(args.repeats):
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             ttft, tps, *_ = client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])
             cold_ttft.append(ttft)
             decode.append(tps)
@@ -171,12 +171,12 @@ def measure(args: argparse.Namespace) -> dict:
         out["decode_tps"] = statistics.median(decode)
         warm, cold = [], []
         for i in range(args.repeats):
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             first = [user(QUESTIONS[i % len(QUESTIONS)] + f" [{i}]", image)]
             answer = client.ask(first)[4]
             follow = [*first, {"role": "assistant", "content": answer}, user("Tell me more.", None)]
             warm.append(client.ask(follow)[0])
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             cold.append(client.ask(follow)[0])
         out["follow_warm_s"], out["follow_cold_s"] = (
             statistics.median(warm),
