@@ -162,6 +162,18 @@ def test_follow_up_prefills_only_its_new_positions(engine, monkeypatch):
     assert run == [done.prompt_tokens - done.cached_tokens] + [1] * (done.completion_tokens - 1)
 
 
+def test_the_weights_are_checked_per_admission_not_per_step(engine, monkeypatch):
+    """Generator.fast_decoder walks every parameter; a running batch keeps its decoder."""
+    calls = []
+    lookup = engine.generator.fast_decoder
+    monkeypatch.setattr(engine.generator, "fast_decoder", lambda: calls.append(1) or lookup())
+    c = Collect()
+    engine.submit(ask("Say a number."), None, CFG, c)
+    assert c.done.wait(30)
+    assert c.result.completion_tokens == CFG.max_new_tokens  # nine steps after the prefill
+    assert len(calls) == 1
+
+
 def test_a_different_image_is_never_reused(engine):
     c1, c2 = Collect(), Collect()
     engine.submit(ask("What is in the image?"), photo(4), CFG, c1)
