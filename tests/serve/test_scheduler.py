@@ -104,11 +104,14 @@ def test_follow_up_reuses_the_conversation_prefix(engine, tiny_model):
 
 def test_finished_answer_is_cached_before_its_done(engine):
     """A client that sends its follow-up as soon as it hears Done finds the whole
-    conversation cached (the store used to come after Done: a race)."""
+    conversation cached (the store used to come after Done: a race). The prompt's copy
+    into the cache waits until the first token has gone out."""
     submitted, seen = threading.Event(), {}
     c = Collect()
 
     def emit(event):
+        if not c.events:
+            seen["cached at the first token"] = len(engine.scheduler.cache)
         if isinstance(event, Done):
             submitted.wait(10)
             job = seen["job"]
@@ -123,6 +126,7 @@ def test_finished_answer_is_cached_before_its_done(engine):
     assert isinstance(done, Done)
     assert len(seen["full"]) == done.prompt_tokens + done.completion_tokens - 1  # last not fed
     assert seen["hit"] == len(seen["full"])
+    assert seen["cached at the first token"] == 0
     engine.scheduler.clear_cache()
     assert len(engine.scheduler.cache) == 0
 

@@ -251,11 +251,11 @@ class Scheduler:
         embeds = job.embed(hit.length)  # (1, L - P, D)
         positions = torch.arange(hit.length, job.length)[None]  # (1, L - P)
         logits = decoder.forward(state, embeds, positions)  # (1, V)
-        self._store(job.key, decoder, state, 0)
         job.cached, job.position = hit.length, job.length
         self.stats["cached_tokens"] += hit.length
         self.stats["prompt_tokens"] += job.length
         done = self._give(job, pick(logits, job.config, job.rng))
+        self._store(job.key, decoder, state, 0)  # after the first token went out, before Done
         if done is None:
             return state
         job.emit(done)
