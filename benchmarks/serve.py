@@ -10,6 +10,9 @@ every answer is exactly --tokens long. Figures and their goals:
 - batching: 8 concurrent clients' aggregate tokens/s over one client's (goal >= 3x);
 - prefix reuse: first-token time of a follow-up turn cold (prefix cache cleared) over the
   same request warm (goal >= 3x);
+- one stream's decode tokens/s through the server over the engine's own decode loop on the
+  same prompt (Generator.steps, no HTTP, no scheduler), the two taking turns in this run:
+  the server's own per-step cost;
 - one stream's decode tokens/s over llama.cpp's on the same LLM (llama-cpp-python on the
   packaged GGUF file, --threads threads; goal >= 0.5x). Optional: without the `llamacpp`
   extra (`pip install -e '.[llamacpp]'`, which builds llama.cpp: minutes) the row says so;
@@ -147,6 +150,22 @@ def llama_cpp_decode(tokens: int, threads: int, repeats: int) -> float | str:
     return statistics.median(speeds[1:])
 
 
+def engine_decode(engine, question: str, tokens: int) -> float:
+    """Decode tokens/s of the engine's own loop (Generator.steps) on one image request."""
+    from PIL import Image
+    from skimage import data
+
+    from vistune.config import GenerationConfig
+
+    inputs = engine.prepare(
+        [([{"role": "user", "content": question}], Image.fromarray(data.astronaut()))]
+    )
+    config = GenerationConfig(max_new_tokens=tokens, temperature=0)
+    stamps = [time.perf_counter() for _ in engine.generator.steps(
+        inputs.inputs_embeds, inputs.attention_mask, config, ())]  # fmt: skip
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 def measure(args: argparse.Namespace) -> dict:
     from vistune.model import load_model
     from vistune.serve.app import ThreadedServer, create_app
@@ -161,22 +180,24 @@ def measure(args: argparse.Namespace) -> dict:
     with ThreadedServer(create_app(engine, ServeConfig(max_tokens=args.tokens), name)) as live:
         client = Client(live.url, name, args.tokens)
         client.ask([user("Warm up.", image)])
-        cold_ttft, decode = [], []
+        cold_ttft, decode, direct = [], [], []
         for i in range(args.repeats):
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             ttft, tps, *_ = client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])
             cold_ttft.append(ttft)
             decode.append(tps)
+            direct.append(engine_decode(engine, QUESTIONS[i % len(QUESTIONS)], args.tokens))
         out["ttft_image_s"] = statistics.median(cold_ttft)
         out["decode_tps"] = statistics.median(decode)
+        out["direct_tps"] = statistics.median(direct)
         warm, cold = [], []
         for i in range(args.repeats):
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             first = [user(QUESTIONS[i % len(QUESTIONS)] + f" [{i}]", image)]
             answer = client.ask(first)[4]
             follow = [*first, {"role": "assistant", "content": answer}, user("Tell me more.", None)]
             warm.append(client.ask(follow)[0])
-            engine.scheduler.cache.clear()
+            engine.scheduler.clear_cache()
             cold.append(client.ask(follow)[0])
         out["follow_warm_s"], out["follow_cold_s"] = (
             statistics.median(warm),
@@ -201,6 +222,9 @@ def table(r: dict) -> str:
         f"| follow-up turn, first token (prefix cached) | {r['follow_warm_s']:.3f} s | cold "
         f"{r['follow_cold_s']:.3f} s | {reuse:.2f}x sooner | >= 3x: {ok(reuse >= GOALS['reuse'])} |",
     ]
+    own = r["decode_tps"] / r["direct_tps"]
+    lines.append(f"| one stream, decode (server's own cost) | {r['decode_tps']:.1f} tok/s | engine "
+                 f"loop, no HTTP {r['direct_tps']:.1f} tok/s | {own:.2f}x | - |")  # fmt: skip
     if isinstance(r["llama_cpp_tps"], float):
         ratio = r["decode_tps"] / r["llama_cpp_tps"]
         lines.append(f"| one stream, decode | {r['decode_tps']:.1f} tok/s | llama.cpp "

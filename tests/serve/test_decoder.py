@@ -7,11 +7,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from vistune.config import GenerationConfig
 from vistune.model.llama import supports
-from vistune.serve.decoder import LlamaDecoder
+from vistune.serve.decoder import LlamaDecoder, _step_attention
 from vistune.serve.generate import Generator, positions_from_mask
 
 
@@ -91,6 +92,22 @@ def test_prefill_and_steps_match_transformers_fp32(tiny_llm, lengths, fused):
     ours = decoder_logits(tiny_llm, full, full_mask, prompt=width, fused=fused)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_attention_matches_sdpa_with_grouped_heads_and_padding(dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 8, generator=g)  # 6 query heads over 2 KV heads
+    keys, values = (torch.randn(3, 2, 11, 8, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    allowed[1, ..., :4] = False  # a left-padded row
+    mask = torch.where(allowed, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+    for m in (mask, None):
+        ref = F.scaled_dot_product_attention(q.to(dtype), keys, values, m, enable_gqa=True)
+        ours = _step_attention(q, keys, values, m)
+        assert ours.dtype == torch.float32 and ours.shape == (3, 6, 1, 8)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # SDPA rounds q and its output to bf16
+        torch.testing.assert_close(ours, ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -102,6 +102,82 @@ def test_follow_up_reuses_the_conversation_prefix(engine, tiny_model):
     cold.close()
 
 
+def test_finished_answer_is_cached_before_its_done(engine):
+    """A client that sends its follow-up as soon as it hears Done finds the whole
+    conversation cached (the store used to come after Done: a race). The prompt's copy
+    into the cache waits until the first token has gone out."""
+    submitted, seen = threading.Event(), {}
+    c = Collect()
+
+    def emit(event):
+        if not c.events:
+            seen["cached at the first token"] = len(engine.scheduler.cache)
+        if isinstance(event, Done):
+            submitted.wait(10)
+            job = seen["job"]
+            full = np.concatenate([job.key, np.asarray(job.fed, dtype=np.int64)])
+            seen["hit"], seen["full"] = engine.scheduler.cache.lookup(full, len(full)).length, full
+        c(event)
+
+    seen["job"] = engine.submit(ask("What is in the image?"), photo(6), CFG, emit)
+    submitted.set()
+    assert c.done.wait(30)
+    done = c.result
+    assert isinstance(done, Done)
+    assert len(seen["full"]) == done.prompt_tokens + done.completion_tokens - 1  # last not fed
+    assert seen["hit"] == len(seen["full"])
+    assert seen["cached at the first token"] == 0
+    engine.scheduler.clear_cache()
+    assert len(engine.scheduler.cache) == 0
+
+
+def test_follow_up_prefills_only_its_new_positions(engine, monkeypatch):
+    """The image and the first turn come from the cache, as far as the follow-up's positions
+    agree with the first prompt and the ids it was answered with (a retokenised answer may
+    differ from the sampled ids: the tiny model's repeated words do): the tower is not run
+    again, and the prefill covers only the positions after the reused ones."""
+    image, first = photo(7), ask("What is in the image?")
+    c1 = Collect()
+    job1 = engine.submit(first, image, CFG, c1)
+    assert c1.done.wait(30)
+    turn = c1.result
+    run, towers = [], []  # positions per LLM forward; tower calls
+    forward = LlamaDecoder.forward
+
+    def counting(self, state, embeds, positions, new_mask=None):
+        run.append(embeds.shape[1])
+        return forward(self, state, embeds, positions, new_mask)
+
+    image_features = engine.model.image_features
+    monkeypatch.setattr(LlamaDecoder, "forward", counting)
+    monkeypatch.setattr(
+        engine.model, "image_features", lambda *a: towers.append(1) or image_features(*a)
+    )
+    follow = [*first, {"role": "assistant", "content": turn.completion.text}, *ask("Why?")]
+    c2 = Collect()
+    job2 = engine.submit(follow, image, CFG, c2)
+    assert c2.done.wait(30)
+    done = c2.result
+    assert towers == []
+    assert done.cached_tokens >= turn.prompt_tokens  # the image and the first question
+    held = np.concatenate([job1.key, np.asarray(job1.fed, dtype=np.int64)])
+    assert done.cached_tokens == min(common_prefix(job2.key, held), len(job2.key) - 1)
+    # one prefill of the positions after the cached ones, then one step per fed token
+    assert run == [done.prompt_tokens - done.cached_tokens] + [1] * (done.completion_tokens - 1)
+
+
+def test_the_weights_are_checked_per_admission_not_per_step(engine, monkeypatch):
+    """Generator.fast_decoder walks every parameter; a running batch keeps its decoder."""
+    calls = []
+    lookup = engine.generator.fast_decoder
+    monkeypatch.setattr(engine.generator, "fast_decoder", lambda: calls.append(1) or lookup())
+    c = Collect()
+    engine.submit(ask("Say a number."), None, CFG, c)
+    assert c.done.wait(30)
+    assert c.result.completion_tokens == CFG.max_new_tokens  # nine steps after the prefill
+    assert len(calls) == 1
+
+
 def test_a_different_image_is_never_reused(engine):
     c1, c2 = Collect(), Collect()
     engine.submit(ask("What is in the image?"), photo(4), CFG, c1)

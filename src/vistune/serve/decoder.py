@@ -10,7 +10,8 @@ allocated once for prompt + new tokens, `torch.mv` for a single row, and the mod
 rotary module. On the CPU q/k/v and gate/up are multiplied as one matrix each, fused once
 (a copy of those weights); elsewhere the LLM's weights are used as they are
 (vistune.model.llama.fuses). The prompt goes through in one pass (prefill) with a causal +
-left-padding mask; decode steps keep the residual stream in fp32.
+left-padding mask; decode steps keep the residual stream in fp32, and on the CPU attend with
+two fp32 matrix products (`_step_attention`): SDPA's CPU kernel is 3-7x slower for one query.
 
 The LLM's classes are neither subclassed nor patched; `vistune.model.llama.supports(llm)`
 says which models this reproduces (tests compare its logits with transformers' forward,
@@ -50,6 +51,26 @@ def _project(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
     if len(ws) == 1:
         return _mm(x, ws[0])
     return torch.cat([_mm(x, w) for w in ws], dim=-1)
+
+
+def _step_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one query per row, q (B, H, 1, hd) over keys/values (B, Hkv, S, hd)
+    with an additive mask (B, 1, 1, S) or None; fp32. # (B, H, 1, hd)
+
+    The same maths as SDPA with grouped heads (query head j reads KV head j // (H / Hkv), as
+    transformers' repeat_kv), as matmuls over the query heads of each KV head. On the CPU
+    SDPA takes ~300 us for one bf16 query over 300 keys (30 a step, 30 layers), these two
+    products ~100 us (measured here with 1 thread; 8 rows of 700 keys: 5.6 ms vs 0.8 ms)."""
+    batch, heads, _, hd = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, hd).float()  # (B, Hkv, G, hd)
+    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)).mul_(hd**-0.5)  # (B, Hkv, G, S)
+    if mask is not None:
+        scores.add_(mask.float())
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (B, Hkv, G, hd)
+    return out.view(batch, heads, 1, hd)
 
 
 @dataclass
@@ -232,14 +253,19 @@ class LlamaDecoder:
             keys, values = state.keys[i], state.values[i]
             keys[:, :, t0:t1] = qk[:, self.heads :]
             values[:, :, t0:t1] = qkv[..., nq + nkv :].view(batch, steps, -1, hd).transpose(1, 2)
-            att = F.scaled_dot_product_attention(
-                qk[:, : self.heads].to(keys.dtype),
-                keys[:, :, :t1],
-                values[:, :, :t1],
-                attn_mask=attn_mask,
-                is_causal=attn_mask is None and steps > 1 and t0 == 0,
-                enable_gqa=self.heads != self.kv_heads,
-            )  # (B, H, T, hd)
+            if steps == 1 and keys.device.type == "cpu":  # measured on the CPU only
+                att = _step_attention(
+                    qk[:, : self.heads], keys[:, :, :t1], values[:, :, :t1], attn_mask
+                )
+            else:
+                att = F.scaled_dot_product_attention(
+                    qk[:, : self.heads].to(keys.dtype),
+                    keys[:, :, :t1],
+                    values[:, :, :t1],
+                    attn_mask=attn_mask,
+                    is_causal=attn_mask is None and t0 == 0,
+                    enable_gqa=self.heads != self.kv_heads,
+                )  # (B, H, T, hd)
             h += _mm(att.transpose(1, 2).reshape(batch, steps, nq).to(h.dtype), layer.o)
             x = _rms(h, layer.norm_post, layer.eps)
             gate, up = _project(x, layer.gate_up).chunk(2, dim=-1)  # (B, T, I) each

@@ -11,7 +11,7 @@ position by a 62-bit digest of the image's pixels (negative, so never a token id
 values at a position depend only on the positions up to it (causal attention), so any common
 prefix of two keys may be reused, whether or not it ends where a turn ended.
 
-Only the scheduler's thread uses a cache (no lock).
+A cache has no lock of its own: the scheduler serialises its use (Scheduler.clear_cache).
 """
 
 from __future__ import annotations
