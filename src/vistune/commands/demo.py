@@ -100,7 +100,7 @@ def _finetune(args: argparse.Namespace, title: str, data: Path, out: Path) -> St
     argv = ["train", "--stage", "finetune", "--init", str(Path(args.out) / "pretrain"),
             "--data", str(data), "--out", str(out), "--template", "chat_template",
             "--max-steps", str(args.finetune_steps), "--batch-size", "8",
-            "--per-device-batch", "8", "--lr", "2e-4", *_common(args)]  # fmt: skip
+            "--per-device-batch", "8", "--lr", "2e-4", "--turns-apart", *_common(args)]  # fmt: skip
     return Step(title, argv, out / "model" / "config.json", train_out=out)
 
 
