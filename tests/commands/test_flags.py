@@ -11,10 +11,12 @@ from vistune.commands.flags import (
     add_client_flags,
     add_dataclass_flags,
     client_config,
+    config_from_flags,
     field_help,
     flag_values,
 )
 from vistune.config import ClientConfig
+from vistune.errors import VistuneError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +94,28 @@ def test_a_prefix_names_a_second_models_flags_and_aliases_keep_old_spellings():
     assert "--judge-max-tokens MAX_TOKENS, --max-tokens MAX_TOKENS" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--temperature", "0.7"])  # no such flag: the judge's is prefixed
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    max_steps: int = 1
+    """Steps to run."""
+    rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.rate > 1:
+            raise ValueError("too fast")
+
+
+def test_config_from_flags_names_the_flag_a_refused_value_came_from():
+    """The check stays the dataclass's; chat's error line names the flag, not the field."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Checked, prefix="judge-")
+    assert config_from_flags(parser.parse_args([]), Checked, prefix="judge-") == Checked()
+    args = parser.parse_args(["--judge-max-steps", "0"])
+    with pytest.raises(VistuneError, match=r"^--judge-max-steps must be at least 1, got 0$"):
+        config_from_flags(args, Checked, prefix="judge-")
+    with pytest.raises(VistuneError, match="^too fast$"):  # no field named: left as it is
+        config_from_flags(parser.parse_args(["--judge-rate", "2"]), Checked, prefix="judge-")

@@ -31,6 +31,7 @@ import docstring_parser
 
 from vistune.commands.flag_types import count, delay, positive_int, seconds, temperature
 from vistune.config import ClientConfig
+from vistune.errors import VistuneError
 
 CLIENT_FLAGS: dict[str, Callable[[str], Any]] = {
     "temperature": temperature,
@@ -53,6 +54,11 @@ def field_help(cls: type) -> dict[str, str]:
         for p in parsed.params
         if p.args[0] == "attribute" and p.description
     }
+
+
+def flag_name(field: str, prefix: str = "") -> str:
+    """The flag of a field: `max_new_tokens` -> `--max-new-tokens` (`--judge-...` with a prefix)."""
+    return "--" + prefix + field.replace("_", "-")
 
 
 def _scalar(annotation: Any) -> Any:
@@ -101,7 +107,7 @@ def add_dataclass_flags(
         shown = (default_text or {}).get(f.name, default)
         text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")
         value = None if given_only else default
-        flags = ("--" + prefix + f.name.replace("_", "-"), *(aliases or {}).get(f.name, ()))
+        flags = (flag_name(f.name, prefix), *(aliases or {}).get(f.name, ()))
         dest = prefix.replace("-", "_") + f.name
         if kind is bool:
             parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
@@ -134,6 +140,22 @@ def flag_values(
             if value is not None or f.default is None:
                 values[f.name] = value
     return values
+
+
+def config_from_flags(
+    args: argparse.Namespace, cls: type, only: Collection[str] | None = None, prefix: str = ""
+) -> Any:
+    """`cls` made from its flags in `args` (see `flag_values`). A value its `__post_init__`
+    refuses is the user's to fix: a VistuneError (one line, exit 2) whose message names the
+    flag instead of the field (`--top-p must be in (0, 1], got 0.0`); the check itself
+    stays the dataclass's, its one copy."""
+    try:
+        return cls(**flag_values(args, cls, only, prefix))
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        if field in {f.name for f in dataclasses.fields(cls)}:
+            raise VistuneError(f"{flag_name(field, prefix)} {rest}") from exc
+        raise VistuneError(str(exc)) from exc
 
 
 def add_client_flags(
