@@ -19,9 +19,16 @@ HELP = "Chat with a model about an image (one answer with --prompt, else interac
 
 DTYPES = ("bf16", "fp32")
 INTERACTIVE_HELP = "/image PATH switches image, /clear starts over, /exit or Ctrl-D quits"
+GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "seed")
+"""The GenerationConfig fields chat takes as flags (`--max-new-tokens`, ...), with the
+dataclass's defaults and its attribute docstrings as their help."""
+OLD_NAMES = {"max_new_tokens": ("--max-tokens",)}
+"""Chat's answer length was `--max-tokens` before it took eval's name; kept as an alias."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vistune.commands.flags import add_dataclass_flags
+    from vistune.config import GenerationConfig
     from vistune.data.conversation import TEMPLATES
 
     parser.add_argument(
@@ -29,19 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", help="image file to talk about")
     parser.add_argument("--prompt", help="ask one question, print the answer and exit")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    parser.add_argument(
-        "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256,
-        help="longest answer in tokens (as in `vistune eval`; --max-tokens is the old name)",
-    )  # fmt: skip
+    add_dataclass_flags(parser, GenerationConfig, only=GENERATION_FLAGS, aliases=OLD_NAMES)
     parser.add_argument(
         "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default="bf16", help="bf16 (faster on CPU) or fp32"
     )
-    parser.add_argument("--seed", type=int, help="seed for sampling (temperature > 0)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -51,18 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generation_config(args: argparse.Namespace):
+    """The GenerationConfig of the flags; a value it refuses is one error line naming the
+    flag (GenerationConfig holds the checks, before the model loads)."""
+    from vistune.commands.flags import config_from_flags
     from vistune.config import GenerationConfig
 
-    try:
-        return GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as exc:  # a bad flag value is the user's to fix
-        message = str(exc).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
-        raise VistuneError(message.replace("temperature", "--temperature", 1)) from exc
+    return config_from_flags(args, GenerationConfig, only=GENERATION_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
