@@ -3,12 +3,20 @@
 Configs are frozen: validated on creation, changed only with `dataclasses.replace`, and
 saved (as JSON) beside every checkpoint and report. Stage-specific configs (training,
 datagen, evaluation) live beside the code that uses them and follow the same rules.
+
+The range rules a number setting is checked against (`AT_LEAST_1`, `AT_LEAST_0`,
+`ABOVE_0_FINITE`, `AT_LEAST_0_FINITE`, `ABOVE_0_AT_MOST_1`) live here, one copy of each
+rule and its wording: the dataclasses' `__post_init__` check their fields with them (a
+ValueError naming the field) and the commands' argparse types (commands/flag_types.py)
+check flags with the same ones (argparse names the flag), so `--temperature -1` reads the
+same in every command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +29,38 @@ def check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
     """Raise ValueError naming the valid choices when `value` is not one of them."""
     if value not in valid:
         raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A range a number setting must lie in, with its one wording."""
+
+    words: str
+    """What the value must be, read after `must be` (`at least 1`)."""
+    holds: Callable[[Any], bool]
+    """True for a value in range. Written `lo <= value < inf` and the like, so that NaN,
+    which fails every comparison, is refused too."""
+
+    def refusal(self, value: object) -> str:
+        """`must be <words>, got <value>`: the message without the setting's name."""
+        return f"must be {self.words}, got {value}"
+
+    def check(self, field: str, value: Any) -> None:
+        """Raise ValueError naming `field` when `value` is out of range."""
+        if not self.holds(value):
+            raise ValueError(f"{field} {self.refusal(value)}")
+
+
+AT_LEAST_1 = Range("at least 1", lambda v: 1 <= v < math.inf)
+"""A count of things that needs one (tokens, workers, a batch)."""
+AT_LEAST_0 = Range("at least 0", lambda v: 0 <= v < math.inf)
+"""A count that may be none (retries)."""
+ABOVE_0_FINITE = Range("above 0 and finite", lambda v: 0 < v < math.inf)
+"""A real amount that must be some (seconds to wait for a reply, a learning rate)."""
+AT_LEAST_0_FINITE = Range("at least 0 and finite", lambda v: 0 <= v < math.inf)
+"""A real amount that may be 0 (a temperature, a delay: time.sleep(nan) is a ValueError)."""
+ABOVE_0_AT_MOST_1 = Range("above 0 and at most 1", lambda v: 0 < v <= 1)
+"""A share of the whole that cannot be none (nucleus sampling's top_p)."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +86,7 @@ class ModelConfig:
         check_choice("projector", self.projector, PROJECTORS)
         check_choice("vision_select", self.vision_select, FEATURE_SELECTS)
         check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be at least 1, got {self.image_size}")
+        AT_LEAST_1.check("image_size", self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,12 +116,9 @@ class GenerationConfig:
     """Seed for sampling (temperature > 0)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.temperature < math.inf:  # also refuses NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        AT_LEAST_1.check("max_new_tokens", self.max_new_tokens)
+        AT_LEAST_0_FINITE.check("temperature", self.temperature)
+        ABOVE_0_AT_MOST_1.check("top_p", self.top_p)
 
 
 @dataclass(frozen=True)
@@ -112,14 +148,9 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        # written as `not (...)` so that NaN, which fails every comparison, is refused too
-        if not 0 < self.timeout < math.inf:
-            raise ValueError(f"timeout must be above 0, got {self.timeout}")
-        if self.http_retries < 0:
-            raise ValueError(f"http_retries must be at least 0, got {self.http_retries}")
-        if not (0 <= self.backoff < math.inf and 0 <= self.max_backoff < math.inf):
-            raise ValueError(f"backoff must be at least 0, got {self.backoff}")
-        if not 0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        ABOVE_0_FINITE.check("timeout", self.timeout)
+        AT_LEAST_0.check("http_retries", self.http_retries)
+        AT_LEAST_0_FINITE.check("backoff", self.backoff)
+        AT_LEAST_0_FINITE.check("max_backoff", self.max_backoff)
+        AT_LEAST_0_FINITE.check("temperature", self.temperature)
+        AT_LEAST_1.check("max_tokens", self.max_tokens)

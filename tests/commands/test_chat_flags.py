@@ -57,10 +57,10 @@ def test_help_is_the_dataclass_docstring(capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
-        (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
-        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "--temperature must be at least 0 and finite, got -1.0"),
+        (["--temperature", "nan"], "--temperature must be at least 0 and finite, got nan"),
+        (["--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
+        (["--top-p", "1.5"], "--top-p must be above 0 and at most 1, got 1.5"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (["--max-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     ],

@@ -310,10 +310,11 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(args) == 2
     assert "--base-url must start with http:// or https://" in capsys.readouterr().err
     for flag, value, message in (
-        ("--backoff", "nan", "must be at least 0, got nan"),  # time.sleep(nan)
-        ("--timeout", "nan", "must be above 0, got nan"),
-        ("--temperature", "nan", "must be a number >= 0, got nan"),
-        ("--temperature", "-1", "must be a number >= 0, got -1"),
+        ("--backoff", "nan", "must be at least 0 and finite, got nan"),  # time.sleep(nan)
+        ("--timeout", "nan", "must be above 0 and finite, got nan"),
+        ("--timeout", "inf", "must be above 0 and finite, got inf"),
+        ("--temperature", "nan", "must be at least 0 and finite, got nan"),
+        ("--temperature", "-1", "must be at least 0 and finite, got -1.0"),
         ("--http-retries", "-1", "must be at least 0, got -1"),
         ("--max-tokens", "0", "must be at least 1, got 0"),
         ("--workers", "0", "must be at least 1, got 0"),

@@ -194,13 +194,13 @@ def test_cli_resume_tells_models_that_share_a_folder_name(bench, tmp_path, fake_
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
         (
             ["--temperature", "-1"],
-            "argument --temperature/--answer-temperature: must be a number >= 0",
+            "argument --temperature/--answer-temperature: must be at least 0 and finite",
         ),
         (
             ["--answer-temperature", "-1"],
-            "argument --temperature/--answer-temperature: must be a number >= 0",
+            "argument --temperature/--answer-temperature: must be at least 0 and finite",
         ),
-        (["--top-p", "0"], "argument --top-p: must be above 0 and at most 1, got 0"),
+        (["--top-p", "0"], "argument --top-p: must be above 0 and at most 1, got 0.0"),
     ],
 )
 def test_cli_bad_answer_flags_are_one_line(bench, tmp_path, fake_engine, capsys, flags, message):

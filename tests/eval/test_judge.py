@@ -323,11 +323,11 @@ def test_empty_and_malformed_files(tmp_path, write_jsonl, capsys):
     ("flag", "value", "message"),
     [
         ("--max-tokens", "0", "must be at least 1, got 0"),
-        ("--timeout", "0", "must be above 0, got 0"),
-        ("--backoff", "-1", "must be at least 0, got -1"),
+        ("--timeout", "0", "must be above 0 and finite, got 0.0"),
+        ("--backoff", "-1", "must be at least 0 and finite, got -1.0"),
         ("--http-retries", "-1", "must be at least 0, got -1"),
         ("--retries", "-1", "must be at least 0, got -1"),
-        ("--temperature", "nan", "must be a number >= 0, got nan"),
+        ("--temperature", "nan", "must be at least 0 and finite, got nan"),
         ("--base-url", "localhost:8000/v1", "must start with http:// or https://, got 'local"),
     ],
 )

@@ -147,7 +147,7 @@ def config_from_flags(
 ) -> Any:
     """`cls` made from its flags in `args` (see `flag_values`). A value its `__post_init__`
     refuses is the user's to fix: a VistuneError (one line, exit 2) whose message names the
-    flag instead of the field (`--top-p must be in (0, 1], got 0.0`); the check itself
+    flag instead of the field (`--top-p must be above 0 and at most 1, got 0.0`); the check itself
     stays the dataclass's, its one copy."""
     try:
         return cls(**flag_values(args, cls, only, prefix))
