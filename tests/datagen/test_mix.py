@@ -89,7 +89,9 @@ def test_bad_ratios_and_missing_files(files) -> None:
         parse_ratios("fulll")
     with pytest.raises(ValueError, match="bad ratio 'detail=lots'"):
         parse_ratios("conversation=1,detail=lots")
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    with pytest.raises(
+        ValueError, match="ratio for 'conversation' must be at least 0 and finite, got -1"
+    ):
         parse_ratios("conversation=-1")
     with pytest.raises(ValueError, match="takes nothing"):
         parse_ratios("conversation=0")

@@ -88,6 +88,10 @@ def test_bad_serve_flags_are_one_line(capsys):
     assert "no such model directory" in capsys.readouterr().err
     assert main(["serve", "--max-batch", "0"]) == 2
     assert "max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--cache-mb", "-1"]) == 2  # was "max-waiting and cache-mb ..."
+    assert "cache-mb must be at least 0, got -1" in capsys.readouterr().err
+    assert main(["serve", "--fetch-timeout", "inf"]) == 2
+    assert "fetch-timeout must be above 0 and finite, got inf" in capsys.readouterr().err
 
 
 def test_serve_flags_come_from_serve_config(monkeypatch):

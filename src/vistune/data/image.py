@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from vistune.config import IMAGE_ASPECTS
+from vistune.config import AT_LEAST_1, IMAGE_ASPECTS
 from vistune.errors import ImageError, ImageTooLargeError, ModelDirError
 from vistune.files import read_json_if_present
 
@@ -214,8 +214,7 @@ class ImageProcessor:
     def __post_init__(self) -> None:
         if self.aspect not in IMAGE_ASPECTS:
             raise ValueError(f"unknown aspect {self.aspect!r}; valid: {', '.join(IMAGE_ASPECTS)}")
-        if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
+        AT_LEAST_1.check("size", self.size)
         _check_triple("mean", self.mean)
         _check_triple("std", self.std)
         if min(self.std) <= 0:

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from vistune.config import AT_LEAST_0_FINITE
 from vistune.data.formats import RESPONSE_TYPES, read_llava_json
 from vistune.errors import DataError
 
@@ -43,8 +44,7 @@ def parse_ratios(spec: str | dict[str, float]) -> dict[str, float]:
             f"unknown mix {spec!r}; valid: {', '.join(PRESETS)}, or type=ratio,type=ratio"
         )
     for name, ratio in ratios.items():
-        if not math.isfinite(ratio) or ratio < 0:
-            raise ValueError(f"ratio for {name!r} must be a finite number >= 0, got {ratio}")
+        AT_LEAST_0_FINITE.check(f"ratio for {name!r}", ratio)
     if not any(ratios.values()):
         raise ValueError(f"mix {spec!r} takes nothing: every ratio is 0")
     return ratios

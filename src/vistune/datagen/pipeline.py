@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vistune.chat_client import EndpointDownError
+from vistune.config import AT_LEAST_1
 from vistune.data.annotations import ImageContext
 from vistune.data.formats import RESPONSE_TYPES, write_llava_json
 from vistune.datagen.context import screen_contexts
@@ -56,10 +57,9 @@ class DatagenConfig:
             raise ValueError(f"unknown types {unknown}; valid: {', '.join(ALL_TYPES)}")
         if len(set(self.types)) != len(self.types):
             raise ValueError(f"types repeat: {', '.join(self.types)}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        AT_LEAST_1.check("workers", self.workers)
+        if self.limit is not None:
+            AT_LEAST_1.check("limit", self.limit)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from vistune.config import GenerationConfig
+from vistune.config import AT_LEAST_1, GenerationConfig
 from vistune.data.conversation import IMAGE_PLACEHOLDER
 from vistune.data.records import list_ids, read_journal
 from vistune.errors import VistuneError
@@ -120,8 +120,7 @@ def answer_questions(
     where two models may share a folder name)."""
     from vistune.data.image import load_image
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    AT_LEAST_1.check("batch_size", batch_size)
     check_images(questions, image_root)
     partial = out.with_name(out.name + ".partial")
     model_key = model_id if model_key is None else model_key

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vistune.config import GenerationConfig
+from vistune.config import AT_LEAST_0, AT_LEAST_1, GenerationConfig
 from vistune.data.conversation import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN_ID,
@@ -137,8 +137,7 @@ class Engine:
         max_waiting: int = 64,
         cache_bytes: int = 256 << 20,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        AT_LEAST_1.check("batch_size", batch_size)
         self.model = cast_model(model, dtype).eval()
         self.dtype = dtype
         self.template = template or model.config.template
@@ -293,8 +292,8 @@ def open_engine(
 
     from vistune.model import DEFAULT_SPEC, load_model, model_notes
 
-    if threads < 0:
-        raise VistuneError(f"--threads must be >= 0, got {threads}")
+    if not AT_LEAST_0.holds(threads):
+        raise VistuneError(f"--threads {AT_LEAST_0.refusal(threads)}")
     if threads:
         torch.set_num_threads(threads)
     if spec != DEFAULT_SPEC and not Path(spec).exists():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vistune.config import AT_LEAST_0
 from vistune.data.conversation import IMAGE_TOKEN_ID
 
 
@@ -79,8 +80,7 @@ class PrefixCache:
     """Keys and values of whole sequences, looked up by longest common prefix."""
 
     def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        AT_LEAST_0.check("max_bytes", max_bytes)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0

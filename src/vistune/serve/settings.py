@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vistune.config import ABOVE_0_FINITE, AT_LEAST_0, AT_LEAST_1
+
 MAX_IMAGES = 1
 """Images per request; the engine places one image per conversation."""
 
@@ -47,12 +49,10 @@ class ServeConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_body_bytes", "max_pixels", "max_tokens", "max_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_waiting < 0 or self.cache_mb < 0:
-            raise ValueError("max_waiting and cache_mb must be >= 0")
-        if not self.fetch_timeout > 0:
-            raise ValueError(f"fetch_timeout must be above 0, got {self.fetch_timeout}")
+            AT_LEAST_1.check(name, getattr(self, name))
+        AT_LEAST_0.check("max_waiting", self.max_waiting)
+        AT_LEAST_0.check("cache_mb", self.cache_mb)
+        ABOVE_0_FINITE.check("fetch_timeout", self.fetch_timeout)
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key is empty; leave it out to serve without one")
         hosts = tuple(h.strip().lower() for h in self.allow_image_host)

@@ -15,7 +15,6 @@ ModelConfig is a YAML key, a key of train_config.json and a command-line flag
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from vistune.config import ModelConfig, check_choice
+from vistune.config import (
+    ABOVE_0_FINITE,
+    AT_LEAST_0,
+    AT_LEAST_0_FINITE,
+    AT_LEAST_1,
+    ModelConfig,
+    check_choice,
+)
 from vistune.data.conversation import TEMPLATES
 from vistune.data.scienceqa import ANSWER_FORMATS
 from vistune.errors import DataError
@@ -159,36 +165,29 @@ class TrainConfig:
             raise ValueError("lora_r applies to the finetune stage only")
         if self.ground and self.stage != "pretrain":
             raise ValueError("ground applies to the pretrain stage only (it sets up the projector)")
-        if self.ground_steps < 1:
-            raise ValueError(f"ground_steps must be at least 1, got {self.ground_steps}")
-        if not 0 < self.ground_lr < math.inf:
-            raise ValueError(f"ground_lr must be a positive number, got {self.ground_lr}")
+        AT_LEAST_1.check("ground_steps", self.ground_steps)
+        ABOVE_0_FINITE.check("ground_lr", self.ground_lr)
         if (self.vision or self.llm) and self.init != "default":
             raise ValueError("vision/llm build a fresh model: use them with init 'default'")
         positive = ("epochs", "batch_size", "per_device_batch", "model_max_length")
         for name in (*positive, "save_every", "keep_last", "feature_batch", "length_group",
                      "gain_every"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.lora_r < 0 or self.threads < 0 or self.gain_samples < 0:
-            raise ValueError("max_steps, lora_r, threads and gain_samples must be >= 0")
+            AT_LEAST_1.check(name, getattr(self, name))
+        for name in ("max_steps", "lora_r", "threads", "gain_samples"):
+            AT_LEAST_0.check(name, getattr(self, name))
         if not 0 <= self.seed < 2**63:  # torch generators take 64-bit seeds
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        # written as `not (...)` so that NaN, which fails every comparison, is refused too
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.projector_lr is not None and not 0 < self.projector_lr < math.inf:
-            raise ValueError(f"projector_lr must be a positive number, got {self.projector_lr}")
+        ABOVE_0_FINITE.check("lr", self.lr)
+        if self.projector_lr is not None:
+            ABOVE_0_FINITE.check("projector_lr", self.projector_lr)
         for name, value in (
             ("warmup_ratio", self.warmup_ratio),
             ("lora_dropout", self.lora_dropout),
         ):
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if not 0 < self.lora_alpha < math.inf:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        ABOVE_0_FINITE.check("lora_alpha", self.lora_alpha)
+        AT_LEAST_0_FINITE.check("weight_decay", self.weight_decay)
         if not self.max_grad_norm >= 0:  # inf: no clipping, as 0
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
 
