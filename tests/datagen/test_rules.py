@@ -53,13 +53,13 @@ def test_coco_context_without_colours_or_categories_keeps_to_what_is_certain():
     answers = dict(pairs)
     for question, answer in answers.items():
         if question.startswith(("How many cups", "Count the cups", "What is the number of cups")):
-            assert answer == "There are two cups."
+            assert answer == "I count two cups."
         if "plate" in question and (
             "part" in question or "Where" in question or "Locate" in question
         ):
-            assert answer == "The red plate is in the centre of the picture."
+            assert answer == "The red plate is in the middle of the picture."
     # no category list: nothing is asked about absent objects
-    assert not any(a.startswith(("No,", "There are no")) for a in answers.values())
+    assert not any(a.startswith(("No,", "I count no")) for a in answers.values())
 
 
 def test_scene_conversations_ask_about_absent_objects_and_traps_with_exact_answers():
@@ -70,16 +70,21 @@ def test_scene_conversations_ask_about_absent_objects_and_traps_with_exact_answe
         "I can see a blue star, a red star and a green heart."
     )
     rings = [a for q, a in answers.items() if "rings" in q]
-    assert rings and set(rings) == {"There are no rings."}
+    assert rings and set(rings) == {"I count no rings."}
     stars = [a for q, a in answers.items() if q.startswith(("How many stars", "Count the stars"))]
-    assert stars and set(stars) == {"There are two stars."}
+    assert stars and set(stars) == {"I count two stars."}
     # a colour and a kind that are both there, but not together (paper §5.1's failure)
+    # a yes or a no comes after the colours of the kind asked about are said
     trap = [a for q, a in answers.items() if "green star" in q]
-    assert set(trap) == {"No, there is no green star. There are stars, but none of them is green."}
+    assert set(trap) == {
+        "The stars in the picture are blue and red, so no, there is no green star."
+    }
     heart = [a for q, a in answers.items() if "red heart" in q]
-    assert set(heart) == {"No, there is no red heart. The heart in the picture is green."}
+    assert set(heart) == {"The heart in the picture is green, so no, there is no red heart."}
     yes = [a for q, a in answers.items() if "a blue star" in q and not q.startswith("What")]
-    assert set(yes) == {"Yes, there is a blue star in the top left part of the picture."}
+    assert set(yes) == {"The stars in the picture are blue and red, so yes, there is a blue star."}
+    ring = [a for q, a in answers.items() if " ring" in q and q.startswith(("Is", "Can", "Does"))]
+    assert all(a.startswith("There is no ring in the picture, so no, there is no ") for a in ring)
     kinds = [
         a
         for q, a in answers.items()
@@ -101,8 +106,8 @@ def test_yes_and_no_are_balanced_and_every_skill_is_asked():
                              rng.choice(list(COLORS))))  # fmt: skip
         ctx = ImageContext(str(i), f"{i}.png", ("shapes",), tuple(boxes), categories=tuple(KINDS))
         for question, answer in conversation(ctx):
-            yes += answer.startswith("Yes")
-            no += answer.startswith("No,")
+            yes += ", so yes, " in answer
+            no += ", so no, " in answer
             seen.add(question.split()[0])
     assert 0.7 < yes / no < 1.4
     assert {"How", "Where", "Locate", "Is", "Can", "Does"} & seen
@@ -130,6 +135,23 @@ def test_no_evaluation_question_appears_in_the_training_data(tmp_path):
     assert eval_questions and not eval_questions & asked
 
 
+def test_counts_ask_most_about_kinds_that_are_there_more_than_once():
+    """Kinds are drawn alike, so most kinds in a scene are single; the teacher asks the
+    count of a repeated kind where there is one, or "two" is nearly never an answer."""
+    answers = []
+    for i in range(40):
+        answers += [a for q, a in conversation(SCENE, seed=str(i)) if "star" in q and "many" in q]
+    answers += [
+        a
+        for i in range(40)
+        for q, a in conversation(SCENE, seed=str(i))
+        if q.startswith(("How many hearts", "Count the hearts", "What is the number of hearts"))
+    ]
+    stars = answers.count("I count two stars.")
+    hearts = answers.count("I count one heart.")
+    assert stars > 2 * hearts > 0
+
+
 def test_colour_needs_a_single_unambiguous_object():
     ctx = ImageContext("1", "1.png", ("A red cup and a blue cup.", "A green bowl."),
                        (Box("cup", (0, 0, 0.2, 0.2)), Box("cup", (0.5, 0.5, 0.7, 0.7)),
@@ -150,6 +172,7 @@ def test_words_and_positions():
         "people", "buses", "babies", "traffic lights", "sheep", "boxes"
     ]  # fmt: skip
     assert plural("cup", 1) == "cup"
-    assert where(Box("a", (0.0, 0.0, 0.2, 0.2))) == "in the top left part of the picture"
-    assert where(Box("a", (0.4, 0.8, 0.6, 1.0))) == "near the bottom of the picture"
-    assert where(Box("a", (0.8, 0.4, 1.0, 0.6))) == "on the right side of the picture"
+    assert where(Box("a", (0.0, 0.0, 0.2, 0.2))) == "in the top left of the picture"
+    assert where(Box("a", (0.4, 0.8, 0.6, 1.0))) == "in the bottom middle of the picture"
+    assert where(Box("a", (0.8, 0.4, 1.0, 0.6))) == "in the middle right of the picture"
+    assert where(Box("a", (0.4, 0.4, 0.6, 0.6))) == "in the middle of the picture"

@@ -52,7 +52,7 @@ def test_rules_teacher_says_it_is_not_an_llm():
 def test_rules_detail_and_complex_parse_and_count():
     detail = RulesTeacher().respond(request("detail"))
     assert "three objects in view: two cups and a red plate" in parse_description(detail)
-    assert "A small cup is on the left side of the picture." in detail
+    assert "A small cup is in the middle left of the picture." in detail
     ((question, answer),) = parse_pairs(RulesTeacher().respond(request("complex")))
     assert question == "If all the cups were taken away, how many objects would be left?"
     assert "3 - 2 = 1" in answer and answer.endswith("So one object would be left.")

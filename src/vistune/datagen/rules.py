@@ -64,18 +64,20 @@ def sentence(text: str) -> str:
 
 
 def where(box: Box) -> str:
-    """Where a box's centre falls, in thirds of the picture."""
+    """Where a box's centre falls, in thirds of the picture: "in the top left of the
+    picture", "in the middle left ...", "in the top middle ...", "in the middle ...".
+
+    One form for all nine, row word then column word: with a preposition per kind of place
+    ("on the left side", "near the top"), a model commits to an edge, a corner or the
+    centre on that first word, before it reads where the object is (docs/LEARNING.md,
+    run 17)."""
     x1, y1, x2, y2 = box.xyxy
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "centre"
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "middle"
     row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    if (row, col) == ("middle", "centre"):
-        return "in the centre of the picture"
-    if row == "middle":
-        return f"on the {col} side of the picture"
-    if col == "centre":
-        return f"near the {row} of the picture"
-    return f"in the {row} {col} part of the picture"
+    if (row, col) == ("middle", "middle"):
+        return "in the middle of the picture"
+    return f"in the {row} {col} of the picture"
 
 
 def size_word(box: Box) -> str:
@@ -204,13 +206,20 @@ class SceneFacts:
         return [first, *pairs][:8]
 
     def _count(self, cat: str, rng: random.Random) -> tuple[str, str]:
+        """"I count two stars.": the number is the first word that depends on the picture
+        (with "There is one" / "There are two" the verb commits to one or more first)."""
         n = self.counts.get(cat, 0)
         question = rng.choice(_COUNT_ASKS).format(p=plural(cat))
-        if n == 0:
-            return question, f"There are no {plural(cat)}."
-        return question, f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)}."
+        return question, f"I count {number(n)} {plural(cat, n)}."
 
     def _count_present(self, rng: random.Random) -> tuple[str, str]:
+        """A kind that is there; one that is there more than once, where the scene has
+        one, three times in four: kinds are drawn alike, so most kinds in a scene are
+        single, and a teacher asking any kind taught "one" nine times as often as "two"
+        (docs/LEARNING.md, run 16)."""
+        several = sorted(cat for cat, n in self.counts.items() if n > 1)
+        if several and rng.random() < 0.75:
+            return self._count(rng.choice(several), rng)
         return self._count(rng.choice(sorted(self.counts)), rng)
 
     def _count_absent(self, rng: random.Random) -> tuple[str, str] | None:
@@ -241,10 +250,25 @@ class SceneFacts:
         name = self.named(box)
         return rng.choice(_WHERE_ASKS).format(n=name), f"The {name} is {where(box)}."
 
+    def _evidence(self, category: str) -> str:
+        """What the picture shows of a kind, said before a yes or a no: "The star in the
+        picture is blue", "The stars in the picture are red and green", "There is no star
+        in the picture". The yes or no then follows from a colour just read, where the
+        answer's first word would be a guess (docs/LEARNING.md, run 16)."""
+        same = [b for b in self.boxes if b.category == category]
+        if not same:
+            return f"There is no {category} in the picture"
+        colours = sorted({b.color for b in same})
+        if len(same) == 1:
+            return f"The {category} in the picture is {colours[0]}"
+        return f"The {plural(category)} in the picture are {join(colours)}"
+
     def _present(self, rng: random.Random) -> tuple[str, str]:
         box = rng.choice(self.boxes)
         name = self.named(box)
         question = rng.choice(_PRESENT_ASKS).format(n=a(name))
+        if all(b.color for b in self.boxes):
+            return question, f"{self._evidence(box.category)}, so yes, there is {a(name)}."
         return question, f"Yes, there is {a(name)} {where(box)}."
 
     def _absent(self, rng: random.Random) -> tuple[str, str] | None:
@@ -257,18 +281,13 @@ class SceneFacts:
             traps = sorted(
                 (c, k) for c in colours for k in {k for _, k in here} if (c, k) not in here
             )
-            if traps and rng.random() < 0.6:
+            if traps and rng.random() < 0.85:
                 colour, cat = rng.choice(traps)
             else:
                 options = [(c, k) for c in _ASK_COLOURS for k in kinds if (c, k) not in here]
                 colour, cat = rng.choice(options)
             name = f"{colour} {cat}"
-            same = [b for b in self.boxes if b.category == cat]
-            answer = f"No, there is no {name}."
-            if len(same) == 1:
-                answer += f" The {cat} in the picture is {same[0].color}."
-            elif same:
-                answer += f" There are {plural(cat)}, but none of them is {colour}."
+            answer = f"{self._evidence(cat)}, so no, there is no {name}."
             return rng.choice(_PRESENT_ASKS).format(n=a(name)), answer
         absent = sorted(set(self.categories) - set(self.counts))
         if not absent:
@@ -335,7 +354,7 @@ class SceneFacts:
             )
         box = self.boxes[0]
         q = f"Is the {box.category} the centre of attention in this picture? Explain."
-        centred = where(box) == "in the centre of the picture"
+        centred = where(box) == "in the middle of the picture"
         verdict = "Yes" if centred else "Not quite"
         why = (
             "it sits right in the middle"
