@@ -67,7 +67,8 @@ def test_scene_conversations_ask_about_absent_objects_and_traps_with_exact_answe
     for i in range(40):
         answers.update(conversation(SCENE, seed=str(i)))
     assert answers["What objects can you see in the picture?"] == (
-        "I can see a blue star, a red star and a green heart."
+        "I can see a blue star in the top left, a red star in the bottom right and a green heart"
+        " in the middle."
     )
     rings = [a for q, a in answers.items() if "rings" in q]
     assert rings and set(rings) == {"I count no rings."}

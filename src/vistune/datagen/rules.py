@@ -71,13 +71,16 @@ def where(box: Box) -> str:
     ("on the left side", "near the top"), a model commits to an edge, a corner or the
     centre on that first word, before it reads where the object is (docs/LEARNING.md,
     run 17)."""
+    return f"in the {place(box)} of the picture"
+
+
+def place(box: Box) -> str:
+    """The third of the picture a box's centre is in: "top left", "middle left", "middle"."""
     x1, y1, x2, y2 = box.xyxy
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "middle"
     row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    if (row, col) == ("middle", "middle"):
-        return "in the middle of the picture"
-    return f"in the {row} {col} of the picture"
+    return "middle" if (row, col) == ("middle", "middle") else f"{row} {col}"
 
 
 def size_word(box: Box) -> str:
@@ -167,14 +170,19 @@ class SceneFacts:
         colour = box.color or self.colours.get(box.category)
         return f"{colour} {box.category}" if colour else box.category
 
-    def inventory(self) -> str:
+    def inventory(self, places: bool = False) -> str:
         """ "two cups and a red plate"; with every box's colour known, "a red star, two
-        blue circles and a green circle"."""
+        blue circles and a green circle", and with `places` each single one's third of
+        the picture: "a red star in the top left, two blue circles and ...".
+
+        The conversation's first answer names the places: it is the turn that reads every
+        object, and where an object is was the skill read least (docs/LEARNING.md, run 19)."""
         if all(b.color for b in self.boxes):
             groups = Counter((b.color, b.category) for b in self.boxes)
+            at = {(b.color, b.category): place(b) for b in self.boxes}
             return join(
-                [a(f"{c} {k}") if n == 1 else f"{number(n)} {c} {plural(k)}"
-                 for (c, k), n in groups.items()]
+                [a(f"{c} {k}") + (f" in the {at[c, k]}" if places else "") if n == 1
+                 else f"{number(n)} {c} {plural(k)}" for (c, k), n in groups.items()]
             )  # fmt: skip
         parts = [
             a(self.named(self._only(cat))) if n == 1 else f"{number(n)} {plural(cat)}"
@@ -198,7 +206,10 @@ class SceneFacts:
         if not self.boxes:
             first = sentence(self.captions[0])
             return [("What does this picture show?", f"The picture shows this scene: {first}")]
-        first = ("What objects can you see in the picture?", f"I can see {self.inventory()}.")
+        first = (
+            "What objects can you see in the picture?",
+            f"I can see {self.inventory(places=True)}.",
+        )
         makers = (self._count_present, self._count_absent, self._colour, self._kind_of_colour,
                   self._where, self._present, self._absent, self._relative)  # fmt: skip
         pairs = [pair for make in makers if (pair := make(rng)) is not None]
@@ -206,7 +217,7 @@ class SceneFacts:
         return [first, *pairs][:8]
 
     def _count(self, cat: str, rng: random.Random) -> tuple[str, str]:
-        """"I count two stars.": the number is the first word that depends on the picture
+        """ "I count two stars.": the number is the first word that depends on the picture
         (with "There is one" / "There are two" the verb commits to one or more first)."""
         n = self.counts.get(cat, 0)
         question = rng.choice(_COUNT_ASKS).format(p=plural(cat))
