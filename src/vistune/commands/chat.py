@@ -58,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
         return note + ("; --template vicuna_v0 asks in words" if "plain template" in note else "")
 
     engine = engine_from_flags(args, hint)
-    if args.prompt is not None:
-        print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
-        return 0
-    return _interactive(engine, image, config)
+    try:
+        if args.prompt is not None:
+            print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
+            return 0
+        return _interactive(engine, image, config)
+    finally:  # the model's thread ends before the interpreter (left running, it aborted it)
+        engine.close()
 
 
 def _interactive(engine, image, config) -> int:
