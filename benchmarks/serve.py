@@ -16,6 +16,8 @@ every answer is exactly --tokens long. Figures and their goals:
 - one stream's decode tokens/s over llama.cpp's on the same LLM (llama-cpp-python on the
   packaged GGUF file, --threads threads; goal >= 0.5x). Optional: without the `llamacpp`
   extra (`pip install -e '.[llamacpp]'`, which builds llama.cpp: minutes) the row says so;
+- the same decode with `--quantize int8` (weight-only int8 decode steps) over llama.cpp's,
+  and how many of the questions' greedy answers equal bf16's (the difference stated);
 - first token with an image, cold (goal <= 0.2 s).
 
 Each figure is the median of --repeats runs; the CPU (model name, cores, load) is printed
@@ -211,8 +213,46 @@ def measure(args: argparse.Namespace) -> dict:
         out["one_client_tps"] = aggregate(live.url, name, args.tokens, 1, image)
         out["eight_clients_tps"] = aggregate(live.url, name, args.tokens, 8, image)
         out["peak_batch"] = engine.scheduler.stats["peak_batch"]
+    out.update(int8_figures(engine, args, image, name))
     out["llama_cpp_tps"] = llama_cpp_decode(args.tokens, args.threads or 2, args.repeats)
     return out
+
+
+def int8_figures(engine, args: argparse.Namespace, image: str, name: str) -> dict:
+    """`--quantize int8` on the same model: one stream's decode tokens/s through its own
+    server, and how many greedy answers (--tokens long, the astronaut) equal bf16's."""
+    from PIL import Image
+    from skimage import data
+
+    from vistune.config import GenerationConfig
+    from vistune.serve.app import ThreadedServer, create_app
+    from vistune.serve.engine import Engine
+    from vistune.serve.settings import ServeConfig
+
+    int8 = Engine(engine.model, dtype=torch.bfloat16, quantize="int8")
+    int8.generator.eos.clear()
+    int8.stop = ()
+    with ThreadedServer(create_app(int8, ServeConfig(max_tokens=args.tokens), name)) as live:
+        client = Client(live.url, name, args.tokens)
+        client.ask([user("Warm up.", image)])
+        speeds = []
+        for i in range(args.repeats):
+            int8.scheduler.clear_cache()
+            speeds.append(client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])[1])
+    photo = Image.fromarray(data.astronaut())
+    config = GenerationConfig(max_new_tokens=args.tokens, temperature=0)
+    same, first_diff = 0, []
+    for question in QUESTIONS:  # the engines' own loops: their servers stopped their threads
+        inputs = engine.prepare([([{"role": "user", "content": question}], photo)])
+        a, b = (
+            e.generator.run(inputs.inputs_embeds, inputs.attention_mask, config)[0].text
+            for e in (engine, int8)
+        )
+        same += a == b
+        if a != b:
+            first_diff.append(len(os.path.commonprefix([a, b])))
+    return {"int8_decode_tps": statistics.median(speeds), "int8_same": same,
+            "int8_first_diff": first_diff}  # fmt: skip
 
 
 def table(r: dict) -> str:
@@ -238,6 +278,17 @@ def table(r: dict) -> str:
     else:
         lines.append(f"| one stream, decode | {r['decode_tps']:.1f} tok/s | llama.cpp "
                      f"{r['llama_cpp_tps']} | - | >= 0.5x: unknown |")  # fmt: skip
+    if isinstance(r["llama_cpp_tps"], float):
+        ratio = r["int8_decode_tps"] / r["llama_cpp_tps"]
+        lines.append(f"| one stream, decode, `--quantize int8` | {r['int8_decode_tps']:.1f} tok/s "
+                     f"| llama.cpp {r['llama_cpp_tps']:.1f} tok/s | {ratio:.2f}x | >= 0.5x: "
+                     f"{ok(ratio >= GOALS['llama_cpp'])} |")  # fmt: skip
+    else:
+        lines.append(f"| one stream, decode, `--quantize int8` | {r['int8_decode_tps']:.1f} tok/s "
+                     f"| llama.cpp {r['llama_cpp_tps']} | - | >= 0.5x: unknown |")  # fmt: skip
+    differ = ", ".join(str(c) for c in r["int8_first_diff"]) or "-"
+    lines.append(f"| `--quantize int8`: greedy answers equal to bf16's | {r['int8_same']} of "
+                 f"{len(QUESTIONS)} | first differing character: {differ} | - | equal or stated |")  # fmt: skip
     lines.append(f"| first token with an image (cold) | {r['ttft_image_s']:.3f} s | - | - | "
                  f"<= 0.2 s: {ok(r['ttft_image_s'] <= GOALS['ttft'])} |")  # fmt: skip
     return "\n".join(lines)

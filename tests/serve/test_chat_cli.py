@@ -6,6 +6,8 @@ import builtins
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -104,6 +106,19 @@ def test_one_shot_prints_the_answer(model_dir, engine, tmp_path, capsys):
                    "--template", "plain", "--max-tokens", "2"))  # fmt: skip
     assert rc == 0
     assert "the plain template (a stage-1 model) renders only the image" in capsys.readouterr().err
+
+
+def test_one_shot_exits_cleanly_in_its_own_process(model_dir):
+    """The model's thread ends before the interpreter: left running, with one torch thread,
+    it aborted the process at exit ("terminate called without an active exception", 134)."""
+    code = "import sys; from vistune.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *chat("--model", str(model_dir), "--prompt", "hi"),
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() and "terminate called" not in done.stderr
 
 
 def test_interactive_session(model_dir, engine, tmp_path, capsys, monkeypatch):

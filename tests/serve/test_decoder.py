@@ -12,7 +12,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from vistune.config import GenerationConfig
 from vistune.model.llama import supports
-from vistune.serve.decoder import LlamaDecoder, _step_attention
+from vistune.serve.decoder import (
+    INT8_BLOCK,
+    INT8_ROWS,
+    Int8Weight,
+    LlamaDecoder,
+    _mm,
+    _step_attention,
+)
 from vistune.serve.generate import Generator, positions_from_mask
 
 
@@ -35,11 +42,16 @@ def reference_logits(llm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 @torch.inference_mode()
 def decoder_logits(
-    llm, ids: torch.Tensor, mask: torch.Tensor, prompt: int, fused: bool | None = None
+    llm,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    prompt: int,
+    fused: bool | None = None,
+    quantize: str = "none",
 ) -> torch.Tensor:
     """Prefill `prompt` columns with the decoder in one pass, then the rest one by one."""
     pos = positions_from_mask(mask)
-    dec = LlamaDecoder(llm, fused=fused)
+    dec = LlamaDecoder(llm, fused=fused, quantize=quantize)
     state = dec.allocate(mask[:, :prompt], extra=ids.shape[1] - prompt)
     embeds = llm.get_input_embeddings()(ids[:, :prompt])
     logits = dec.forward(state, embeds, pos[:, :prompt], mask[:, :prompt])
@@ -172,3 +184,54 @@ def test_lora_wrapped_llm_falls_back_to_transformers(tiny_llm, tiny_tokenizer):
     assert gen._decoder is None
     ref = Generator(llm, tiny_tokenizer, fast=False).run(embeds, mask, cfg)[0].token_ids
     assert out == ref
+
+
+def test_int8_weight_is_the_weight_within_half_a_step_per_row():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(24, 48, generator=g) * torch.linspace(0.1, 3.0, 24)[:, None]).bfloat16()
+    q = Int8Weight.of(w)
+    assert q.q.dtype == torch.int8 and q.scales.dtype == torch.bfloat16 and q.dense is w
+    assert q.q.abs().max() == 127  # each row's largest weight takes the whole range
+    back = q.q.float() * q.scales.float()[:, None]
+    # rounding to a step of scale (plus the scale's own bf16 rounding, 2**-8 of the weight)
+    bound = q.scales.float()[:, None] * 0.5 + w.float().abs() * 2**-8
+    assert ((back - w.float()).abs() <= bound + 1e-6).all()
+    x = torch.randn(3, 48, generator=g)
+    out = _mm(x, q)
+    assert out.dtype == torch.float32 and out.shape == (3, 24)
+    torch.testing.assert_close(out, x.bfloat16().float() @ back.T, atol=5e-2, rtol=1e-2)
+    many = torch.randn(INT8_ROWS + 1, 48, generator=g).bfloat16()  # a prefill: the dense weight
+    torch.testing.assert_close(_mm(many, q), F.linear(many, w))
+
+
+def test_int8_keeps_dense_the_widths_the_kernel_sums_wrong(tiny_llm):
+    dec = LlamaDecoder(copy.deepcopy(tiny_llm).to(torch.bfloat16), quantize="int8")
+    assert not isinstance(dec._weight(torch.zeros(8, 40, dtype=torch.bfloat16)), Int8Weight)
+    assert isinstance(dec._weight(torch.zeros(8, 48, dtype=torch.bfloat16)), Int8Weight)
+    assert INT8_BLOCK == 16
+
+
+def test_int8_decode_steps_stay_near_bf16(tiny_llm, tiny_tokenizer):
+    """The steps' logits move by the weights' rounding, no more. (Greedy answers are
+    compared on the real model, benchmarks/serve.py: a random tiny model's near-ties flip.)"""
+    llm = copy.deepcopy(tiny_llm).to(torch.bfloat16)
+    ids, mask = left_padded(llm, [6, 10, 3], seed=2)
+    int8 = Generator(llm, tiny_tokenizer, quantize="int8")
+    layer = int8.fast_decoder().layers[0]
+    assert all(isinstance(w, Int8Weight) for w in (*layer.qkv, layer.o, *layer.gate_up))
+    with torch.no_grad():
+        embeds = llm.get_input_embeddings()(ids)
+    answers = int8.run(embeds, mask, GenerationConfig(max_new_tokens=6))
+    assert len(answers) == 3 and all(1 <= len(c.token_ids) <= 6 for c in answers)
+    full = torch.cat([ids, ids[:, -4:]], dim=1)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], dim=1)
+    ours = decoder_logits(llm, full, full_mask, prompt=ids.shape[1], quantize="int8")
+    ref = decoder_logits(llm, full, full_mask, prompt=ids.shape[1])
+    assert 0 < (ours - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_int8_refuses_what_it_cannot_decode(tiny_llm):
+    with pytest.raises(ValueError, match="bf16 weights, not cpu float32"):
+        LlamaDecoder(tiny_llm, quantize="int8")
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, got 'int4'"):
+        LlamaDecoder(tiny_llm, quantize="int4")

@@ -17,7 +17,6 @@ from vistune.errors import VistuneError
 
 HELP = "Chat with a model about an image (one answer with --prompt, else interactive)."
 
-DTYPES = ("bf16", "fp32")
 INTERACTIVE_HELP = "/image PATH switches image, /clear starts over, /exit or Ctrl-D quits"
 GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "seed")
 """The GenerationConfig fields chat takes as flags (`--max-new-tokens`, ...), with the
@@ -27,28 +26,14 @@ OLD_NAMES = {"max_new_tokens": ("--max-tokens",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vistune.commands.engine_flags import add_engine_flags
     from vistune.commands.flags import add_dataclass_flags
     from vistune.config import GenerationConfig
-    from vistune.data.conversation import TEMPLATES
 
-    parser.add_argument(
-        "--model", default="default", help='model directory, or "default" (packaged base)'
-    )
+    add_engine_flags(parser)
     parser.add_argument("--image", help="image file to talk about")
     parser.add_argument("--prompt", help="ask one question, print the answer and exit")
     add_dataclass_flags(parser, GenerationConfig, only=GENERATION_FLAGS, aliases=OLD_NAMES)
-    parser.add_argument(
-        "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="bf16", help="bf16 (faster on CPU) or fp32"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (0: torch's default; 1 is much faster on a busy CPU)",
-    )
 
 
 def _generation_config(args: argparse.Namespace):
@@ -61,8 +46,8 @@ def _generation_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from vistune.commands.engine_flags import engine_from_flags
     from vistune.data.image import load_image
-    from vistune.serve.engine import open_engine
 
     config = _generation_config(args)
     if args.prompt is not None and not args.prompt.strip():
@@ -72,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
     def hint(note: str) -> str:
         return note + ("; --template vicuna_v0 asks in words" if "plain template" in note else "")
 
-    engine = open_engine(args.model, args.dtype, args.template, args.threads, hint)
-    if args.prompt is not None:
-        print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
-        return 0
-    return _interactive(engine, image, config)
+    engine = engine_from_flags(args, hint)
+    try:
+        if args.prompt is not None:
+            print(engine.answer([{"role": "user", "content": args.prompt}], image, config))
+            return 0
+        return _interactive(engine, image, config)
+    finally:  # the model's thread ends before the interpreter (left running, it aborted it)
+        engine.close()
 
 
 def _interactive(engine, image, config) -> int:

@@ -19,26 +19,14 @@ from vistune.commands.flags import add_dataclass_flags, flag_values
 from vistune.errors import VistuneError
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API with a web chat."
-DTYPES = ("bf16", "fp32")
 API_KEY_ENV = "VISTUNE_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vistune.data.conversation import TEMPLATES
+    from vistune.commands.engine_flags import add_engine_flags
     from vistune.serve.settings import ServeConfig
 
-    parser.add_argument(
-        "--model", default="default", help='model directory, or "default" (packaged base)'
-    )
-    parser.add_argument(
-        "--template", choices=sorted(TEMPLATES), help="override the model's conversation template"
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="bf16", help="bf16 (faster on CPU) or fp32"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
-    )
+    add_engine_flags(parser)
     parser.add_argument(
         "--grace", type=positive_int, default=30,
         help="seconds running requests get to finish after SIGTERM (default: 30)",
@@ -72,13 +60,13 @@ def served_name(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from vistune.commands.engine_flags import engine_from_flags
     from vistune.serve.app import create_app
-    from vistune.serve.engine import open_engine
 
     config = _config(args)
-    engine = open_engine(
-        args.model, args.dtype, args.template, args.threads, max_batch=config.max_batch,
-        max_waiting=config.max_waiting, cache_bytes=config.cache_mb << 20,
+    engine = engine_from_flags(
+        args, max_batch=config.max_batch, max_waiting=config.max_waiting,
+        cache_bytes=config.cache_mb << 20,
     )  # fmt: skip
     name = config.served_model_name or served_name(args.model)
     app = create_app(engine, config, name)

@@ -38,15 +38,58 @@ def _rms(x: torch.Tensor, weights: dict[torch.dtype, torch.Tensor], eps: float) 
     return llama.rms_norm(x, weights[x.dtype], eps)
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., Din) @ w.T (Dout, Din) in w's dtype, returned in x's dtype; mv for one row."""
+QUANTIZE = ("none", "int8")
+"""Weight formats for decode steps: the model's own (`none`) or weight-only int8."""
+
+INT8_ROWS = 16
+"""Up to this many rows a product reads the int8 copy (decode steps, small batches); a
+prefill's many rows multiply the model's own weights, where the int8 kernel is slower."""
+
+
+INT8_BLOCK = 16
+"""PyTorch's int8 kernel (`_weight_int8pack_mm`, CPU) reads the inner dimension in blocks of
+16 and returns wrong sums for other widths (torch 2.13, tested): such a matrix stays dense."""
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A (Dout, Din) weight kept twice: as it is, and as int8 with one bf16 scale per output
+    row (absmax / 127), for decode steps. Decoding is bound by reading the weights (one
+    pass over all of them per token, docs/PERFORMANCE.md): int8 halves what bf16 reads."""
+
+    dense: torch.Tensor  # (Dout, Din) the model's dtype
+    q: torch.Tensor  # (Dout, Din) int8
+    scales: torch.Tensor  # (Dout,) bf16
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Int8Weight:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (Dout,)
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(weight, q.contiguous(), scales.to(torch.bfloat16))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense.dtype
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """x (..., Din) @ w.T (Dout, Din) in w's dtype, returned in x's dtype; mv for one row;
+    an Int8Weight's int8 copy for a few rows (bf16 activations, its kernel's fast path)."""
+    if isinstance(w, Int8Weight):
+        rows = x.numel() // x.shape[-1]
+        if rows <= INT8_ROWS:
+            flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+            out = torch._weight_int8pack_mm(flat, w.q, w.scales)  # (rows, Dout)
+            return out.to(x.dtype).view(*x.shape[:-1], -1)
+        w = w.dense
     xw = x.to(w.dtype)
     if x.numel() == x.shape[-1]:
         return torch.mv(w, xw.reshape(-1)).to(x.dtype).view(*x.shape[:-1], -1)
     return F.linear(xw, w).to(x.dtype)
 
 
-def _project(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _project(x: torch.Tensor, ws: tuple[torch.Tensor | Int8Weight, ...]) -> torch.Tensor:
     """x times fused weights (one) or the LLM's own (several), outputs side by side."""
     if len(ws) == 1:
         return _mm(x, ws[0])
@@ -73,12 +116,15 @@ def _step_attention(
     return out.view(batch, heads, 1, hd)
 
 
+Weight = torch.Tensor | Int8Weight
+
+
 @dataclass
 class _Layer:
-    qkv: tuple[torch.Tensor, ...]  # fused (H*hd + 2*Hkv*hd, D), or q, k, v
-    o: torch.Tensor  # (D, H*hd)
-    gate_up: tuple[torch.Tensor, ...]  # fused (2*I, D), or gate, up
-    down: torch.Tensor  # (D, I)
+    qkv: tuple[Weight, ...]  # fused (H*hd + 2*Hkv*hd, D), or q, k, v
+    o: Weight  # (D, H*hd)
+    gate_up: tuple[Weight, ...]  # fused (2*I, D), or gate, up
+    down: Weight  # (D, I)
     norm_in: dict[torch.dtype, torch.Tensor]  # (D,) per dtype
     norm_post: dict[torch.dtype, torch.Tensor]  # (D,) per dtype
     eps: float
@@ -98,21 +144,34 @@ class LlamaDecoder:
     """Decode steps over a Llama-family HF causal LM (see module docstring).
 
     `fused`: q/k/v and gate/up as one matrix each, a copy of those weights (None: where
-    vistune.model.llama.fuses says, i.e. on the CPU)."""
+    vistune.model.llama.fuses says, i.e. on the CPU). `quantize="int8"`: decode steps read an
+    int8 copy of every matrix of the decoder and of the LM head (`Int8Weight`; the CPU,
+    bf16 weights); the prefill keeps the model's own."""
 
-    def __init__(self, llm: torch.nn.Module, fused: bool | None = None) -> None:
+    def __init__(
+        self, llm: torch.nn.Module, fused: bool | None = None, quantize: str = "none"
+    ) -> None:
         if not llama.supports(llm):
             raise ValueError(
                 f"LlamaDecoder supports plain {', '.join(llama.SUPPORTED_TYPES)} models"
             )
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+        weight = llm.lm_head.weight
+        if quantize == "int8" and (weight.device.type != "cpu" or weight.dtype != torch.bfloat16):
+            raise ValueError(
+                "int8 decoding runs on the CPU with bf16 weights, not "
+                f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}"
+            )
+        self.quantize = quantize
         cfg, model = llm.config, llm.model
         dims = llama.dims(cfg)
         self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.rotary = model.rotary_emb
         self.embed = llm.get_input_embeddings()
-        self.lm_head = llm.lm_head.weight  # (V, D)
+        self.lm_head = self._weight(llm.lm_head.weight)  # (V, D)
         self.dtype = self.lm_head.dtype
-        self.fused = llama.fuses(self.lm_head.device) if fused is None else fused
+        self.fused = llama.fuses(weight.device) if fused is None else fused
         with torch.no_grad():
             self.layers = [self._layer(block) for block in model.layers]
             self.norm = _norm_weights(model.norm.weight)
@@ -124,14 +183,19 @@ class LlamaDecoder:
         if self.fused:
             qkv, gate_up = (llama.fuse(qkv),), (llama.fuse(gate_up),)
         return _Layer(
-            qkv=qkv,
-            o=w.o,
-            gate_up=gate_up,
-            down=w.down,
+            qkv=tuple(self._weight(m) for m in qkv),
+            o=self._weight(w.o),
+            gate_up=tuple(self._weight(m) for m in gate_up),
+            down=self._weight(w.down),
             norm_in=_norm_weights(w.norm_in),
             norm_post=_norm_weights(w.norm_post),
             eps=block.input_layernorm.variance_epsilon,
         )
+
+    def _weight(self, weight: torch.Tensor) -> Weight:
+        if self.quantize == "int8" and weight.shape[1] % INT8_BLOCK == 0:
+            return Int8Weight.of(weight)
+        return weight
 
     def allocate(self, attention_mask: torch.Tensor, extra: int) -> DecodeState:
         """Empty KV buffers for a (B, L) prompt plus `extra` generated tokens."""

@@ -40,6 +40,7 @@ from vistune.data.conversation import (
     tokenize_prompt,
 )
 from vistune.errors import VistuneError
+from vistune.model import llama
 from vistune.serve.generate import Completion, Generator, context_length
 from vistune.serve.prefix_cache import image_digest, position_key
 from vistune.serve.scheduler import Delta, Done, Event, Failed, Job, Scheduler
@@ -136,6 +137,7 @@ class Engine:
         max_batch: int = 8,
         max_waiting: int = 64,
         cache_bytes: int = 256 << 20,
+        quantize: str = "none",
     ) -> None:
         AT_LEAST_1.check("batch_size", batch_size)
         self.model = cast_model(model, dtype).eval()
@@ -143,7 +145,13 @@ class Engine:
         self.template = template or model.config.template
         self.tokenizer = model.tokenizer
         self.stop = stop_strings(self.template, self.tokenizer)
-        self.generator = Generator(model.llm, self.tokenizer)
+        self.generator = Generator(model.llm, self.tokenizer, quantize=quantize)
+        # a model that cannot decode in int8 is refused here, not at the first reply
+        if quantize != "none" and not (self.generator.fast and self.generator.fast_decoder()):
+            raise ValueError(
+                f"--quantize {quantize} decodes Llama-family LLMs only "
+                f"({', '.join(llama.SUPPORTED_TYPES)})"
+            )
         self.context = context_length(model.llm)
         self.batch_size = batch_size
         self.scheduler = Scheduler(
@@ -286,7 +294,8 @@ def open_engine(
     """The Engine of `vistune chat` and `vistune serve`: `spec` (a model folder or
     "default", whose packaged weights are converted on first use, with progress on stderr)
     loaded in `dtype` ("bf16" or "fp32") on `threads` CPU threads (0: torch's default);
-    each of vistune.model.model_notes is printed through `note`."""
+    each of vistune.model.model_notes is printed through `note`. `engine_options` go to
+    Engine (`quantize="int8"`: weight-only int8 decode steps, bf16 only)."""
     import sys
     from pathlib import Path
 
@@ -299,6 +308,8 @@ def open_engine(
     if spec != DEFAULT_SPEC and not Path(spec).exists():
         raise VistuneError(f"{spec}: no such model directory")
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    if engine_options.get("quantize", "none") != "none" and dtype != "bf16":
+        raise VistuneError(f"--quantize {engine_options['quantize']} needs --dtype bf16")
     if spec == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
         from vistune.weights import ensure_default_weights
 
@@ -306,7 +317,10 @@ def open_engine(
     model = load_model(spec, dtype=torch_dtype)
     for text in model_notes(model, spec, template):
         print(f"vistune: note: {note(text)}", file=sys.stderr)
-    return Engine(model, dtype=torch_dtype, template=template, **engine_options)
+    try:
+        return Engine(model, dtype=torch_dtype, template=template, **engine_options)
+    except ValueError as err:  # a model the options do not fit: the user's to change
+        raise VistuneError(str(err)) from err
 
 
 def _pieces(job: Job, events: queue.Queue[Event]) -> Iterator[str]:

@@ -191,8 +191,10 @@ class Generator:
         tokenizer: object,
         autocast: torch.dtype | None = None,
         fast: bool = True,
+        quantize: str = "none",
     ) -> None:
         self.llm = llm
+        self.quantize = quantize
         self.tokenizer = tokenizer
         self.autocast = autocast
         self.fast = fast and autocast is None and llama.supports(llm)
@@ -215,7 +217,7 @@ class Generator:
         key = tuple((p.data_ptr(), p._version) for p in self.llm.parameters())
         if key != self._decoder_key:
             ok = llama.supports(self.llm)
-            self._decoder = decoder.LlamaDecoder(self.llm) if ok else None
+            self._decoder = decoder.LlamaDecoder(self.llm, quantize=self.quantize) if ok else None
             self._decoder_key = key
         return self._decoder
 
