@@ -8,6 +8,7 @@ import base64
 import copy
 import io
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,19 @@ def test_stream_ends_with_done(server):
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_connections_send_small_writes_at_once(server):
+    """TCP_NODELAY on every accepted connection: with Nagle's algorithm on, each streamed
+    chunk after the headers waited for the client's delayed ACK (40 ms on Linux), the first
+    token's chunk included."""
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/health").status_code == 200
+        connections = list(server.server.server_state.connections)  # uvicorn's, held open
+        assert connections
+        for connection in connections:
+            sock = connection.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_sixteen_concurrent_requests_answer_as_alone(client, cold, engine):

@@ -341,7 +341,12 @@ class ThreadedServer:
 
         import uvicorn
 
-        self.sock = socket.socket()
+        # IPPROTO_TCP named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
+        # whose proto says TCP, and accepted connections copy it from this one. With proto 0
+        # each streamed chunk after the headers waited for the client's delayed ACK (40 ms on
+        # Linux), which the first-token times of benchmarks/serve.py included; `vistune
+        # serve` binds through uvicorn (getaddrinfo's proto) and never had the wait.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
