@@ -34,6 +34,22 @@ def test_cells_show_the_smallest_covering_box_and_every_object_owns_its_centre()
     assert cell_objects([], 3) == [None] * 9
 
 
+def test_centre_cells_name_each_object_once_whatever_its_size():
+    """`centre`: the tokens naming a kind count the objects, not the cells they cover."""
+    big = Box("star", (0.0, 0.0, 0.7, 0.7))  # covers 4 of a 3x3 grid's cell centres
+    small = Box("star", (0.7, 0.7, 0.95, 0.95))
+    assert sum(c is big for c in cell_objects([big, small], 3)) == 4
+    centre = cell_objects([big, small], 3, "centre")
+    assert centre == [None, None, None, None, big, None, None, None, small]
+    # two centres in one cell: the smaller object keeps it
+    inner = Box("ring", (0.4, 0.4, 0.6, 0.6))
+    assert cell_objects([big, inner], 3, "centre")[4] is inner
+    with pytest.raises(ValueError, match="unknown ground cells .all.; valid: cover, centre"):
+        cell_objects([big], 3, "all")
+    with pytest.raises(ValueError, match="ground_cells"):
+        TrainConfig(data="x.json", ground_cells="middle")
+
+
 def test_boxes_follow_the_towers_square():
     # a 200 x 100 image padded to 200 x 200: y moves down by a quarter and halves
     assert square_box((0.0, 0.0, 0.5, 1.0), 200, 100, "pad") == (0.0, 0.25, 0.5, 0.75)

@@ -39,6 +39,7 @@ PRECISIONS = ("bf16", "fp32")
 DATA_FORMATS = ("llava", "scienceqa")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "eager", "sdpa")
+GROUND_CELLS = ("cover", "centre")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class TrainConfig:
     """Peak learning rate of the grounded alignment (decays linearly to 0)."""
     ground_where: bool = False
     """Also align an object's cells to the words of the third of the picture it is in ("top left")."""
+    ground_cells: str = "cover"
+    """Which cells of an object the grounded alignment names it on: `cover` (every cell its box covers) or `centre` (only the cell its centre falls in: one token per object, so that counting tokens counts objects)."""
     epochs: int | None = None
     """Passes over the data; None: 1 for pretrain, 3 for finetune (paper §5)."""
     max_steps: int = 0
@@ -153,6 +156,7 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
         check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("ground_cells", self.ground_cells, GROUND_CELLS)
         defaults = STAGE_DEFAULTS[self.stage]
         for key, value in defaults.items():
             if key != "template" and getattr(self, key) is None:

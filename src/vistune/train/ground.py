@@ -31,6 +31,7 @@ from torch import nn
 
 from vistune.data.annotations import Box
 from vistune.errors import DataError
+from vistune.train.config import GROUND_CELLS, check_choice
 
 BACKGROUND = "background"
 """The word the cells without an object are aligned to."""
@@ -68,15 +69,17 @@ def square_box(
     return clipped  # type: ignore[return-value]
 
 
-def cell_objects(boxes: Sequence[Box], grid: int) -> list[Box | None]:
+def cell_objects(boxes: Sequence[Box], grid: int, cells_of: str = "cover") -> list[Box | None]:
     """The object each cell of a grid x grid raster (row-major) shows, or None.
 
-    A cell shows the smallest box that covers its centre; every box also owns the cell
-    its own centre falls in (a small object between cell centres is not lost)."""
+    `cover`: a cell shows the smallest box that covers its centre; every box also owns the
+    cell its own centre falls in (a small object between cell centres is not lost).
+    `centre`: only that cell (the smaller box where two centres share a cell)."""
+    check_choice("ground cells", cells_of, GROUND_CELLS)
     cells: list[Box | None] = [None] * (grid * grid)
     by_area = sorted(boxes, key=lambda b: (b.xyxy[2] - b.xyxy[0]) * (b.xyxy[3] - b.xyxy[1]))
-    for box in reversed(by_area):  # larger first, so the smaller one covering a cell wins
-        x1, y1, x2, y2 = box.xyxy
+    for box in reversed(by_area) if cells_of == "cover" else ():
+        x1, y1, x2, y2 = box.xyxy  # larger first, so the smaller one covering a cell wins
         for row in range(grid):
             for col in range(grid):
                 cx, cy = (col + 0.5) / grid, (row + 0.5) / grid
@@ -105,13 +108,18 @@ def cell_third(index: int, grid: int) -> str:
 
 
 def cell_targets(
-    boxes: Sequence[Box], grid: int, vector: Callable[[str], torch.Tensor], where: bool = False
+    boxes: Sequence[Box],
+    grid: int,
+    vector: Callable[[str], torch.Tensor],
+    where: bool = False,
+    cells_of: str = "cover",
 ) -> torch.Tensor:
     """Target embedding per grid cell: the words of its object ("red star", with `where`
     also the third it is in: "red star top left"), or "background" (with `where`, and the
-    cell's own third: "background top left"). # (grid*grid, D)"""
+    cell's own third: "background top left"); `cells_of` as in `cell_objects`.
+    # (grid*grid, D)"""
     rows = []
-    for index, box in enumerate(cell_objects(boxes, grid)):
+    for index, box in enumerate(cell_objects(boxes, grid, cells_of)):
         if box is None:
             rows.append(vector(f"{BACKGROUND} {cell_third(index, grid)}" if where else BACKGROUND))
         else:
@@ -183,6 +191,7 @@ def ground_projector(
     seed: int = 0,
     where: bool = False,
     say: Callable[[str], None] | None = None,
+    cells_of: str = "cover",
 ) -> dict[str, float]:
     """Align `model.projector` to the boxes of `coco_dir`'s `split` (see the module doc).
 
@@ -217,7 +226,7 @@ def ground_projector(
             xyxy = square_box(box.xyxy, context.width, context.height, config.image_aspect)
             if xyxy is not None:
                 boxes.append(Box(box.category, xyxy, box.color))
-        targets.append(cell_targets(boxes, grid, vector, where))
+        targets.append(cell_targets(boxes, grid, vector, where, cells_of))
     target = torch.stack(targets)  # (N, G, D)
     feats = features([p for _, p in chosen]).float()  # (N, T, Dv), T = G (+ CLS first)
     position = getattr(model.projector, "position", None)
