@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrain-steps", type=int, default=8, help="stage-1 caption steps (default: 8)"
     )
     parser.add_argument(
-        "--finetune-steps", type=int, default=520,
-        help="stage-2 steps of 2 samples (default: 520; more steps, better answers)",
+        "--finetune-steps", type=int, default=480,
+        help="stage-2 steps of 2 samples (default: 480; more steps, better answers)",
     )  # fmt: skip
     parser.add_argument(
         "--eval-images", type=int, default=60, help="held-out scenes to evaluate (default: 60)"
