@@ -146,13 +146,10 @@ def align_projector(
     batch: int = 128,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
-    bf16: bool = False,
 ) -> list[float]:
     """Fit `projector` so that features (N, T, Dv) map to targets (N, G, D): AdamW at `lr`
     with a linear decay over `steps` minibatches of `batch` images. Returns the losses.
     The last G of the T tokens are the grid's (a CLS token before them has no target).
-    `bf16`: the projector's products under bf16 autocast (its weights stay as they are),
-    as training's steps run.
 
     Deterministic by `seed` (the same on every rank, so ranks stay identical without
     talking); the projector's own dtype and device are kept."""
@@ -172,9 +169,7 @@ def align_projector(
         pick = [rng.randrange(features.shape[0]) for _ in range(min(batch, features.shape[0]))]
         x = features[pick].to(device=weight.device, dtype=weight.dtype)
         y = targets[pick].to(device=weight.device, dtype=torch.float32)
-        with torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=bf16):
-            tokens = projector(x)[:, -y.shape[1] :]
-        loss = alignment_loss(tokens.float(), y)
+        loss = alignment_loss(projector(x)[:, -y.shape[1] :].float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -197,7 +192,6 @@ def ground_projector(
     where: bool = False,
     say: Callable[[str], None] | None = None,
     cells_of: str = "cover",
-    bf16: bool = False,
 ) -> dict[str, float]:
     """Align `model.projector` to the boxes of `coco_dir`'s `split` (see the module doc).
 
@@ -242,5 +236,5 @@ def ground_projector(
             position[-grid * grid :] = rows.to(position)
     if say is not None:
         say(f"grounding the projector on the boxes of {len(chosen)} images ({steps} steps)")
-    losses = align_projector(model.projector, feats, target, steps, lr, seed=seed, bf16=bf16)
+    losses = align_projector(model.projector, feats, target, steps, lr, seed=seed)
     return {"images": len(chosen), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}

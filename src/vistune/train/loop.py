@@ -327,7 +327,7 @@ def _ground(cfg: TrainConfig, model: Any, samples: list[Sample], store: Any, say
     result = ground_projector(
         model, Path(cfg.ground), cfg.ground_split, images, store.get, cfg.ground_steps,
         cfg.ground_lr, seed=cfg.seed, where=cfg.ground_where, say=say,
-        cells_of=cfg.ground_cells, bf16=cfg.precision == "bf16",
+        cells_of=cfg.ground_cells,
     )  # fmt: skip
     say(
         f"grounded the projector on {result['images']} images: alignment loss "
