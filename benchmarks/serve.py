@@ -11,13 +11,15 @@ every answer is exactly --tokens long. Figures and their goals:
 - prefix reuse: first-token time of a follow-up turn cold (prefix cache cleared) over the
   same request warm (goal >= 3x);
 - one stream's decode tokens/s through the server over the engine's own decode loop on the
-  same prompt (Generator.steps, no HTTP, no scheduler), the two taking turns in this run:
-  the server's own per-step cost;
+  same prompt (Generator.steps, no HTTP, no scheduler; after the server stopped, on a thread
+  of its own, as the server decodes on one: vistune.serve.threads): the server's own
+  per-step cost;
 - one stream's decode tokens/s over llama.cpp's on the same LLM (llama-cpp-python on the
   packaged GGUF file, --threads threads; goal >= 0.5x). Optional: without the `llamacpp`
   extra (`pip install -e '.[llamacpp]'`, which builds llama.cpp: minutes) the row says so;
-- the same decode with `--quantize int8` (weight-only int8 decode steps) over llama.cpp's,
-  and how many of the questions' greedy answers equal bf16's (the difference stated);
+- the same decode with `--quantize int8` and `--quantize int4` (weight-only int8 / int4
+  decode steps) over llama.cpp's, and how many of the questions' greedy answers equal
+  bf16's (the difference stated);
 - first token with an image, cold (goal <= 0.2 s); again for a model built the way `vistune
   demo` builds its own (its image size, projector and template, read from the demo's
   commands; a fresh projector, as fast as a trained one): 126 px, 81 image tokens against
@@ -36,6 +38,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 GOALS = {"batch": 3.0, "reuse": 3.0, "llama_cpp": 0.5, "ttft": 0.2}
+QUANTIZED = ("int8", "int4")
 QUESTIONS = [
     "What is happening in this picture?",
     "Describe the image in detail.",
@@ -181,8 +185,14 @@ def measure(args: argparse.Namespace) -> dict:
     from vistune.serve.app import ThreadedServer, create_app
     from vistune.serve.engine import Engine
     from vistune.serve.settings import ServeConfig
+    from vistune.serve.threads import on_own_thread
 
-    engine = Engine(load_model("default", dtype=torch.bfloat16), dtype=torch.bfloat16)
+    # All torch work on threads of their own, as `vistune serve` does: the model loaded on a
+    # thread that ends, the server's on its scheduler's, the engine loop's after the server
+    # stopped (two threads keeping OpenMP teams slow every decode step: serve.threads)
+    engine = on_own_thread(
+        lambda: Engine(load_model("default", dtype=torch.bfloat16), dtype=torch.bfloat16)
+    )
     engine.generator.eos.clear()  # every answer exactly --tokens long
     engine.stop = ()
     image, name = data_url(), "vistune-default"
@@ -190,18 +200,16 @@ def measure(args: argparse.Namespace) -> dict:
     with ThreadedServer(create_app(engine, ServeConfig(max_tokens=args.tokens), name)) as live:
         client = Client(live.url, name, args.tokens)
         client.ask([user("Warm up.", image)])
-        cold_ttft, decode, direct = [], [], []
+        cold_ttft, decode = [], []
         for i in range(args.repeats):
             engine.scheduler.clear_cache()
             ttft, tps, *_ = client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])
             cold_ttft.append(ttft)
             decode.append(tps)
-            direct.append(engine_decode(engine, QUESTIONS[i % len(QUESTIONS)], args.tokens))
         out["ttft_image_s"] = statistics.median(cold_ttft)
         out["ttft_image_size"] = engine.model.config.image_size
         out["ttft_image_tokens"] = engine.model.num_image_tokens
         out["decode_tps"] = statistics.median(decode)
-        out["direct_tps"] = statistics.median(direct)
         warm, cold = [], []
         for i in range(args.repeats):
             engine.scheduler.clear_cache()
@@ -218,8 +226,12 @@ def measure(args: argparse.Namespace) -> dict:
         out["one_client_tps"] = aggregate(live.url, name, args.tokens, 1, image)
         out["eight_clients_tps"] = aggregate(live.url, name, args.tokens, 8, image)
         out["peak_batch"] = engine.scheduler.stats["peak_batch"]
+    direct = [on_own_thread(partial(engine_decode, engine, QUESTIONS[i % len(QUESTIONS)],
+                                    args.tokens)) for i in range(args.repeats)]  # fmt: skip
+    out["direct_tps"] = statistics.median(direct)
     out.update(demo_ttft(args, image))
-    out.update(int8_figures(engine, args, image, name))
+    for quantize in QUANTIZED:
+        out.update(quantized_figures(engine, args, image, name, quantize))
     out["llama_cpp_tps"] = llama_cpp_decode(args.tokens, args.threads or 2, args.repeats)
     return out
 
@@ -250,13 +262,14 @@ def demo_ttft(args: argparse.Namespace, image: str) -> dict:
     from vistune.serve.app import ThreadedServer, create_app
     from vistune.serve.engine import Engine
     from vistune.serve.settings import ServeConfig
+    from vistune.serve.threads import on_own_thread
     from vistune.weights import ensure_default_weights
 
     weights, config = ensure_default_weights(), demo_config()
-    model = LlavaModel.from_parts(
+    model = on_own_thread(lambda: LlavaModel.from_parts(
         weights.vision_dir, weights.llm_dir, config, seed=0, dtype=torch.bfloat16
-    )
-    engine = Engine(model.eval(), dtype=torch.bfloat16)
+    ).eval())  # fmt: skip
+    engine = on_own_thread(lambda: Engine(model, dtype=torch.bfloat16))
     engine.generator.eos.clear()
     engine.stop = ()
     name = "vistune-demo-config"
@@ -271,9 +284,11 @@ def demo_ttft(args: argparse.Namespace, image: str) -> dict:
             "demo_image_tokens": model.num_image_tokens}  # fmt: skip
 
 
-def int8_figures(engine, args: argparse.Namespace, image: str, name: str) -> dict:
-    """`--quantize int8` on the same model: one stream's decode tokens/s through its own
-    server, and how many greedy answers (--tokens long, the astronaut) equal bf16's."""
+def quantized_figures(
+    engine, args: argparse.Namespace, image: str, name: str, quantize: str
+) -> dict:
+    """`--quantize` (int8 or int4) on the same model: one stream's decode tokens/s through
+    its own server, and how many greedy answers (--tokens long, the astronaut) equal bf16's."""
     from PIL import Image
     from skimage import data
 
@@ -281,31 +296,37 @@ def int8_figures(engine, args: argparse.Namespace, image: str, name: str) -> dic
     from vistune.serve.app import ThreadedServer, create_app
     from vistune.serve.engine import Engine
     from vistune.serve.settings import ServeConfig
+    from vistune.serve.threads import on_own_thread
 
-    int8 = Engine(engine.model, dtype=torch.bfloat16, quantize="int8")
-    int8.generator.eos.clear()
-    int8.stop = ()
-    with ThreadedServer(create_app(int8, ServeConfig(max_tokens=args.tokens), name)) as live:
+    quantized = on_own_thread(lambda: Engine(engine.model, dtype=torch.bfloat16, quantize=quantize))
+    quantized.generator.eos.clear()
+    quantized.stop = ()
+    with ThreadedServer(create_app(quantized, ServeConfig(max_tokens=args.tokens), name)) as live:
         client = Client(live.url, name, args.tokens)
         client.ask([user("Warm up.", image)])
         speeds = []
         for i in range(args.repeats):
-            int8.scheduler.clear_cache()
+            quantized.scheduler.clear_cache()
             speeds.append(client.ask([user(QUESTIONS[i % len(QUESTIONS)], image)])[1])
     photo = Image.fromarray(data.astronaut())
     config = GenerationConfig(max_new_tokens=args.tokens, temperature=0)
+
+    def answers(e) -> list[str]:  # the engines' own loops: their servers stopped their threads
+        texts = []
+        for question in QUESTIONS:
+            inputs = engine.prepare([([{"role": "user", "content": question}], photo)])
+            run = e.generator.run(inputs.inputs_embeds, inputs.attention_mask, config)
+            texts.append(run[0].text)
+        return texts
+
     same, first_diff = 0, []
-    for question in QUESTIONS:  # the engines' own loops: their servers stopped their threads
-        inputs = engine.prepare([([{"role": "user", "content": question}], photo)])
-        a, b = (
-            e.generator.run(inputs.inputs_embeds, inputs.attention_mask, config)[0].text
-            for e in (engine, int8)
-        )
+    ours, theirs = on_own_thread(lambda: (answers(engine), answers(quantized)))
+    for a, b in zip(ours, theirs, strict=True):
         same += a == b
         if a != b:
             first_diff.append(len(os.path.commonprefix([a, b])))
-    return {"int8_decode_tps": statistics.median(speeds), "int8_same": same,
-            "int8_first_diff": first_diff}  # fmt: skip
+    return {f"{quantize}_decode_tps": statistics.median(speeds), f"{quantize}_same": same,
+            f"{quantize}_first_diff": first_diff}  # fmt: skip
 
 
 def table(r: dict) -> str:
@@ -331,17 +352,20 @@ def table(r: dict) -> str:
     else:
         lines.append(f"| one stream, decode | {r['decode_tps']:.1f} tok/s | llama.cpp "
                      f"{r['llama_cpp_tps']} | - | >= 0.5x: unknown |")  # fmt: skip
-    if isinstance(r["llama_cpp_tps"], float):
-        ratio = r["int8_decode_tps"] / r["llama_cpp_tps"]
-        lines.append(f"| one stream, decode, `--quantize int8` | {r['int8_decode_tps']:.1f} tok/s "
-                     f"| llama.cpp {r['llama_cpp_tps']:.1f} tok/s | {ratio:.2f}x | >= 0.5x: "
-                     f"{ok(ratio >= GOALS['llama_cpp'])} |")  # fmt: skip
-    else:
-        lines.append(f"| one stream, decode, `--quantize int8` | {r['int8_decode_tps']:.1f} tok/s "
-                     f"| llama.cpp {r['llama_cpp_tps']} | - | >= 0.5x: unknown |")  # fmt: skip
-    differ = ", ".join(str(c) for c in r["int8_first_diff"]) or "-"
-    lines.append(f"| `--quantize int8`: greedy answers equal to bf16's | {r['int8_same']} of "
-                 f"{len(QUESTIONS)} | first differing character: {differ} | - | equal or stated |")  # fmt: skip
+    for q in QUANTIZED:
+        tps, label = r[f"{q}_decode_tps"], f"one stream, decode, `--quantize {q}`"
+        if isinstance(r["llama_cpp_tps"], float):
+            ratio = tps / r["llama_cpp_tps"]
+            lines.append(f"| {label} | {tps:.1f} tok/s | llama.cpp {r['llama_cpp_tps']:.1f} "
+                         f"tok/s | {ratio:.2f}x | >= 0.5x: {ok(ratio >= GOALS['llama_cpp'])} |")  # fmt: skip
+        else:
+            lines.append(f"| {label} | {tps:.1f} tok/s | llama.cpp {r['llama_cpp_tps']} | - | "
+                         ">= 0.5x: unknown |")  # fmt: skip
+    for q in QUANTIZED:
+        differ = ", ".join(str(c) for c in r[f"{q}_first_diff"]) or "-"
+        lines.append(f"| `--quantize {q}`: greedy answers equal to bf16's | {r[f'{q}_same']} of "
+                     f"{len(QUESTIONS)} | first differing character: {differ} | - | equal or "
+                     "stated |")  # fmt: skip
     lines.append(f"| first token with an image (cold) | {r['ttft_image_s']:.3f} s | - | - | "
                  f"<= 0.2 s: {ok(r['ttft_image_s'] <= GOALS['ttft'])} |")  # fmt: skip
     sooner = r["ttft_image_s"] / r["demo_ttft_s"]

@@ -24,3 +24,23 @@ def test_demo_config_is_what_the_demo_trains(bench):
     assert config.image_size == defaults.image_size == 126
     assert config.projector == "mlp2x_gelu_pos"
     assert config.template == "chat_template"  # stage 2's, the model the demo chats with
+
+
+def test_table_has_a_row_per_quantized_format(bench):
+    r = {"eight_clients_tps": 100.0, "one_client_tps": 20.0, "follow_warm_s": 0.1,
+         "follow_cold_s": 0.4, "decode_tps": 20.0, "direct_tps": 20.0, "llama_cpp_tps": 120.0,
+         "int8_decode_tps": 42.0, "int8_same": 3, "int8_first_diff": [5, 0],
+         "int4_decode_tps": 66.0, "int4_same": 8, "int4_first_diff": [],
+         "ttft_image_s": 0.3, "ttft_image_size": 224, "ttft_image_tokens": 256,
+         "demo_ttft_s": 0.15, "demo_image_size": 126, "demo_image_tokens": 81}  # fmt: skip
+    lines = bench.table(r).splitlines()
+    int8 = next(line for line in lines if "decode, `--quantize int8`" in line)
+    int4 = next(line for line in lines if "decode, `--quantize int4`" in line)
+    assert "| 42.0 tok/s | llama.cpp 120.0 tok/s | 0.35x | >= 0.5x: not met |" in int8
+    assert "| 66.0 tok/s | llama.cpp 120.0 tok/s | 0.55x | >= 0.5x: met |" in int4
+    assert any("`--quantize int8`: greedy answers equal to bf16's | 3 of 8 | first differing "
+               "character: 5, 0 |" in line for line in lines)  # fmt: skip
+    assert any("`--quantize int4`: greedy answers equal to bf16's | 8 of 8 | first differing "
+               "character: - |" in line for line in lines)  # fmt: skip
+    assert any("demo configuration (126 px, 81 image tokens) | 0.150 s" in line and
+               line.endswith("<= 0.2 s: met |") for line in lines)  # fmt: skip

@@ -13,8 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from vistune.config import GenerationConfig
 from vistune.model.llama import supports
 from vistune.serve.decoder import (
+    INT4_GROUP,
     INT8_BLOCK,
     INT8_ROWS,
+    Int4Weight,
     Int8Weight,
     LlamaDecoder,
     _mm,
@@ -230,8 +232,62 @@ def test_int8_decode_steps_stay_near_bf16(tiny_llm, tiny_tokenizer):
     assert 0 < (ours - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_int8_refuses_what_it_cannot_decode(tiny_llm):
-    with pytest.raises(ValueError, match="bf16 weights, not cpu float32"):
-        LlamaDecoder(tiny_llm, quantize="int8")
-    with pytest.raises(ValueError, match="quantize must be one of none, int8, got 'int4'"):
-        LlamaDecoder(tiny_llm, quantize="int4")
+def test_quantized_decoding_refuses_what_it_cannot_decode(tiny_llm):
+    for quantize in ("int8", "int4"):
+        with pytest.raises(ValueError, match=f"{quantize} decoding runs on the CPU with bf16 "
+                           "weights, not cpu float32"):  # fmt: skip
+            LlamaDecoder(tiny_llm, quantize=quantize)
+    with pytest.raises(ValueError, match="quantize must be one of none, int8, int4, got 'int2'"):
+        LlamaDecoder(tiny_llm, quantize="int2")
+
+
+def test_int4_weight_is_the_weight_within_half_a_step_per_group():
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 32, 4 * INT4_GROUP
+    spread = torch.linspace(0.1, 3.0, cols // INT4_GROUP).repeat_interleave(INT4_GROUP)
+    w = (torch.randn(rows, cols, generator=g) * spread + 0.3).bfloat16()  # groups of all scales
+    q = Int4Weight.of(w)
+    assert q.dense is w and q.packed.dtype == torch.uint8 and q.group == INT4_GROUP
+    assert q.scale_zero.shape == (cols // INT4_GROUP, rows, 2)
+    back = q.dequantized()  # (rows, cols): what the kernel multiplies by
+    step = q.scale_zero[..., 0].float().T.repeat_interleave(INT4_GROUP, dim=1)  # (rows, cols)
+    # half a step of rounding, plus the bf16 rounding of the scale and offset (~2**-8 of
+    # the group's range, times up to 8 steps)
+    bound = step * 0.5 + (step * 8 + w.float().abs()) * 2**-7
+    assert ((back - w.float()).abs() <= bound).all()
+    assert ((back - w.float()).abs() > 0).any()  # it is rounded
+    x = torch.randn(3, cols, generator=g)
+    out = _mm(x, q)
+    assert out.dtype == torch.float32 and out.shape == (3, rows)
+    ref = x.bfloat16().float() @ back.T
+    # the kernel returns bf16: a rounding of 2**-8 of the largest sums
+    torch.testing.assert_close(out, ref, atol=2**-7 * ref.abs().max().item(), rtol=1e-2)
+    many = torch.randn(INT8_ROWS + 1, cols, generator=g).bfloat16()  # a prefill: the dense weight
+    torch.testing.assert_close(_mm(many, q), F.linear(many, w))
+
+
+def test_int4_keeps_dense_the_widths_its_groups_do_not_divide(tiny_llm):
+    dec = LlamaDecoder(copy.deepcopy(tiny_llm).to(torch.bfloat16), quantize="int4")
+    assert not isinstance(dec._weight(torch.zeros(16, 48, dtype=torch.bfloat16)), Int4Weight)
+    assert not isinstance(dec._weight(torch.zeros(8, 64, dtype=torch.bfloat16)), Int4Weight)
+    assert isinstance(dec._weight(torch.zeros(16, 64, dtype=torch.bfloat16)), Int4Weight)
+    layer = dec.layers[0]
+    assert all(isinstance(w, Int4Weight) for w in (*layer.qkv, layer.o, *layer.gate_up, layer.down))
+    assert isinstance(dec.lm_head, Int4Weight)
+
+
+def test_int4_decode_steps_stay_near_bf16(tiny_llm, tiny_tokenizer):
+    """The steps' logits move by the weights' rounding (16 levels a group: more than int8's
+    255 a row), no more; greedy answers on the real model: benchmarks/serve.py."""
+    llm = copy.deepcopy(tiny_llm).to(torch.bfloat16)
+    ids, mask = left_padded(llm, [6, 10, 3], seed=2)
+    full = torch.cat([ids, ids[:, -4:]], dim=1)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], dim=1)
+    ref = decoder_logits(llm, full, full_mask, prompt=ids.shape[1])
+    int8 = decoder_logits(llm, full, full_mask, prompt=ids.shape[1], quantize="int8")
+    int4 = decoder_logits(llm, full, full_mask, prompt=ids.shape[1], quantize="int4")
+    assert 0 < (int4 - ref).abs().max() <= 0.15 * ref.abs().max()
+    # coarser than int8, and tracking the same logits (not noise of that size)
+    assert (int4 - ref).abs().mean() > (int8 - ref).abs().mean()
+    assert F.cosine_similarity(int4 - ref.mean(-1, keepdim=True), ref - ref.mean(-1, keepdim=True),
+                               dim=-1).min() > 0.98  # fmt: skip

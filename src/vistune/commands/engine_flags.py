@@ -24,8 +24,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantize", choices=QUANTIZE, default="none",
-        help="int8: decode steps read weight-only int8 copies of the LLM's matrices (half of "
-        "bf16's bytes; the CPU, --dtype bf16, Llama-family LLMs); none (the default): as loaded",
+        help="int8 / int4: decode steps read weight-only int8 (half of bf16's bytes) or int4 "
+        "(a quarter, groups of 32) copies of the LLM's matrices: faster, answers may differ "
+        "from bf16's (the CPU, --dtype bf16, Llama-family LLMs); none (the default): as loaded",
     )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=0,

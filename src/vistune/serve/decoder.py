@@ -38,8 +38,9 @@ def _rms(x: torch.Tensor, weights: dict[torch.dtype, torch.Tensor], eps: float) 
     return llama.rms_norm(x, weights[x.dtype], eps)
 
 
-QUANTIZE = ("none", "int8")
-"""Weight formats for decode steps: the model's own (`none`) or weight-only int8."""
+QUANTIZE = ("none", "int8", "int4")
+"""Weight formats for decode steps: the model's own (`none`), weight-only int8, or
+weight-only int4 in groups of `INT4_GROUP` inputs."""
 
 INT8_ROWS = 16
 """Up to this many rows a product reads the int8 copy (decode steps, small batches); a
@@ -73,14 +74,66 @@ class Int8Weight:
         return self.dense.dtype
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
+INT4_GROUP = 32
+"""Inputs sharing one int4 scale and offset: 32 divides every width of SmolLM2 and Llama
+(576, 1536, 4096, 11008); PyTorch's CPU kernel takes 32, 64, 128 or 256."""
+
+INT4_ROWS_BLOCK = 16
+"""PyTorch's int4 packing (CPU) takes only a multiple of 16 output rows; others stay dense."""
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A (Dout, Din) weight kept as it is and as 4-bit integers, one bf16 scale and offset per
+    `INT4_GROUP` inputs of each output row (min-max: w ~ (q - 8) * scale + zero), packed for
+    PyTorch's CPU kernel (`_weight_int4pack_mm_for_cpu`): a quarter of bf16's bytes."""
+
+    dense: torch.Tensor  # (Dout, Din) the model's dtype
+    packed: torch.Tensor  # (Dout, Din / 2) uint8, the kernel's layout
+    scale_zero: torch.Tensor  # (Din / group, Dout, 2) bf16
+    group: int
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+        rows, cols = weight.shape
+        w = weight.detach().float().reshape(rows, cols // group, group)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp_min(1e-12)  # (Dout, G, 1)
+        q = torch.round((w - low) / scale).clamp_(0, 15).to(torch.int32).reshape(rows, cols)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        scale_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        return cls(weight, packed, scale_zero.to(torch.bfloat16), group)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, in fp32 (tests). # (Dout, Din)"""
+        eye = torch.eye(self.dense.shape[1], dtype=torch.bfloat16)
+        return (
+            torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zero)
+            .float()
+            .T
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense.dtype
+
+
+Weight = torch.Tensor | Int8Weight | Int4Weight
+
+
+def _mm(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x (..., Din) @ w.T (Dout, Din) in w's dtype, returned in x's dtype; mv for one row;
-    an Int8Weight's int8 copy for a few rows (bf16 activations, its kernel's fast path)."""
-    if isinstance(w, Int8Weight):
+    an Int8Weight's or Int4Weight's packed copy for a few rows (bf16 activations, their
+    kernels' fast path)."""
+    if isinstance(w, Int8Weight | Int4Weight):
         rows = x.numel() // x.shape[-1]
         if rows <= INT8_ROWS:
             flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
-            out = torch._weight_int8pack_mm(flat, w.q, w.scales)  # (rows, Dout)
+            if isinstance(w, Int8Weight):
+                out = torch._weight_int8pack_mm(flat, w.q, w.scales)  # (rows, Dout)
+            else:
+                out = torch._weight_int4pack_mm_for_cpu(flat, w.packed, w.group, w.scale_zero)
             return out.to(x.dtype).view(*x.shape[:-1], -1)
         w = w.dense
     xw = x.to(w.dtype)
@@ -89,7 +142,7 @@ def _mm(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     return F.linear(xw, w).to(x.dtype)
 
 
-def _project(x: torch.Tensor, ws: tuple[torch.Tensor | Int8Weight, ...]) -> torch.Tensor:
+def _project(x: torch.Tensor, ws: tuple[Weight, ...]) -> torch.Tensor:
     """x times fused weights (one) or the LLM's own (several), outputs side by side."""
     if len(ws) == 1:
         return _mm(x, ws[0])
@@ -114,9 +167,6 @@ def _step_attention(
         scores.add_(mask.float())
     out = torch.matmul(torch.softmax(scores, dim=-1), values.float())  # (B, Hkv, G, hd)
     return out.view(batch, heads, 1, hd)
-
-
-Weight = torch.Tensor | Int8Weight
 
 
 @dataclass
@@ -144,8 +194,9 @@ class LlamaDecoder:
     """Decode steps over a Llama-family HF causal LM (see module docstring).
 
     `fused`: q/k/v and gate/up as one matrix each, a copy of those weights (None: where
-    vistune.model.llama.fuses says, i.e. on the CPU). `quantize="int8"`: decode steps read an
-    int8 copy of every matrix of the decoder and of the LM head (`Int8Weight`; the CPU,
+    vistune.model.llama.fuses says, i.e. on the CPU). `quantize="int8"` / `"int4"`: decode
+    steps read an int8 (`Int8Weight`) or int4 (`Int4Weight`) copy of every matrix of the
+    decoder and of the LM head whose width the kernel takes (the CPU,
     bf16 weights); the prefill keeps the model's own."""
 
     def __init__(
@@ -158,9 +209,9 @@ class LlamaDecoder:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         weight = llm.lm_head.weight
-        if quantize == "int8" and (weight.device.type != "cpu" or weight.dtype != torch.bfloat16):
+        if quantize != "none" and (weight.device.type != "cpu" or weight.dtype != torch.bfloat16):
             raise ValueError(
-                "int8 decoding runs on the CPU with bf16 weights, not "
+                f"{quantize} decoding runs on the CPU with bf16 weights, not "
                 f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}"
             )
         self.quantize = quantize
@@ -195,6 +246,12 @@ class LlamaDecoder:
     def _weight(self, weight: torch.Tensor) -> Weight:
         if self.quantize == "int8" and weight.shape[1] % INT8_BLOCK == 0:
             return Int8Weight.of(weight)
+        if (
+            self.quantize == "int4"
+            and weight.shape[1] % INT4_GROUP == 0
+            and weight.shape[0] % INT4_ROWS_BLOCK == 0
+        ):
+            return Int4Weight.of(weight)
         return weight
 
     def allocate(self, attention_mask: torch.Tensor, extra: int) -> DecodeState:

@@ -44,6 +44,7 @@ from vistune.model import llama
 from vistune.serve.generate import Completion, Generator, context_length
 from vistune.serve.prefix_cache import image_digest, position_key
 from vistune.serve.scheduler import Delta, Done, Event, Failed, Job, Scheduler
+from vistune.serve.threads import on_own_thread
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -146,7 +147,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.stop = stop_strings(self.template, self.tokenizer)
         self.generator = Generator(model.llm, self.tokenizer, quantize=quantize)
-        # a model that cannot decode in int8 is refused here, not at the first reply
+        # a model that cannot decode quantized is refused here, not at the first reply
         if quantize != "none" and not (self.generator.fast and self.generator.fast_decoder()):
             raise ValueError(
                 f"--quantize {quantize} decodes Llama-family LLMs only "
@@ -295,7 +296,7 @@ def open_engine(
     "default", whose packaged weights are converted on first use, with progress on stderr)
     loaded in `dtype` ("bf16" or "fp32") on `threads` CPU threads (0: torch's default);
     each of vistune.model.model_notes is printed through `note`. `engine_options` go to
-    Engine (`quantize="int8"`: weight-only int8 decode steps, bf16 only)."""
+    Engine (`quantize="int8"` or `"int4"`: weight-only decode steps, bf16 only)."""
     import sys
     from pathlib import Path
 
@@ -310,17 +311,23 @@ def open_engine(
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     if engine_options.get("quantize", "none") != "none" and dtype != "bf16":
         raise VistuneError(f"--quantize {engine_options['quantize']} needs --dtype bf16")
-    if spec == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
-        from vistune.weights import ensure_default_weights
 
-        ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
-    model = load_model(spec, dtype=torch_dtype)
-    for text in model_notes(model, spec, template):
-        print(f"vistune: note: {note(text)}", file=sys.stderr)
-    try:
-        return Engine(model, dtype=torch_dtype, template=template, **engine_options)
-    except ValueError as err:  # a model the options do not fit: the user's to change
-        raise VistuneError(str(err)) from err
+    def load() -> Engine:
+        if spec == DEFAULT_SPEC:  # the first run converts the packaged weights: show it
+            from vistune.weights import ensure_default_weights
+
+            ensure_default_weights(progress=lambda msg: print(f"vistune: {msg}", file=sys.stderr))
+        model = load_model(spec, dtype=torch_dtype)
+        for text in model_notes(model, spec, template):
+            print(f"vistune: note: {note(text)}", file=sys.stderr)
+        try:
+            return Engine(model, dtype=torch_dtype, template=template, **engine_options)
+        except ValueError as err:  # a model the options do not fit: the user's to change
+            raise VistuneError(str(err)) from err
+
+    # loading computes (casts, fused and quantized copies): on a thread that ends, so that
+    # the thread that decodes is the only one keeping OpenMP workers (vistune.serve.threads)
+    return on_own_thread(load)
 
 
 def _pieces(job: Job, events: queue.Queue[Event]) -> Iterator[str]:
