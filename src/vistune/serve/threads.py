@@ -30,7 +30,8 @@ def on_own_thread(fn: Callable[[], T], name: str = "vistune-load") -> T:
         except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
             box["error"] = err
 
-    thread = threading.Thread(target=run, name=name)
+    # a daemon: Ctrl-C during a load stops the process without waiting for the load
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     thread.join()
     if "error" in box:
