@@ -24,11 +24,18 @@ pytestmark = pytest.mark.skipif(
 
 COUNT = textwrap.dedent(
     """
-    import os, threading, torch
+    import os, threading, time, torch
     from vistune.serve.threads import on_own_thread
 
-    def threads_now():
-        return len(os.listdir("/proc/self/task"))
+    def threads_now(settle_to=None):
+        # the workers of an ended thread's team end on their own, soon after it: wait for
+        # them (up to 10 s on a busy machine) before counting
+        deadline = time.monotonic() + 10
+        while True:
+            n = len(os.listdir("/proc/self/task"))
+            if settle_to is None or n <= settle_to or time.monotonic() > deadline:
+                return n
+            time.sleep(0.01)
 
     def compute():  # large enough for ATen to run it as a parallel region
         return float(torch.ones(1 << 22).mul_(2).sum())
@@ -36,7 +43,7 @@ COUNT = textwrap.dedent(
     torch.set_num_threads(2)
     before = threads_now()
     assert on_own_thread(compute) == 2.0 * (1 << 22)
-    after_own = threads_now()
+    after_own = threads_now(settle_to=before)
     done, hold = threading.Event(), threading.Event()
 
     def stay():
@@ -50,7 +57,7 @@ COUNT = textwrap.dedent(
     staying = threads_now()
     hold.set()
     thread.join()
-    print(before, after_own, staying, threads_now())
+    print(before, after_own, staying, threads_now(settle_to=before))
     """
 )
 
