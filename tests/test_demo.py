@@ -85,6 +85,9 @@ def test_demo_runs_every_step_then_skips_what_is_done(tmp_path):
     assert finetune_data == mix[mix.index("--out") + 1]
     pretrain = fake.train("pretrain")
     assert pretrain[pretrain.index("--projector") + 1] == "mlp2x_gelu_pos"
+    finetune = fake.train("finetune")  # the grounded projector learns slower than the LLM
+    assert finetune[finetune.index("--lr") + 1] == "2e-4"
+    assert finetune[finetune.index("--projector-lr") + 1] == "5e-5"
     assert pretrain[pretrain.index("--image-size") + 1] == "126"
     assert "--resume" not in fake.train("pretrain")
     assert fake.train("pretrain")[fake.train("pretrain").index("--ground") + 1].endswith("scenes")
