@@ -32,7 +32,8 @@ def test_table_has_a_row_per_quantized_format(bench):
          "int8_decode_tps": 42.0, "int8_same": 3, "int8_first_diff": [5, 0],
          "int4_decode_tps": 66.0, "int4_same": 8, "int4_first_diff": [],
          "ttft_image_s": 0.3, "ttft_image_size": 224, "ttft_image_tokens": 256,
-         "demo_ttft_s": 0.15, "demo_image_size": 126, "demo_image_tokens": 81}  # fmt: skip
+         "demo_ttft_s": 0.15, "demo_image_size": 126, "demo_image_tokens": 81,
+         "ttft_floor_s": 0.28, "ttft_inprocess_s": 0.32}  # fmt: skip
     lines = bench.table(r).splitlines()
     int8 = next(line for line in lines if "decode, `--quantize int8`" in line)
     int4 = next(line for line in lines if "decode, `--quantize int4`" in line)
@@ -42,5 +43,30 @@ def test_table_has_a_row_per_quantized_format(bench):
                "character: 5, 0 |" in line for line in lines)  # fmt: skip
     assert any("`--quantize int4`: greedy answers equal to bf16's | 8 of 8 | first differing "
                "character: - |" in line for line in lines)  # fmt: skip
+    assert any("its products and attention alone | 0.280 s | the whole, in-process 0.320 s | "
+               "0.88x | <= 0.2 s: not met |" in line for line in lines)  # fmt: skip
     assert any("demo configuration (126 px, 81 image tokens) | 0.150 s" in line and
                line.endswith("<= 0.2 s: met |") for line in lines)  # fmt: skip
+
+
+def test_product_floor_replays_the_products_of_the_run(bench):
+    """Every linear and attention call is replayed on its own tensors, and nothing else:
+    a run that only adds records nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    seen = []
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def run():
+        seen.append(1)
+        y = linear(x)
+        F.scaled_dot_product_attention(y[None, None], y[None, None], y[None, None])
+
+    floor, calls = bench.product_floor(run, repeats=3)
+    assert seen == [1]  # recorded once, replayed without calling run again
+    assert calls == 2  # the linear and the attention; the slicing is not replayed
+    assert 0 < floor < 1
+    with pytest.raises(RuntimeError, match="no product"):
+        bench.product_floor(lambda: x + 1)
