@@ -426,7 +426,7 @@ def test_default_model_through_the_openai_client(default_weights):
         assert "Paris" in out.choices[0].message.content
         assert out.usage.prompt_tokens > 256
         follow = [*ask, {"role": "assistant", "content": out.choices[0].message.content},
-                  user("And of Italy?")]  # fmt: skip
+                  user("What is the capital of Italy? Answer with the city name.")]  # fmt: skip
         stream = client.chat.completions.create(
             model="vistune-default", messages=follow, temperature=0, max_tokens=12, stream=True,
             stream_options={"include_usage": True},
